@@ -1,0 +1,1 @@
+"""Triton kernels for prefloss, importable only as ``prefloss.kernels`` (see DESIGN.md)."""

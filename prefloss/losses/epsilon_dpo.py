@@ -1,0 +1,245 @@
+"""ε-DPO (Lee et al., 2025, papers/epsilon-dpo.txt): per-pair KL-penalty control by logit mixing.
+
+For each pair, the policy's chosen-minus-rejected log-ratio of sequence SUMS is evaluated under
+three logit rows (`prefloss.fused_logprobs` gives them in one pass)::
+
+    ℓ⁻ under (1+ε) f − ε f_ref   (the policy trained with β⁻ = β/(1+ε))
+    ℓ  under f
+    ℓ⁺ under (1−ε) f + ε f_ref   (the policy trained with β⁺ = β/(1−ε))
+    s = +1 if ℓ⁻ > ℓ > ℓ⁺,  −1 if ℓ⁺ > ℓ > ℓ⁻,  else 0      (strict; no gradient)
+    β_i = β / (1 + ε·s_i);   ℓ_i = −log σ(β_i·[(π_w − ρ_w) − (π_l − ρ_l)])
+
+and once per optimizer step ``β ← β / (1 + ε·mean(s))`` over every pair of that step on every
+rank (`EpsilonDPOLoss.update_beta`). ε = 0 makes every s = 0: plain DPO.
+
+The comparison: the authors' runs compared bf16 sums (transformers ≥ 4.45 stopped upcasting
+logits), so most pairs tie (s = 0) early in training; ``compare_dtype=torch.bfloat16`` (default)
+rounds the three sums and their differences to bf16 to reproduce that, ``compare_dtype=None``
+compares the fp32 sums exactly. Deliberate differences (DESIGN.md): β is a buffer (saved in
+``state_dict``), updated only in training mode; label smoothing works (the authors' sign bug is
+not reproduced); the step mean is exact over all pairs even when micro-batches are uneven.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from prefloss.losses.common import (
+    LossOutput,
+    check_beta,
+    check_label_smoothing,
+    pair_sequences,
+    reward_metrics,
+    split_pairs,
+)
+from prefloss.losses.distributed import all_reduce_sum
+from prefloss.losses.dpo import dpo_loss
+
+
+class EpsilonDPOLosses(NamedTuple):
+    """Per-pair outputs of `epsilon_dpo_loss`, each ``[B]``."""
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    steps: torch.Tensor  # s ∈ {−1, 0, +1}, int64
+    betas: torch.Tensor  # β_i, fp32
+
+
+def _check_epsilon(epsilon) -> float:
+    value = float(epsilon)
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"`epsilon` must be in (0, 1), got {epsilon!r}.")
+    return value
+
+
+def epsilon_steps(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    minus_chosen: torch.Tensor,
+    minus_rejected: torch.Tensor,
+    plus_chosen: torch.Tensor,
+    plus_rejected: torch.Tensor,
+    *,
+    compare_dtype: torch.dtype | None = torch.bfloat16,
+) -> torch.Tensor:
+    """The step direction ``s [B]`` (int64) from strict monotonicity of ℓ⁻, ℓ, ℓ⁺ (module docstring).
+
+    With ``compare_dtype``, every sum and every difference is rounded to that dtype first.
+    """
+
+    def log_ratio(chosen, rejected):
+        if compare_dtype is None:
+            return chosen.detach() - rejected.detach()
+        return chosen.detach().to(compare_dtype) - rejected.detach().to(compare_dtype)
+
+    ell = log_ratio(policy_chosen, policy_rejected)
+    ell_minus = log_ratio(minus_chosen, minus_rejected)
+    ell_plus = log_ratio(plus_chosen, plus_rejected)
+    up = (ell_minus > ell) & (ell > ell_plus)
+    down = (ell_plus > ell) & (ell > ell_minus)
+    return up.long() - down.long()
+
+
+def epsilon_dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    minus_chosen: torch.Tensor,
+    minus_rejected: torch.Tensor,
+    plus_chosen: torch.Tensor,
+    plus_rejected: torch.Tensor,
+    *,
+    beta: float | torch.Tensor,
+    epsilon: float,
+    compare_dtype: torch.dtype | None = torch.bfloat16,
+    label_smoothing: float = 0.0,
+) -> EpsilonDPOLosses:
+    """Per-pair ε-DPO loss on sequence log-prob SUMS, each argument ``[B]``.
+
+    ``minus_*`` are the sums under ``(1+ε) f − ε f_ref``, ``plus_*`` under ``(1−ε) f + ε f_ref``.
+    Returns `EpsilonDPOLosses` with rewards ``β_i·(π − ρ)``.
+    """
+    steps = epsilon_steps(
+        policy_chosen,
+        policy_rejected,
+        minus_chosen,
+        minus_rejected,
+        plus_chosen,
+        plus_rejected,
+        compare_dtype=compare_dtype,
+    )
+    beta_t = torch.as_tensor(beta, dtype=torch.float32, device=policy_chosen.device)
+    betas = beta_t / (1.0 + epsilon * steps.float())
+    out = dpo_loss(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=betas, label_smoothing=label_smoothing
+    )
+    return EpsilonDPOLosses(out.losses, out.chosen_rewards, out.rejected_rewards, steps, betas.detach())
+
+
+class EpsilonDPOLoss(nn.Module):
+    """ε-DPO from hidden states of the policy and the reference (both are needed: it mixes logits).
+
+    Args:
+        beta: initial β > 0 (default 0.01, the published configs).
+        epsilon: ε in (0, 1) (default 0.01).
+        compare_dtype: dtype of the step comparison: ``torch.bfloat16`` (default, as the published
+            runs) or ``None`` for an exact fp32 comparison.
+        label_smoothing, chunk_size, backend: as in `prefloss.DPOLoss`.
+
+    Buffers: ``beta`` (fp32), and the step accumulators ``step_sum``, ``step_count`` (fp64) of
+    the pairs seen in training mode since the last `update_beta`.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.01,
+        epsilon: float = 0.01,
+        *,
+        compare_dtype: torch.dtype | None = torch.bfloat16,
+        label_smoothing: float = 0.0,
+        chunk_size=None,
+        backend="auto",
+    ):
+        super().__init__()
+        check_beta(beta)
+        check_label_smoothing(label_smoothing)
+        if compare_dtype is not None and not (isinstance(compare_dtype, torch.dtype) and compare_dtype.is_floating_point):
+            raise TypeError(f"`compare_dtype` must be a floating torch.dtype or None, got {compare_dtype!r}.")
+        self.epsilon = _check_epsilon(epsilon)
+        self.compare_dtype, self.label_smoothing = compare_dtype, float(label_smoothing)
+        self.chunk_size, self.backend = chunk_size, backend
+        self.register_buffer("beta", torch.tensor(float(beta), dtype=torch.float32))
+        self.register_buffer("step_sum", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("step_count", torch.zeros((), dtype=torch.float64))
+
+    def forward(
+        self,
+        hidden,
+        weight,
+        labels,
+        *,
+        bias=None,
+        ref_hidden=None,
+        ref_weight=None,
+        ref_bias=None,
+        ref_logps=None,
+        logit_scale=None,
+        softcap=None,
+        ignore_index=-100,
+    ) -> LossOutput:
+        """hidden ``[2B, T, H]`` (rows ``[0, B)`` chosen), weight ``[V, H]``, labels ``[2B, T]``,
+        ``ref_hidden [2B, T, H_ref]``, ``ref_weight [V, H_ref]`` (required)."""
+        if ref_logps is not None:
+            raise ValueError(
+                "EpsilonDPOLoss cannot use precomputed `ref_logps`: it mixes policy and reference logits "
+                "token by token, so it needs `ref_hidden` and `ref_weight`."
+            )
+        if ref_hidden is None or ref_weight is None:
+            raise ValueError("EpsilonDPOLoss needs the reference hidden states: pass `ref_hidden` and `ref_weight`.")
+        seq = pair_sequences(
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            ref_hidden=ref_hidden,
+            ref_weight=ref_weight,
+            ref_bias=ref_bias,
+            epsilon=self.epsilon,
+            logit_scale=logit_scale,
+            softcap=softcap,
+            ignore_index=ignore_index,
+            chunk_size=self.chunk_size,
+            backend=self.backend,
+        )
+        pc, pr = split_pairs(seq.policy)
+        out = epsilon_dpo_loss(
+            pc,
+            pr,
+            *split_pairs(seq.ref),
+            *split_pairs(seq.minus),
+            *split_pairs(seq.plus),
+            beta=self.beta,
+            epsilon=self.epsilon,
+            compare_dtype=self.compare_dtype,
+            label_smoothing=self.label_smoothing,
+        )
+        if self.training:
+            with torch.no_grad():
+                self.step_sum += out.steps.sum().to(self.step_sum.dtype)
+                self.step_count += out.steps.numel()
+        metrics = reward_metrics(out.chosen_rewards, out.rejected_rewards)
+        steps = out.steps.float()
+        metrics.update(
+            {
+                "logps/chosen": pc.detach().mean(),
+                "logps/rejected": pr.detach().mean(),
+                "kl/p_epsilon_steps": (steps > 0).float().mean(),
+                "kl/n_epsilon_steps": (steps < 0).float().mean(),
+                "kl/beta": self.beta.detach().clone(),
+            }
+        )
+        return LossOutput(out.losses.mean(), metrics, out.chosen_rewards, out.rejected_rewards)
+
+    @torch.no_grad()
+    def update_beta(self) -> dict[str, torch.Tensor]:
+        """The global update ``β ← β / (1 + ε·mean(s))``, once per optimizer step.
+
+        ``mean(s)`` is over every pair seen in training mode since the last call, on every rank
+        (an all-reduce when torch.distributed is initialised, so call it on all ranks). With no
+        pair seen, β is unchanged. Resets the accumulators.
+
+        Returns:
+            ``{"kl/beta": β before the update, "kl/avg_steps": mean(s)}`` (0-dim tensors).
+        """
+        total = all_reduce_sum(torch.stack([self.step_sum, self.step_count]))
+        mean_steps = torch.where(total[1] > 0, total[0] / total[1].clamp(min=1), torch.zeros_like(total[0]))
+        before = self.beta.detach().clone()
+        self.beta.div_((1.0 + self.epsilon * mean_steps).to(self.beta.dtype))
+        self.step_sum.zero_()
+        self.step_count.zero_()
+        return {"kl/beta": before, "kl/avg_steps": mean_steps.float()}

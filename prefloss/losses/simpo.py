@@ -1,0 +1,98 @@
+"""SimPO (Meng et al., 2024, https://arxiv.org/abs/2405.14734): reference-free, length-normalised.
+
+``ℓ_i = −log σ(β·(π̄_w − π̄_l) − β·r)`` with π̄ the policy's mean log-prob over the response's
+counted tokens and ``r = gamma_beta_ratio`` (the margin γ = β·r). α-DPO with α = 0 is this loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from prefloss.losses.common import (
+    LossOutput,
+    check_beta,
+    check_label_smoothing,
+    pair_sequences,
+    reward_metrics,
+    sigmoid_loss,
+    split_pairs,
+)
+from prefloss.losses.dpo import PairLosses
+
+
+def simpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    *,
+    beta: float,
+    gamma_beta_ratio: float,
+    label_smoothing: float = 0.0,
+) -> PairLosses:
+    """Per-pair SimPO loss on length-normalised policy log-probs ``[B]``.
+
+    Returns:
+        `PairLosses`: ``losses [B]``; rewards ``β·π̄`` for chosen and rejected.
+    """
+    losses = sigmoid_loss(beta * (policy_chosen - policy_rejected) - beta * gamma_beta_ratio, label_smoothing)
+    return PairLosses(losses, (beta * policy_chosen).detach(), (beta * policy_rejected).detach())
+
+
+class SimPOLoss(nn.Module):
+    """SimPO from hidden states (no reference model).
+
+    Args:
+        beta: β > 0 (default 2.0, the SimPO config default).
+        gamma_beta_ratio: r = γ/β (default 0.25).
+        label_smoothing, chunk_size, backend: as in `prefloss.DPOLoss`.
+    """
+
+    def __init__(
+        self,
+        beta: float = 2.0,
+        gamma_beta_ratio: float = 0.25,
+        *,
+        label_smoothing: float = 0.0,
+        chunk_size=None,
+        backend="auto",
+    ):
+        super().__init__()
+        check_beta(beta)
+        check_label_smoothing(label_smoothing)
+        self.beta, self.gamma_beta_ratio = float(beta), float(gamma_beta_ratio)
+        self.label_smoothing, self.chunk_size, self.backend = float(label_smoothing), chunk_size, backend
+
+    def forward(
+        self,
+        hidden,
+        weight,
+        labels,
+        *,
+        bias=None,
+        ref_hidden=None,
+        ref_weight=None,
+        ref_bias=None,
+        ref_logps=None,
+        logit_scale=None,
+        softcap=None,
+        ignore_index=-100,
+    ) -> LossOutput:
+        """hidden ``[2B, T, H]``, weight ``[V, H]``, labels ``[2B, T]``; reference arguments are ignored."""
+        seq = pair_sequences(
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            logit_scale=logit_scale,
+            softcap=softcap,
+            ignore_index=ignore_index,
+            chunk_size=self.chunk_size,
+            backend=self.backend,
+        ).mean()
+        pc, pr = split_pairs(seq.policy)
+        out = simpo_loss(
+            pc, pr, beta=self.beta, gamma_beta_ratio=self.gamma_beta_ratio, label_smoothing=self.label_smoothing
+        )
+        metrics = reward_metrics(out.chosen_rewards, out.rejected_rewards)
+        metrics.update({"logps/chosen": pc.detach().mean(), "logps/rejected": pr.detach().mean()})
+        return LossOutput(out.losses.mean(), metrics, out.chosen_rewards, out.rejected_rewards)

@@ -1,0 +1,372 @@
+"""The fused log-prob op: autograd Function, public `fused_logprobs` / `sequence_logprobs`.
+
+Computes, per counted token ``t`` (``labels[t] != ignore_index``), from the logit rows
+``f = h W^T + b`` (and ``f_ref`` of the reference model), after the model's logit transform
+(``logit_scale`` multiply, then ``softcap·tanh(·/softcap)``)::
+
+    policy[t] = log_softmax(f_t)[y_t]                                    (differentiable)
+    ref[t]    = log_softmax(f_ref_t)[y_t]                                (no grad)
+    minus[t]  = log_softmax((1+ε) f_t − ε f_ref_t)[y_t]   policy at β/(1+ε)   (no grad)
+    plus[t]   = log_softmax((1−ε) f_t + ε f_ref_t)[y_t]   policy at β/(1−ε)   (no grad)
+
+without ever holding the ``[N, V]`` logits: ignored rows are dropped first, then counted rows are
+processed ``chunk_size`` at a time through one reused ``[C, V]`` buffer per model (GEMM in torch,
+row reductions in `prefloss.rows` or the Triton kernels of `prefloss.kernels`). Only ``lse`` (4 bytes
+a token) is saved; backward recomputes the chunk's policy logits.
+
+Matmul work per step in units of one ``N·H·V`` GEMM: forward 1 (+1 with a reference), backward
+recompute 1 + ``∂h`` 1 + ``∂W`` 1 (skipped when the head is frozen). Peak extra memory: O(C·V).
+Compacting the counted rows costs one host synchronisation per call (its size is data-dependent).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from prefloss import rows as torch_rows
+
+BACKENDS = ("auto", "torch", "triton")
+# Elements of one [C, V] chunk buffer: small on CPU (stays near the last-level cache, keeps the
+# step's extra memory flat), larger on GPUs where the GEMMs need tall tiles to be efficient.
+_CHUNK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 26}
+
+
+class TokenLogProbs(NamedTuple):
+    """Per-token outputs of `fused_logprobs`, each ``[..., T]`` float32, 0 at ignored tokens.
+
+    ``ref``/``minus``/``plus`` are ``None`` when not asked for; ``mask`` is the bool counted mask.
+    """
+
+    policy: torch.Tensor
+    ref: torch.Tensor | None
+    minus: torch.Tensor | None
+    plus: torch.Tensor | None
+    mask: torch.Tensor
+
+
+class SequenceLogProbs(NamedTuple):
+    """Per-row sums of `TokenLogProbs` over the last axis, ``[...]`` float32, and token counts.
+
+    ``length`` is the number of counted tokens per row (int64). A row with no counted token has
+    sum 0 and length 0; its `mean` is 0 (not NaN).
+    """
+
+    policy: torch.Tensor
+    ref: torch.Tensor | None
+    minus: torch.Tensor | None
+    plus: torch.Tensor | None
+    length: torch.Tensor
+
+    def mean(self) -> SequenceLogProbs:
+        """Length-normalised view: every value divided by ``max(length, 1)``."""
+        denom = self.length.clamp(min=1).to(torch.float32)
+
+        def div(x):
+            return None if x is None else x / denom
+
+        return SequenceLogProbs(div(self.policy), div(self.ref), div(self.minus), div(self.plus), self.length)
+
+
+@dataclass(frozen=True)
+class _Options:
+    """Non-tensor arguments of the autograd Function (one object, so backward returns one None)."""
+
+    epsilon: float | None
+    logit_scale: float | None
+    softcap: float | None
+    chunk_size: int
+    backend: str  # "torch" | "triton"
+
+
+def _row_ops(backend: str):
+    if backend == "torch":
+        return torch_rows
+    from prefloss import kernels  # lazy: TRITON_INTERPRET must be decided before this import
+
+    return kernels
+
+
+def _accumulate_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 inputs; float64 inputs stay float64 (gradcheck, oracles)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _row_kwargs(opts: _Options) -> dict:
+    return {"logit_scale": opts.logit_scale, "softcap": opts.softcap}
+
+
+class _FusedLogProbs(torch.autograd.Function):
+    """Chunked forward/backward over counted rows only (``hidden`` is ``[n, H]``, ``labels`` ``[n]``)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts: _Options):
+        rows = _row_ops(opts.backend)
+        n, vocab = hidden.shape[0], weight.shape[0]
+        has_ref = ref_hidden is not None
+        want_mix = has_ref and opts.epsilon is not None
+        f32 = {"dtype": _accumulate_dtype(hidden), "device": hidden.device}
+        logp, lse = torch.empty(n, **f32), torch.empty(n, **f32)
+        ref = torch.empty(n, **f32) if has_ref else None
+        minus = torch.empty(n, **f32) if want_mix else None
+        plus = torch.empty(n, **f32) if want_mix else None
+        c = max(1, min(opts.chunk_size, n))
+        buf = hidden.new_empty((c, vocab))
+        ref_buf = ref_hidden.new_empty((c, vocab)) if has_ref else None
+        for start in range(0, n, c):
+            end = min(start + c, n)
+            logits = torch.mm(hidden[start:end], weight.T, out=buf[: end - start])
+            ref_logits = None
+            if has_ref:
+                ref_logits = torch.mm(ref_hidden[start:end], ref_weight.T, out=ref_buf[: end - start])
+            stats = rows.logprobs_fwd(
+                logits,
+                labels[start:end],
+                bias=bias,
+                ref_logits=ref_logits,
+                ref_bias=ref_bias,
+                epsilon=opts.epsilon if want_mix else None,
+                **_row_kwargs(opts),
+            )
+            logp[start:end] = stats.logp
+            lse[start:end] = stats.lse
+            if has_ref:
+                ref[start:end] = stats.ref
+            if want_mix:
+                minus[start:end] = stats.minus
+                plus[start:end] = stats.plus
+        ctx.opts = opts
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        extras = [x if x is not None else logp.new_empty(0) for x in (ref, minus, plus)]
+        ctx.mark_non_differentiable(*extras)
+        return (logp, *extras)
+
+    @staticmethod
+    def backward(ctx, grad_logp, *_unused):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        opts: _Options = ctx.opts
+        rows = _row_ops(opts.backend)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n, vocab = hidden.shape[0], weight.shape[0]
+        acc = _accumulate_dtype(hidden)
+        grad = grad_logp.to(acc).contiguous()
+        grad_h = torch.empty_like(hidden) if need_h else None
+        # dW and db accumulate in fp32 whatever the input dtype.
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if need_b else None
+        c = max(1, min(opts.chunk_size, n))
+        buf = hidden.new_empty((c, vocab))
+        for start in range(0, n, c):
+            end = min(start + c, n)
+            h = hidden[start:end]
+            dlogits = torch.mm(h, weight.T, out=buf[: end - start])
+            rows.logprobs_bwd(dlogits, labels[start:end], lse[start:end], grad[start:end], bias=bias, **_row_kwargs(opts))
+            if need_h:
+                torch.mm(dlogits, weight, out=grad_h[start:end])
+            if need_w:
+                grad_w.addmm_(dlogits.T.to(acc), h.to(acc))
+            if need_b:
+                grad_b += dlogits.to(acc).sum(0)
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_b = grad_b.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+# --- input checks -------------------------------------------------------------------------------
+
+
+def _check_tensor(name: str, x, *, floating: bool = True) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}.")
+    if floating and not x.is_floating_point():
+        raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {x.dtype}.")
+
+
+def _check_positive(name: str, value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"`{name}` must be a Python float, got a tensor (pass float(x)).")
+    v = float(value)
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
+    return v
+
+
+def _check_head(prefix: str, hidden, weight, bias, lead_shape, device) -> None:
+    _check_tensor(f"{prefix}hidden", hidden)
+    _check_tensor(f"{prefix}weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"`{prefix}weight` must be [V, H], got shape {tuple(weight.shape)}.")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"`{prefix}hidden` last dim must equal `{prefix}weight`.shape[1] = {weight.shape[1]} (H), "
+            f"got `{prefix}hidden` shape {tuple(hidden.shape)}."
+        )
+    if tuple(hidden.shape[:-1]) != tuple(lead_shape):
+        raise ValueError(
+            f"`labels` shape must equal `{prefix}hidden`.shape[:-1] = {tuple(hidden.shape[:-1])}, "
+            f"got {tuple(lead_shape)}."
+        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(
+            f"`{prefix}hidden` and `{prefix}weight` must have the same dtype, got {hidden.dtype} and {weight.dtype}."
+        )
+    for name, t in ((f"{prefix}hidden", hidden), (f"{prefix}weight", weight), (f"{prefix}bias", bias)):
+        if t is not None and t.device != device:
+            raise ValueError(f"all tensors must be on one device: `labels` is on {device}, `{name}` on {t.device}.")
+    if bias is not None:
+        _check_tensor(f"{prefix}bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"`{prefix}bias` must be [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}.")
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}.")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"`backend='triton'` needs CUDA tensors, or TRITON_INTERPRET=1 set before prefloss.kernels is "
+            f"imported to run Triton's interpreter on CPU; got tensors on {device}."
+        )
+    return backend
+
+
+def default_chunk_size(vocab: int, device: torch.device) -> int:
+    """Rows per chunk: ``[C, V]`` buffers of about 2M elements on CPU, 64M on GPUs; a multiple of 16."""
+    elements = _CHUNK_ELEMENTS.get(device.type, _CHUNK_ELEMENTS["cuda"])
+    return max(16, (elements // max(vocab, 1)) // 16 * 16)
+
+
+def fused_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    epsilon: float | None = None,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> TokenLogProbs:
+    """Per-token log-probs of ``labels`` under the policy (and reference, and ε-mixtures), fused.
+
+    Equivalent to ``log_softmax(T(hidden @ weight.T + bias), -1).gather(-1, labels)`` (and the same
+    for the reference and the mixtures ``(1+ε) f − ε f_ref``, ``(1−ε) f + ε f_ref``) computed in
+    fp32, with ``T`` the logit transform (``× logit_scale``, then ``softcap·tanh(·/softcap)``), but
+    without allocating the ``[..., T, V]`` logits.
+
+    Args:
+        hidden: ``[..., T, H]`` policy last hidden states (fp32/bf16/fp16).
+        weight: ``[V, H]`` policy LM-head weight, same dtype as ``hidden``.
+        labels: ``[..., T]`` integer token ids; ``labels[..., t]`` is predicted from
+            ``hidden[..., t]`` (the caller shifts). ``ignore_index`` marks tokens that do not count.
+        bias: ``[V]`` LM-head bias or ``None``.
+        ref_hidden, ref_weight, ref_bias: the reference model's ``[..., T, H_ref]``, ``[V, H_ref]``,
+            ``[V]``; give both hidden and weight, or neither.
+        epsilon: ε in (0, 1): also return ``minus`` / ``plus`` (needs the reference).
+        logit_scale: multiply logits by this (Cohere ``logit_scale``; Granite ``1/logits_scaling``).
+        softcap: Gemma-2 ``final_logit_softcapping`` ``c``: logits become ``c·tanh(z/c)``.
+        ignore_index: label value of tokens that do not count (default -100).
+        chunk_size: rows per chunk (default: about 2M logits per chunk on CPU, 64M on GPU).
+        backend: ``"torch"``, ``"triton"`` or ``"auto"`` (Triton on CUDA tensors, torch otherwise).
+
+    Returns:
+        `TokenLogProbs` of ``[..., T]`` float32 tensors (float64 for float64 inputs), 0 at ignored tokens. ``policy`` is
+        differentiable w.r.t. ``hidden``, ``weight`` and ``bias``; the others carry no gradient.
+
+    Non-finite values in counted rows of ``hidden`` propagate (NaN log-probs at those tokens, so a
+    NaN loss), no check is made on the hot path; ignored rows never enter any computation.
+    """
+    _check_tensor("labels", labels, floating=False)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"`labels` must be an integer tensor (int64), got dtype {labels.dtype}.")
+    device = labels.device
+    _check_head("", hidden, weight, bias, labels.shape, device)
+    has_ref = ref_hidden is not None or ref_weight is not None
+    if has_ref:
+        if ref_hidden is None or ref_weight is None:
+            given, missing = ("ref_hidden", "ref_weight") if ref_weight is None else ("ref_weight", "ref_hidden")
+            raise ValueError(f"`{given}` was given without `{missing}`: pass both for the reference model, or neither.")
+        _check_head("ref_", ref_hidden, ref_weight, ref_bias, labels.shape, device)
+        if ref_weight.shape[0] != weight.shape[0]:
+            raise ValueError(
+                f"`ref_weight` must have the policy's vocabulary size V = {weight.shape[0]}, "
+                f"got {ref_weight.shape[0]}."
+            )
+    elif ref_bias is not None:
+        raise ValueError("`ref_bias` was given without `ref_hidden` / `ref_weight`.")
+    if epsilon is not None:
+        if isinstance(epsilon, torch.Tensor):
+            raise TypeError("`epsilon` must be a Python float, got a tensor.")
+        if not (0.0 < float(epsilon) < 1.0):
+            raise ValueError(f"`epsilon` must be in (0, 1), got {epsilon!r}.")
+        if not has_ref:
+            raise ValueError("`epsilon` needs the reference model: pass `ref_hidden` and `ref_weight`.")
+        epsilon = float(epsilon)
+    logit_scale = _check_positive("logit_scale", logit_scale)
+    softcap = _check_positive("softcap", softcap)
+    vocab = weight.shape[0]
+    if chunk_size is None:
+        chunk_size = default_chunk_size(vocab, hidden.device)
+    elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}.")
+    resolved = _resolve_backend(backend, hidden.device)
+
+    flat_labels = labels.reshape(-1).long()
+    mask = flat_labels != ignore_index
+    idx = mask.nonzero().squeeze(1)  # the one host sync: the counted-row count sets GEMM shapes
+    counted = flat_labels.index_select(0, idx)
+    bad = (counted < 0) | (counted >= vocab)
+    if bool(bad.any()):
+        first = int(counted[bad.nonzero()[0, 0]])
+        raise ValueError(
+            f"`labels` must be in [0, {vocab}) (V) or equal `ignore_index` = {ignore_index}, got {first}."
+        )
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    all_counted = idx.numel() == flat_labels.numel()
+    h = hidden2d.contiguous() if all_counted else hidden2d.index_select(0, idx)
+    rh = None
+    if has_ref:
+        ref2d = ref_hidden.reshape(-1, ref_hidden.shape[-1])
+        rh = ref2d.contiguous() if all_counted else ref2d.index_select(0, idx)
+    opts = _Options(epsilon, logit_scale, softcap, chunk_size, resolved)
+    logp, ref, minus, plus = _FusedLogProbs.apply(h, weight, bias, counted, rh, ref_weight, ref_bias, opts)
+
+    def scatter(values):
+        if values is None or (values.numel() == 0 and idx.numel() != 0):
+            return None
+        if all_counted:
+            return values.reshape(labels.shape)
+        full = torch.zeros(flat_labels.numel(), dtype=values.dtype, device=device)
+        return full.index_copy(0, idx, values).reshape(labels.shape)
+
+    out_ref = scatter(ref) if has_ref else None
+    out_minus = scatter(minus) if epsilon is not None else None
+    out_plus = scatter(plus) if epsilon is not None else None
+    return TokenLogProbs(scatter(logp), out_ref, out_minus, out_plus, mask.reshape(labels.shape))
+
+
+def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, **kwargs) -> SequenceLogProbs:
+    """Per-row sums of `fused_logprobs` over the last (token) axis, plus counted-token lengths.
+
+    Same arguments as `fused_logprobs`. Shapes: ``[..., T, H]`` → ``[...]`` float32 sums and
+    ``length [...]`` int64. ``.mean()`` gives the length-normalised values (0 for empty rows).
+    """
+    tok = fused_logprobs(hidden, weight, labels, **kwargs)
+
+    def total(x):
+        return None if x is None else x.sum(-1)
+
+    return SequenceLogProbs(total(tok.policy), total(tok.ref), total(tok.minus), total(tok.plus), tok.mask.sum(-1))

@@ -1,0 +1,221 @@
+"""Unfused float64 oracle for every prefloss op and loss.
+
+Everything here materialises full logits and computes in float64 with plain PyTorch, written
+independently of the fused code paths (`prefloss.ops`, `prefloss.rows`, `prefloss.kernels`,
+`prefloss.losses`). Tests, ``prefloss check`` and ``prefloss bench`` compare against it.
+Memory is O(N·V): use it on small shapes only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from prefloss.ops import TokenLogProbs
+
+
+def _logits64(hidden, weight, bias, logit_scale, softcap):
+    z = hidden.double() @ weight.double().T
+    if bias is not None:
+        z = z + bias.double()
+    if logit_scale is not None:
+        z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z
+
+
+def _gather_logp(z: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    safe = torch.where(mask, labels, torch.zeros_like(labels))
+    lp = torch.log_softmax(z, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return torch.where(mask, lp, torch.zeros_like(lp))
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    epsilon: float | None = None,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+) -> TokenLogProbs:
+    """Float64 per-token log-probs from full logits (same contract as `prefloss.fused_logprobs`).
+
+    ``z = softcap·tanh((h W^T + b)·scale / softcap)``; ``policy[t] = log_softmax(z_t)[y_t]``;
+    ``ref`` likewise from the reference; ``minus`` from ``(1+ε) z − ε z_ref``, ``plus`` from
+    ``(1−ε) z + ε z_ref``; all 0 where ``labels == ignore_index``. Differentiable (float64) in
+    every floating input that requires grad.
+
+    Shapes: hidden ``[..., H]``, weight ``[V, H]``, labels ``[...]`` → outputs ``[...]`` float64.
+    """
+    mask = labels != ignore_index
+    z = _logits64(hidden, weight, bias, logit_scale, softcap)
+    policy = _gather_logp(z, labels, mask)
+    ref = minus = plus = None
+    if ref_hidden is not None:
+        zr = _logits64(ref_hidden, ref_weight, ref_bias, logit_scale, softcap)
+        ref = _gather_logp(zr, labels, mask)
+        if epsilon is not None:
+            minus = _gather_logp((1 + epsilon) * z - epsilon * zr, labels, mask)
+            plus = _gather_logp((1 - epsilon) * z + epsilon * zr, labels, mask)
+    return TokenLogProbs(policy, ref, minus, plus, mask)
+
+
+# --- losses on per-sequence values, float64, straight from the papers / SPEC.md ---------------
+
+
+def _sigmoid_loss(logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    # -(1-ls)·log σ(x) - ls·log σ(-x) = (1-ls)·softplus(-x) + ls·softplus(x)
+    return (1 - label_smoothing) * F.softplus(-logits) + label_smoothing * F.softplus(logits)
+
+
+def dpo_losses(pc, pr, rc, rr, *, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-pair DPO loss ``−log σ(β((pc − rc) − (pr − rr)))`` on sequence sums, ``[B]``."""
+    return _sigmoid_loss(beta * ((pc - rc) - (pr - rr)), label_smoothing)
+
+
+def simpo_losses(pc, pr, *, beta: float, gamma_beta_ratio: float, label_smoothing: float = 0.0):
+    """Per-pair SimPO loss ``−log σ(β(pc − pr) − β·r)`` on length-normalised log-probs, ``[B]``."""
+    return _sigmoid_loss(beta * (pc - pr) - beta * gamma_beta_ratio, label_smoothing)
+
+
+def alpha_dpo_losses(
+    pc, pr, rc, rr, *, beta, gamma_beta_ratio, alpha, mean, std, label_smoothing: float = 0.0
+):
+    """Per-pair α-DPO loss on length-normalised log-probs, given the (already updated) statistics.
+
+    ``M = (pc − pr) − (rc − rr)``; ``z = (M − mean)/std`` (0 where std is 0); margin
+    ``m = sg[r + α z]``; loss ``−log σ(β((pc − pr) − m))``.
+    """
+    m_gap = (pc - pr) - (rc - rr)
+    if std > 0:
+        z = (m_gap.detach() - mean) / std
+    else:
+        z = torch.zeros_like(m_gap)
+    margin = (gamma_beta_ratio + alpha * z).detach()
+    return _sigmoid_loss(beta * ((pc - pr) - margin), label_smoothing)
+
+
+def epsilon_steps(pc, pr, mc, mr, plc, plr) -> torch.Tensor:
+    """ε-DPO step per pair: +1 when the policy log-ratio strictly decreases minus → policy → plus.
+
+    ``ℓ = pc − pr`` under the policy, ``ℓ⁻``/``ℓ⁺`` under the (1+ε)/(1−ε) mixtures:
+    ``s = +1 if ℓ⁻ > ℓ > ℓ⁺``, ``−1 if ℓ⁺ > ℓ > ℓ⁻``, else 0 (exact float64 comparison).
+    """
+    ell, ell_m, ell_p = pc - pr, mc - mr, plc - plr
+    up = (ell_m > ell) & (ell > ell_p)
+    down = (ell_p > ell) & (ell > ell_m)
+    return up.double() - down.double()
+
+
+def epsilon_dpo_losses(pc, pr, rc, rr, steps, *, beta, epsilon, label_smoothing: float = 0.0):
+    """Per-pair ε-DPO loss: DPO on sums with ``β_i = β / (1 + ε·s_i)``, ``[B]``."""
+    beta_i = beta / (1 + epsilon * steps)
+    return _sigmoid_loss(beta_i * ((pc - rc) - (pr - rr)), label_smoothing)
+
+
+def preference_loss(
+    name: str,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    beta: float | None = None,
+    gamma_beta_ratio: float | None = None,
+    alpha: float | None = None,
+    epsilon: float | None = None,
+    momentum: float = 0.9,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Float64 mean loss of the first training step of prefloss's loss modules, from full logits.
+
+    Args:
+        name: ``"alpha_dpo" | "epsilon_dpo" | "dpo" | "simpo"``.
+        hidden: ``[2B, T, H]`` (rows ``[0, B)`` chosen, ``[B, 2B)`` rejected); weight ``[V, H]``;
+            labels ``[2B, T]``.
+        beta, gamma_beta_ratio, alpha, epsilon: the loss's hyperparameters; unset ones take the
+            modules' defaults.
+        momentum: α-DPO's EMA momentum; the statistics start at 0, so after the first update
+            ``mean = (1−momentum)·mean(M)``, ``std = (1−momentum)·std(M)`` (unbiased; 0 if B = 1).
+
+    Returns:
+        0-dim float64 loss, differentiable w.r.t. float64 copies of the inputs if they require grad.
+        ε-DPO steps use an exact float64 comparison (prefloss's ``compare_dtype=None``).
+    """
+    defaults = {
+        "alpha_dpo": dict(beta=2.5, gamma_beta_ratio=0.6, alpha=0.2),
+        "epsilon_dpo": dict(beta=0.01, epsilon=0.01),
+        "dpo": dict(beta=0.1),
+        "simpo": dict(beta=2.0, gamma_beta_ratio=0.25),
+    }
+    if name not in defaults:
+        raise ValueError(f"`name` must be one of {sorted(defaults)}, got {name!r}.")
+    hp = dict(defaults[name])
+    given = dict(beta=beta, gamma_beta_ratio=gamma_beta_ratio, alpha=alpha, epsilon=epsilon)
+    hp.update({k: v for k, v in given.items() if v is not None and k in hp})
+    tok = token_logprobs(
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        ref_hidden=ref_hidden,
+        ref_weight=ref_weight,
+        ref_bias=ref_bias,
+        epsilon=hp.get("epsilon"),
+        logit_scale=logit_scale,
+        softcap=softcap,
+        ignore_index=ignore_index,
+    )
+    length = tok.mask.sum(-1).double()
+    b = hidden.shape[0] // 2
+
+    def split(x, normalise):
+        s = x.sum(-1)
+        if normalise:
+            s = s / length.clamp(min=1)
+        return s[:b], s[b:]
+
+    if name == "simpo":
+        pc, pr = split(tok.policy, True)
+        losses = simpo_losses(pc, pr, label_smoothing=label_smoothing, **hp)
+    elif name == "dpo":
+        pc, pr = split(tok.policy, False)
+        rc, rr = split(tok.ref, False)
+        losses = dpo_losses(pc, pr, rc, rr, label_smoothing=label_smoothing, **hp)
+    elif name == "alpha_dpo":
+        pc, pr = split(tok.policy, True)
+        rc, rr = split(tok.ref, True)
+        gap = ((pc - pr) - (rc - rr)).detach()
+        mean = (1 - momentum) * float(gap.mean())
+        std = (1 - momentum) * float(gap.std()) if gap.numel() > 1 else 0.0
+        if not math.isfinite(std):
+            std = 0.0
+        losses = alpha_dpo_losses(pc, pr, rc, rr, mean=mean, std=std, label_smoothing=label_smoothing, **hp)
+    else:
+        pc, pr = split(tok.policy, False)
+        rc, rr = split(tok.ref, False)
+        mc, mr = split(tok.minus, False)
+        plc, plr = split(tok.plus, False)
+        steps = epsilon_steps(pc.detach(), pr.detach(), mc, mr, plc, plr)
+        losses = epsilon_dpo_losses(pc, pr, rc, rr, steps, label_smoothing=label_smoothing, **hp)
+    return losses.mean()
+
+
+def logsigmoid_reference(x: torch.Tensor) -> torch.Tensor:
+    """``log σ(x)`` in float64 without cancellation (used by hand-derived loss tests)."""
+    return F.logsigmoid(x.double())
