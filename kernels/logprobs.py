@@ -45,6 +45,10 @@ __all__ = [
 
 # The interpreter decides at decoration time (see ENVIRONMENT.md); so does the config list below.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Triton's interpreter converts fp32 -> bf16 by truncation where GPUs round to nearest even; the
+# truncation biases every stored gradient toward zero and the bias accumulates in the backward GEMMs.
+# Under the interpreter the backward kernel rounds by hand first (compiled code never sees this).
+_ROUND_BF16_BY_HAND = tl.constexpr(INTERPRET)
 
 
 @triton.jit
@@ -220,6 +224,12 @@ def logprobs_bwd_kernel(
             b_d *= 1.0 - b_t * b_t
         if HAS_SCALE:
             b_d *= logit_scale
+        if _ROUND_BF16_BY_HAND:
+            if b_raw.dtype == tl.bfloat16:
+                # Round to nearest even on the bits: the truncating conversion below is then exact.
+                b_bits = b_d.to(tl.uint32, bitcast=True)
+                b_bits += 0x7FFF + ((b_bits >> 16) & 1)
+                b_d = ((b_bits >> 16) << 16).to(tl.float32, bitcast=True)
         tl.store(logits_ptr + o_row + o_col, b_d.to(b_raw.dtype), mask=m_col)
 
 

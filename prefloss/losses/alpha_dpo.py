@@ -134,7 +134,8 @@ class AlphaDPOLoss(nn.Module):
         """μ, σ to standardise this batch's M with (updating the EMA first when training)."""
         if self.normalization == "ema" and not self.training:
             return self.running_mean.clone(), self.running_std.clone()
-        gathered = gather_values(gap.float())
+        # float64 inputs keep float64 statistics (fp32 otherwise); buffers round to their own dtype.
+        gathered = gather_values(gap.to(torch.promote_types(gap.dtype, torch.float32)))
         batch_mean = gathered.mean()
         # A single gathered pair has no std: NaN here leaves the EMA's σ untouched and gives z = 0.
         batch_std = gathered.std() if gathered.numel() > 1 else torch.full_like(batch_mean, float("nan"))

@@ -46,7 +46,7 @@ class EpsilonDPOLosses(NamedTuple):
     chosen_rewards: torch.Tensor
     rejected_rewards: torch.Tensor
     steps: torch.Tensor  # s ∈ {−1, 0, +1}, int64
-    betas: torch.Tensor  # β_i, fp32
+    betas: torch.Tensor  # β_i, fp32 (float64 for float64 inputs)
 
 
 def _check_epsilon(epsilon) -> float:
@@ -113,8 +113,10 @@ def epsilon_dpo_loss(
         plus_rejected,
         compare_dtype=compare_dtype,
     )
-    beta_t = torch.as_tensor(beta, dtype=torch.float32, device=policy_chosen.device)
-    betas = beta_t / (1.0 + epsilon * steps.float())
+    # fp32, or float64 for float64 inputs (the oracle path must not round β_i to fp32)
+    dtype = torch.promote_types(policy_chosen.dtype, torch.float32)
+    beta_t = torch.as_tensor(beta, dtype=dtype, device=policy_chosen.device)
+    betas = beta_t / (1.0 + epsilon * steps.to(dtype))
     out = dpo_loss(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=betas, label_smoothing=label_smoothing
     )

@@ -34,7 +34,8 @@ def simpo_loss(
     Returns:
         `PairLosses`: ``losses [B]``; rewards ``β·π̄`` for chosen and rejected.
     """
-    losses = sigmoid_loss(beta * (policy_chosen - policy_rejected) - beta * gamma_beta_ratio, label_smoothing)
+    # β·(Δ − r), associated as the SimPO authors' code and α-DPO: α = 0 then gives bitwise SimPO
+    losses = sigmoid_loss(beta * ((policy_chosen - policy_rejected) - gamma_beta_ratio), label_smoothing)
     return PairLosses(losses, (beta * policy_chosen).detach(), (beta * policy_rejected).detach())
 
 

@@ -1,0 +1,132 @@
+"""``prefloss bench``: memory and speed of prefloss against the alternatives, on your shapes.
+
+Every case (prefloss's losses, the authors-style full-logits implementation, Liger-Kernel's
+chunked losses, the matmul floor) runs on identical inputs, each in a fresh process. Before
+anything is timed, the case's loss and gradients are checked against the float64 reference
+(`prefloss.reference`); a case that disagrees is reported WRONG and not timed. See notes/bench.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+QUICK = {"seq_len": "256,1024", "batch": "2", "hidden": "256", "vocab": "8192", "repeats": 2}
+DEFAULTS = {"seq_len": "512,1024,2048,4096", "batch": "2", "hidden": "512", "vocab": "32000", "repeats": 3}
+
+
+def _int_list(name: str, text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"`--{name}` must be a comma-separated list of positive integers, got {text!r}.") from None
+    if not values or any(v < 1 for v in values):
+        raise ValueError(f"`--{name}` must be a comma-separated list of positive integers, got {text!r}.")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    p = parser
+    p.add_argument("--seq-len", help=f"sequence lengths T, comma-separated (default {DEFAULTS['seq_len']})")
+    p.add_argument("--batch", help=f"pairs per batch B (default {DEFAULTS['batch']})")
+    p.add_argument("--hidden", help=f"hidden sizes H (default {DEFAULTS['hidden']})")
+    p.add_argument("--vocab", help=f"vocabulary sizes V (default {DEFAULTS['vocab']})")
+    p.add_argument("--dtype", default="float32", help="input dtype: float32 (default), bfloat16, float16")
+    p.add_argument(
+        "--cases",
+        action="append",
+        help="case names or globs, comma-separated or repeated (default: all); see --list",
+    )
+    p.add_argument("--repeats", type=int, help=f"timed repeats per case (default {DEFAULTS['repeats']})")
+    p.add_argument("--seed", type=int, default=0, help="input seed (default 0)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--mem-limit-gib",
+        type=float,
+        default=16.0,
+        help="private-memory cap per case process on CPU; a case above it is reported OOM (default 16)",
+    )
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per case process (default 1800)")
+    p.add_argument("--quick", action="store_true", help=f"small shapes, ~1 minute on 2 CPU cores: {QUICK}")
+    p.add_argument("--json", metavar="PATH", help="write the full results as JSON")
+    p.add_argument("--plot", metavar="DIR", help="write PNG plots (memory and time vs each swept axis)")
+    p.add_argument("--list", action="store_true", help="list the cases and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"`--device {device}` needs a CUDA GPU; none is available (use cpu or auto).")
+        return device
+    raise ValueError(f"`--device` must be auto, cpu, cuda or cuda:N, got {device!r}.")
+
+
+def run(args: argparse.Namespace) -> int:
+    from prefloss.benchmark import machine, report, runner
+    from prefloss.benchmark.cases import CASES, select_cases
+    from prefloss.benchmark.inputs import DTYPES
+    from prefloss.benchmark.measure import MEMORY_METHOD_CPU, MEMORY_METHOD_GPU, cpu_peak_supported
+
+    if args.list:
+        for case in CASES.values():
+            flags = " (GPU only)" if case.needs_gpu else " (only when named)" if case.explicit_only else ""
+            print(f"{case.name}{flags}")
+        return 0
+    try:
+        base = QUICK if args.quick else DEFAULTS
+        pick = lambda name: getattr(args, name) or base[name]
+        lists = {n: _int_list(n.replace("_", "-"), pick(n)) for n in ("seq_len", "batch", "hidden", "vocab")}
+        repeats = args.repeats if args.repeats is not None else base["repeats"]
+        if repeats < 1:
+            raise ValueError(f"`--repeats` must be >= 1, got {repeats}.")
+        if args.dtype not in DTYPES:
+            raise ValueError(f"`--dtype` must be one of {sorted(DTYPES)}, got {args.dtype!r}.")
+        patterns = [p.strip() for item in (args.cases or []) for p in item.split(",") if p.strip()]
+        cases = select_cases(patterns)
+        if any(c.loss for c in cases) and not any(c.method == "floor" for c in cases):
+            cases.append(CASES["floor"])  # every report has the floor to compare with
+        device = _resolve_device(args.device)
+    except ValueError as exc:
+        print(f"prefloss bench: error: {exc}", file=sys.stderr)
+        return 2
+    if device == "cpu" and not cpu_peak_supported():
+        print("prefloss bench: error: CPU peak memory needs Linux /proc/self/clear_refs.", file=sys.stderr)
+        return 2
+
+    shapes = runner.shape_grid(lists["batch"], lists["seq_len"], lists["hidden"], lists["vocab"], args.dtype)
+    config = runner.Config(cases, shapes, repeats, args.seed, device, args.mem_limit_gib, args.timeout)
+    t0 = time.perf_counter()
+    results = runner.run(config, progress=not args.no_progress)
+    document = {
+        "machine": machine.describe(device),
+        "config": {
+            "shapes": [s.to_dict() for s in shapes],
+            "cases": [c.name for c in cases],
+            "repeats": repeats,
+            "seed": args.seed,
+            "quick": bool(args.quick),
+            "mem_limit_gib": args.mem_limit_gib,
+        },
+        "memory_method": MEMORY_METHOD_GPU if device.startswith("cuda") else MEMORY_METHOD_CPU,
+        "gpu_note": None if device.startswith("cuda") else "no GPU: Triton cases skipped; CPU timings and memory",
+        "results": results,
+        "wall_s": time.perf_counter() - t0,
+    }
+    print(report.table(document))
+    print(f"\nwall time {document['wall_s']:.1f} s")
+    if args.json:
+        report.write_json(document, args.json)
+        print(f"JSON: {args.json}")
+    if args.plot:
+        for path in report.write_plots(document, args.plot):
+            print(f"plot: {path}")
+    failed = [r for r in results if r["status"] in ("wrong", "error")]
+    return 1 if failed else 0

@@ -1,0 +1,74 @@
+"""The machine and software versions, recorded in every report."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from importlib import metadata
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = {}
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name", platform.machine())
+    if "cpu family" in fields:
+        name += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
+    return name
+
+
+def _mem_total_gib() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 1024**2, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def describe(device: str) -> dict:
+    import torch
+
+    info = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": _mem_total_gib(),
+        "platform": platform.platform(),
+        "device": device,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "versions": {
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "triton": _version("triton"),
+            "liger-kernel": _version("liger-kernel"),
+            "prefloss": _version("prefloss"),
+        },
+    }
+    return info
+
+
+def one_line(info: dict) -> str:
+    v = info["versions"]
+    where = info["gpu"] if info["device"].startswith("cuda") and info["gpu"] else info["cpu"]
+    return (
+        f"{where} | {info['cores']} cores, {info['torch_threads']} torch threads, {info['memory_gib']} GiB | "
+        f"python {v['python']}, torch {v['torch']}, triton {v['triton']}, liger-kernel {v['liger-kernel']}, "
+        f"prefloss {v['prefloss']}"
+    )

@@ -1,0 +1,132 @@
+"""The terminal table, the JSON document and the PNG plots of a benchmark run."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from prefloss.benchmark.machine import one_line
+
+VARIABLE_AXES = (("seq_len", "sequence length T"), ("vocab", "vocabulary V"), ("batch", "pairs per batch B"))
+
+
+def _fmt_ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _status(r: dict) -> str:
+    if r["status"] == "ok":
+        return "ok"
+    if r["status"] == "wrong":
+        return "WRONG (not timed)"
+    return r["status"].upper() if r["status"] != "skipped" else "skipped"
+
+
+def table(document: dict) -> str:
+    """Plain-text table, one block per shape."""
+    lines = [f"machine: {one_line(document['machine'])}"]
+    cfg = document["config"]
+    lines.append(
+        f"step: forward+backward, {cfg['repeats']} timed repeats after 1 checked warm-up; "
+        f"peak = {document['memory_method']}"
+    )
+    head = f"{'case':<28}{'status':<19}{'median s':>10}{'p10-p90 s':>17}{'x floor':>9}{'x best':>8}"
+    head += f"{'peak MiB':>10}{'mem x best':>11}"
+    current = None
+    for r in document["results"]:
+        s = r["shape"]
+        key = (s["batch"], s["seq_len"], s["hidden"], s["vocab"], s["dtype"])
+        if key != current:
+            current = key
+            lines.append("")
+            lines.append(
+                f"B={s['batch']} T={s['seq_len']} H={s['hidden']} V={s['vocab']} {s['dtype']} "
+                f"({r['counted_tokens']} counted tokens of {2 * s['batch'] * s['seq_len']})"
+            )
+            lines.append(head)
+            lines.append("-" * len(head))
+        if r["status"] == "skipped" and r["method"] == "prefloss-triton" and r.get("loss") != "alpha_dpo":
+            continue  # one line for the skipped Triton cases is enough
+        name = "prefloss-triton/*" if r["status"] == "skipped" and r["method"] == "prefloss-triton" else r["case"]
+        if r["status"] != "ok":
+            why = r.get("error") or (r.get("check") or {}).get("detail", "")
+            lines.append(f"{name:<28}{_status(r):<19}  {why[:90]}")
+            continue
+        t = r["time_s"]
+        ratios = r.get("ratios", {})
+        spread = f"{t['p10']:.3f}-{t['p90']:.3f}"
+        peak = r["peak_mib"]["max"]
+        lines.append(
+            f"{name:<28}{'ok':<19}{t['median']:>10.3f}{spread:>17}"
+            f"{_fmt_ratio(ratios.get('time_to_floor')):>9}{_fmt_ratio(ratios.get('time_to_best_other')):>8}"
+            f"{peak:>10.1f}{_fmt_ratio(ratios.get('memory_to_best_other')):>11}"
+        )
+    lines.append("")
+    lines.append(
+        "x floor: median time / the 4 GEMMs over counted tokens; x best: / the fastest (memory: smallest) "
+        "other method for the same loss. Peak MiB includes the gradients dh and dW themselves."
+    )
+    return "\n".join(lines)
+
+
+def write_json(document: dict, path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(document, f, indent=2)
+
+
+def write_plots(document: dict, directory: str) -> list[str]:
+    """Memory and time against each swept axis (T, V or B), one panel per loss; returns the files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(directory, exist_ok=True)
+    ok = [r for r in document["results"] if r["status"] == "ok" and r["method"] != "selftest"]
+    written = []
+    for axis, axis_label in VARIABLE_AXES:
+        groups: dict[tuple, list[dict]] = {}
+        for r in ok:
+            fixed = tuple((k, v) for k, v in sorted(r["shape"].items()) if k != axis)
+            groups.setdefault(fixed, []).append(r)
+        for fixed, rows in groups.items():
+            if len({r["shape"][axis] for r in rows}) < 2:
+                continue
+            suffix = "_".join(f"{k}{v}" for k, v in fixed if k != "dtype")
+            for metric, ylabel, fname in (
+                ("peak_mib", "peak extra memory of the step (MiB)", "memory"),
+                ("time_s", "forward+backward time, median (s)", "time"),
+            ):
+                losses = sorted({r["loss"] for r in rows if r["loss"]})
+                fig, axes = plt.subplots(1, len(losses), figsize=(4.2 * len(losses), 3.6), squeeze=False)
+                for ax, loss in zip(axes[0], losses):
+                    cases = sorted({r["case"] for r in rows if r["loss"] == loss or r["method"] == "floor"})
+                    for case in cases:
+                        if metric == "peak_mib" and case == "floor":
+                            continue  # the floor writes into preallocated buffers: no step memory
+                        pts = sorted((r["shape"][axis], r) for r in rows if r["case"] == case)
+                        xs = [p[0] for p in pts]
+                        if metric == "peak_mib":
+                            ys = [p[1][metric]["max"] for p in pts]
+                            ax.plot(xs, ys, marker="o", label=case.split("/")[0])
+                        else:
+                            ys = [p[1][metric]["median"] for p in pts]
+                            lo = [p[1][metric]["median"] - p[1][metric]["p10"] for p in pts]
+                            hi = [p[1][metric]["p90"] - p[1][metric]["median"] for p in pts]
+                            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=case.split("/")[0])
+                    ax.set_xscale("log", base=2)
+                    ax.set_yscale("log")
+                    ax.set_title(loss)
+                    ax.set_xlabel(axis_label)
+                    ax.grid(True, which="both", alpha=0.3)
+                axes[0][0].set_ylabel(ylabel)
+                axes[0][-1].legend(fontsize=8)
+                fig.suptitle(f"{fname} vs {axis} ({suffix}) - {one_line(document['machine'])[:110]}", fontsize=8)
+                fig.tight_layout()
+                path = os.path.join(directory, f"{fname}_vs_{axis}_{suffix}.png")
+                fig.savefig(path, dpi=110)
+                plt.close(fig)
+                written.append(path)
+    return written

@@ -1,0 +1,245 @@
+"""What the fused op needs from a Hugging Face causal LM: the last hidden states and the output head.
+
+For any ``AutoModelForCausalLM``, ``model(...).logits`` is (up to dtype)
+
+    logits = transform(hidden @ W.T + b)
+
+where ``hidden`` is the decoder's ``last_hidden_state`` (after the model's final norm), ``W``/``b``
+are ``model.get_output_embeddings()`` (tied or not) and ``transform`` is a family-specific scalar
+map: Gemma-2/3 soft-cap ``c·tanh(z/c)``, Cohere ``z · logit_scale``, Granite ``z / logits_scaling``.
+`output_head` reads ``W``, ``b`` and the transform; `decoder_hidden_states` runs the model and returns
+``hidden`` without ever forming the ``[tokens, vocab]`` logits. Nothing is monkey-patched: the hidden
+states are captured by a forward hook on ``model.get_decoder()`` while the model's own ``forward`` runs
+(through any DDP/accelerate wrapper, so gradient synchronisation still happens) with
+``logits_to_keep=1``, i.e. one logit row per sequence instead of ``T``.
+
+Families whose logit transform is not in `LOGIT_TRANSFORMS` are caught by `check_output_head`, which
+compares the fused log-probabilities with ``log_softmax(model(...).logits)`` on a few tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "LOGIT_TRANSFORMS",
+    "OutputHead",
+    "check_output_head",
+    "decoder_hidden_states",
+    "output_head",
+    "unwrap_model",
+]
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """The output embedding of a causal LM and the logit transform applied after it.
+
+    Attributes:
+        weight: ``[V, H]`` output embedding (the input embedding when tied); a live parameter.
+        bias: ``[V]`` or ``None``.
+        logit_scale: multiplies the logits (Cohere ``logit_scale``, Granite ``1/logits_scaling``).
+        softcap: ``c`` in ``c·tanh(z/c)`` (Gemma-2/3 ``final_logit_softcapping``).
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    logit_scale: float | None
+    softcap: float | None
+
+    def fused_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `prefloss.fused_logprobs` / the loss modules (policy side)."""
+        return {"bias": self.bias, "logit_scale": self.logit_scale, "softcap": self.softcap}
+
+
+def _attr(config: Any, name: str) -> float | None:
+    value = getattr(config, name, None)
+    return None if value is None else float(value)
+
+
+def _inverse(value: float | None) -> float | None:
+    return None if value is None else 1.0 / value
+
+
+# config.model_type -> (text config -> (logit_scale, softcap)). Families not listed here get the
+# generic rule: soft-cap from `final_logit_softcapping` when the config has it, no scale.
+LOGIT_TRANSFORMS: dict[str, Callable[[Any], tuple[float | None, float | None]]] = {
+    "cohere": lambda c: (_attr(c, "logit_scale"), None),
+    "cohere2": lambda c: (_attr(c, "logit_scale"), None),
+    "cohere2_moe": lambda c: (_attr(c, "logit_scale"), None),
+    "granite": lambda c: (_inverse(_attr(c, "logits_scaling")), None),
+    "granitemoe": lambda c: (_inverse(_attr(c, "logits_scaling")), None),
+    "granitemoeshared": lambda c: (_inverse(_attr(c, "logits_scaling")), None),
+    "granitemoehybrid": lambda c: (_inverse(_attr(c, "logits_scaling")), None),
+    "falcon_h1": lambda c: (_attr(c, "lm_head_multiplier"), None),
+}
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP / ``torch.compile`` / accelerate wrappers (``.module``, ``._orig_mod``)."""
+    while True:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def output_head(model: nn.Module) -> OutputHead:
+    """The output embedding and logit transform of a causal LM.
+
+    Args:
+        model: a ``PreTrainedModel`` with an LM head (``AutoModelForCausalLM``), possibly wrapped.
+
+    Raises:
+        ValueError: the model has no output embedding (e.g. ``AutoModel`` without LM head) or its
+            output embedding is not a linear map with a ``[V, H]`` weight.
+    """
+    model = unwrap_model(model)
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    name = type(model).__name__
+    if head is None:
+        raise ValueError(
+            f"model {name} has no output embedding (`get_output_embeddings()` returned None): "
+            "expected a causal LM with an LM head, e.g. one loaded with AutoModelForCausalLM, "
+            "not a bare AutoModel"
+        )
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        got = "no weight" if weight is None else f"weight of shape {tuple(getattr(weight, 'shape', ()))}"
+        raise ValueError(
+            f"model {name}: the output embedding {type(head).__name__} must be a linear map with a "
+            f"[vocab, hidden] weight, got {got}"
+        )
+    bias = getattr(head, "bias", None)
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_type = getattr(text_config, "model_type", None) or getattr(config, "model_type", "")
+    rule = LOGIT_TRANSFORMS.get(model_type)
+    if rule is not None:
+        logit_scale, softcap = rule(text_config)
+    else:
+        logit_scale, softcap = None, _attr(text_config, "final_logit_softcapping")
+    return OutputHead(weight=weight, bias=bias, logit_scale=logit_scale, softcap=softcap)
+
+
+def _accepts(module: nn.Module, name: str) -> bool:
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def decoder_hidden_states(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[B, T, H]`` last hidden states of a causal LM (post final norm), without full logits.
+
+    Runs ``model(input_ids, attention_mask, logits_to_keep=1)`` -- through ``model`` itself, so a
+    DDP wrapper still synchronises gradients -- and captures ``get_decoder()``'s output with a forward
+    hook. ``logits = transform(hidden @ W.T + b)`` with `output_head`'s values.
+
+    Args:
+        model: causal LM, possibly wrapped (DDP, accelerate).
+        input_ids: ``[B, T]`` int64.
+        attention_mask: ``[B, T]`` or ``None``.
+    """
+    inner = unwrap_model(model)
+    get_decoder = getattr(inner, "get_decoder", None)
+    if not callable(get_decoder):
+        raise TypeError(f"expected a Hugging Face PreTrainedModel with get_decoder(), got {type(inner).__name__}")
+    decoder = get_decoder()
+    if decoder is inner:
+        raise ValueError(
+            f"model {type(inner).__name__}: get_decoder() returned the model itself; expected a causal LM "
+            "whose decoder is a sub-module (AutoModelForCausalLM)"
+        )
+    captured: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+        hidden = getattr(output, "last_hidden_state", None)
+        captured.append(hidden if hidden is not None else output[0])
+
+    kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
+    if _accepts(inner, "logits_to_keep"):
+        kwargs["logits_to_keep"] = 1
+    handle = decoder.register_forward_hook(hook)
+    try:
+        model(input_ids=input_ids, **kwargs)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(
+            f"model {type(inner).__name__}: expected its decoder {type(decoder).__name__} to run once per "
+            f"forward, it ran {len(captured)} times"
+        )
+    return captured[0]
+
+
+@torch.no_grad()
+def check_output_head(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    atol: float | None = None,
+) -> float:
+    """Check that `decoder_hidden_states` + `output_head` reproduce ``model(...).logits``.
+
+    Compares ``log_softmax`` of the model's own logits with `prefloss.fused_logprobs` at the next
+    tokens of ``input_ids`` (keep it short: this forms full logits). Catches model families whose
+    logit transform prefloss does not know (see `LOGIT_TRANSFORMS`).
+
+    Args:
+        model: causal LM (possibly wrapped).
+        input_ids: ``[B, T]`` with ``T >= 2``.
+        attention_mask: ``[B, T]`` or ``None``.
+        atol: allowed max abs difference of log-probs; default 1e-3 for fp32/fp64 weights,
+            0.15 for 16-bit ones.
+
+    Returns:
+        The max abs difference.
+
+    Raises:
+        ValueError: the difference exceeds ``atol``.
+    """
+    from prefloss.ops import fused_logprobs
+
+    inner = unwrap_model(model)
+    head = output_head(inner)
+    if atol is None:
+        atol = 1e-3 if head.weight.dtype in (torch.float32, torch.float64) else 0.15
+    was_training = inner.training
+    inner.eval()
+    try:
+        logits = inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        hidden = decoder_hidden_states(inner, input_ids, attention_mask)
+    finally:
+        inner.train(was_training)
+    labels = input_ids[:, 1:]
+    if attention_mask is not None:
+        labels = labels.masked_fill(attention_mask[:, 1:] == 0, -100)
+    expected = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, labels.clamp(min=0)[..., None])
+    expected = expected.squeeze(-1).masked_fill(labels == -100, 0.0)
+    got = fused_logprobs(hidden[:, :-1], head.weight, labels, **head.fused_kwargs()).policy
+    err = float((got.float() - expected).abs().max()) if labels.numel() else 0.0
+    if not err <= atol:
+        raise ValueError(
+            f"model {type(inner).__name__} (model_type {getattr(inner.config, 'model_type', '?')!r}): "
+            f"log-probs from its hidden states and output head differ from log_softmax(model(...).logits) "
+            f"by {err:.3g} (allowed {atol:g}); its logit transform is probably not known to prefloss "
+            f"(found logit_scale={head.logit_scale}, softcap={head.softcap}). Register it in "
+            "prefloss.hf.model.LOGIT_TRANSFORMS."
+        )
+    return err

@@ -1,0 +1,79 @@
+"""A byte-level tokenizer and a tiny Llama-style model, built offline (no downloads).
+
+Used by ``prefloss train`` when no ``--model`` is given, and by the tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+
+# A minimal chat template: turns as "<|role|>content\n", an assistant turn closed by EOS instead.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def byte_level_tokenizer(*, chat_template: bool = True) -> Any:
+    """A ``PreTrainedTokenizerFast`` over the 256 bytes plus BOS, EOS and PAD (vocabulary 259).
+
+    No merges: every byte is one token, so any text round-trips and nothing is downloaded.
+
+    Args:
+        chat_template: attach `CHAT_TEMPLATE` (conversational data needs a chat template).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {symbol: i for i, symbol in enumerate(alphabet)}
+    for special in (BOS, EOS, PAD):
+        vocab[special] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    if chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_llama(
+    tokenizer: Any,
+    *,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 256,
+    max_position_embeddings: int = 256,
+    seed: int = 0,
+) -> Any:
+    """A randomly initialised ``LlamaForCausalLM`` sized for ``tokenizer`` (~0.4 M parameters by default).
+
+    Args:
+        tokenizer: gives the vocabulary size and the BOS/EOS/PAD ids.
+        seed: initialisation seed (the same seed gives the same weights).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)

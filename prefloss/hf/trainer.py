@@ -1,0 +1,449 @@
+"""`PreferenceTrainer`: a ``transformers.Trainer`` that trains with prefloss's fused losses.
+
+One training micro-batch (B pairs, the `PreferenceCollator` layout, chosen rows first):
+
+1. the policy runs through its own ``forward`` (so DDP/accelerate wrappers synchronise gradients) with
+   ``logits_to_keep=1``; a forward hook on its decoder captures the ``[2B, T, H]`` last hidden states
+   (`prefloss.hf.model.decoder_hidden_states`): no ``[2B, T, V]`` logits are formed;
+2. the reference, when the loss needs one, runs the same way under ``no_grad`` -- or its per-sequence
+   log-prob sums were precomputed once before training (``precompute_ref_log_probs``);
+3. the loss module (`prefloss.AlphaDPOLoss`, ...) takes hidden states, the output head
+   (weight, bias, logit scale, soft-cap) and the shifted labels and returns the loss and its metrics.
+
+The micro-batch loss is the mean over its pairs; the Trainer divides it by the number of
+micro-batches of the optimizer step and DDP averages over ranks, so a step's gradient is the mean over
+all its pairs. Loss state (α-DPO's running statistics, ε-DPO's β) lives in the loss module's buffers:
+saved as ``prefloss_loss_state.pt`` with every checkpoint and restored on resume. ε-DPO's β is updated
+once per optimizer step, after all its micro-batches, by a callback (``on_step_end``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from prefloss.hf.collator import PreferenceCollator
+from prefloss.hf.data import load_preferences, tokenize_preferences
+from prefloss.hf.model import check_output_head, decoder_hidden_states, output_head, unwrap_model
+
+__all__ = [
+    "LOSSES",
+    "LOSS_STATE_NAME",
+    "PreferenceConfig",
+    "PreferenceTrainer",
+    "build_loss",
+    "score_pairs",
+]
+
+logger = logging.getLogger(__name__)
+
+LOSS_STATE_NAME = "prefloss_loss_state.pt"
+
+# loss name -> (class name in prefloss, hyperparameters it takes, needs a reference model)
+LOSSES: dict[str, tuple[str, tuple[str, ...], bool]] = {
+    "alpha_dpo": ("AlphaDPOLoss", ("beta", "gamma_beta_ratio", "alpha"), True),
+    "epsilon_dpo": ("EpsilonDPOLoss", ("beta", "epsilon"), True),
+    "dpo": ("DPOLoss", ("beta",), True),
+    "simpo": ("SimPOLoss", ("beta", "gamma_beta_ratio"), False),
+}
+_HYPERPARAMETERS = ("beta", "gamma_beta_ratio", "alpha", "epsilon")
+
+
+@dataclass
+class PreferenceConfig(TrainingArguments):
+    """``TrainingArguments`` plus the preference loss and data settings.
+
+    Loss hyperparameters left at ``None`` take the loss module's defaults (the published configs,
+    SPEC.md): α-DPO β=2.5, γ/β=0.6, α=0.2; ε-DPO β=0.01, ε=0.01; DPO β=0.1; SimPO β=2.0, γ/β=0.25.
+    """
+
+    loss: str = field(
+        default="alpha_dpo", metadata={"help": "Preference loss: alpha_dpo, epsilon_dpo, dpo or simpo."}
+    )
+    beta: float | None = field(default=None, metadata={"help": "β (all losses); None: the loss default."})
+    gamma_beta_ratio: float | None = field(
+        default=None, metadata={"help": "γ/β target margin (alpha_dpo, simpo); None: the loss default."}
+    )
+    alpha: float | None = field(
+        default=None, metadata={"help": "α, weight of the adaptive margin (alpha_dpo); None: default."}
+    )
+    epsilon: float | None = field(
+        default=None, metadata={"help": "ε, the KL-control step (epsilon_dpo); None: the loss default."}
+    )
+    loss_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Extra keyword arguments of the loss module (a dict or a JSON string)."},
+    )
+    max_length: int = field(default=512, metadata={"help": "Most tokens of prompt + response."})
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={"help": "Prompt tokens kept (its end) when a pair is too long; None: never cut the prompt."},
+    )
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={"help": "Compute the reference log-probs once before training and drop the reference model."},
+    )
+    check_output_head: bool = field(
+        default=True,
+        metadata={"help": "Check once that hidden states + output head reproduce the model's logits."},
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Must stay False: the collator needs the tokenized columns."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}: expected one of {sorted(LOSSES)}")
+        takes = LOSSES[self.loss][1]
+        for name in _HYPERPARAMETERS:
+            if getattr(self, name) is not None and name not in takes:
+                raise ValueError(
+                    f"{name}={getattr(self, name)} does not apply to loss {self.loss!r}, which takes {list(takes)}"
+                )
+        if isinstance(self.loss_kwargs, str):
+            self.loss_kwargs = json.loads(self.loss_kwargs)
+        if self.precompute_ref_log_probs and self.loss == "epsilon_dpo":
+            raise ValueError(
+                "precompute_ref_log_probs=True does not work with loss 'epsilon_dpo': ε-DPO mixes the "
+                "reference's per-token logits into the policy's at every step, so it needs the reference "
+                "model; expected precompute_ref_log_probs=False"
+            )
+        if self.remove_unused_columns:
+            raise ValueError(
+                "remove_unused_columns=True would drop the tokenized preference columns the collator needs; "
+                "expected False"
+            )
+        if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
+            raise ValueError(
+                f"max_prompt_length must be in [1, max_length={self.max_length}), got {self.max_prompt_length}"
+            )
+        super().__post_init__()
+
+
+def build_loss(
+    name: str,
+    *,
+    beta: float | None = None,
+    gamma_beta_ratio: float | None = None,
+    alpha: float | None = None,
+    epsilon: float | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """The prefloss loss module called ``name`` with the given hyperparameters (``None``: its default).
+
+    Raises:
+        ValueError: unknown ``name``, or a hyperparameter that ``name`` does not take.
+    """
+    import prefloss
+
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}: expected one of {sorted(LOSSES)}")
+    class_name, takes, _ = LOSSES[name]
+    given = {"beta": beta, "gamma_beta_ratio": gamma_beta_ratio, "alpha": alpha, "epsilon": epsilon}
+    for key, value in given.items():
+        if value is not None and key not in takes:
+            raise ValueError(f"{key}={value} does not apply to loss {name!r}, which takes {list(takes)}")
+    hyper = {k: v for k, v in given.items() if v is not None}
+    return getattr(prefloss, class_name)(**hyper, **kwargs)
+
+
+@torch.no_grad()
+def score_pairs(
+    model: nn.Module,
+    dataset: Any,
+    collator: PreferenceCollator,
+    *,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-pair log-prob sums and lengths of chosen and rejected responses under ``model``.
+
+    Runs in eval mode, without forming full logits.
+
+    Returns:
+        ``chosen_logps``, ``rejected_logps`` (float32 sums), ``chosen_length``, ``rejected_length``
+        (response tokens), each ``[len(dataset)]`` on the CPU.
+    """
+    from prefloss.ops import sequence_logprobs
+
+    inner = unwrap_model(model)
+    device = torch.device(device) if device is not None else inner.device
+    was_training = inner.training
+    inner.eval()
+    parts: dict[str, list[torch.Tensor]] = defaultdict(list)
+    try:
+        head = output_head(inner)
+        for start in range(0, len(dataset), batch_size):
+            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            batch = collator(rows)
+            ids = batch["input_ids"].to(device)
+            mask = batch["attention_mask"].to(device)
+            labels = batch["shift_labels"].to(device)
+            hidden = decoder_hidden_states(inner, ids, mask)
+            seq = sequence_logprobs(
+                hidden, head.weight, labels, ignore_index=collator.ignore_index, **head.fused_kwargs()
+            )
+            b = len(rows)
+            parts["chosen_logps"].append(seq.policy[:b].float().cpu())
+            parts["rejected_logps"].append(seq.policy[b:].float().cpu())
+            parts["chosen_length"].append(seq.length[:b].cpu())
+            parts["rejected_length"].append(seq.length[b:].cpu())
+    finally:
+        inner.train(was_training)
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+class _BetaUpdate(TrainerCallback):
+    """ε-DPO: the global β update, once per optimizer step, after all micro-batches of the step."""
+
+    def __init__(self, trainer: PreferenceTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        metrics = self.trainer.loss_fn.update_beta()
+        self.trainer._store_metrics("train", metrics)
+
+
+class PreferenceTrainer(Trainer):
+    """Trains a causal LM with α-DPO, ε-DPO, DPO or SimPO through prefloss's fused losses.
+
+    Args:
+        model: an ``AutoModelForCausalLM`` (or a path to one).
+        ref_model: the reference model; ``None`` makes a frozen copy of ``model`` when the loss needs
+            one (SimPO needs none). With ``precompute_ref_log_probs`` the reference (or ``model`` itself,
+            before training) scores the data once and is then dropped.
+        args: a `PreferenceConfig`.
+        train_dataset, eval_dataset: preference data (``datasets.Dataset``, JSONL path or list of dicts
+            with ``prompt``/``chosen``/``rejected``), or data already tokenized by `tokenize_preferences`.
+        processing_class: the tokenizer.
+        loss_fn: a ready loss module instead of the one `PreferenceConfig` describes.
+        Remaining arguments go to ``transformers.Trainer``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | str,
+        ref_model: nn.Module | str | None = None,
+        args: PreferenceConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        data_collator: Any = None,
+        loss_fn: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if args is None:
+            args = PreferenceConfig(output_dir="prefloss-output")
+        if not isinstance(args, PreferenceConfig):
+            raise TypeError(f"args must be a PreferenceConfig, got {type(args).__name__}")
+        if isinstance(model, (str, os.PathLike)):
+            if processing_class is None:
+                processing_class = AutoTokenizer.from_pretrained(model)
+            model = AutoModelForCausalLM.from_pretrained(model)
+        if isinstance(ref_model, (str, os.PathLike)):
+            ref_model = AutoModelForCausalLM.from_pretrained(ref_model)
+        if processing_class is None:
+            raise ValueError("processing_class (the tokenizer) is required")
+        output_head(model)  # fails early, with a clear message, on a model without LM head
+        needs_reference = LOSSES[args.loss][2]
+        if not needs_reference and ref_model is not None:
+            raise ValueError(f"loss {args.loss!r} does not use a reference model, got ref_model={type(ref_model).__name__}")
+
+        pad_id = processing_class.pad_token_id
+        if pad_id is None:
+            pad_id = processing_class.eos_token_id
+        if data_collator is None:
+            data_collator = PreferenceCollator(pad_token_id=pad_id)
+        self._collator = data_collator
+
+        def prepare(data: Any) -> Any:
+            if data is None:
+                return None
+            if isinstance(data, dict):
+                return {k: prepare(v) for k, v in data.items()}
+            return tokenize_preferences(
+                load_preferences(data),
+                processing_class,
+                max_length=args.max_length,
+                max_prompt_length=args.max_prompt_length,
+                num_proc=args.dataset_num_proc if hasattr(args, "dataset_num_proc") else None,
+            )
+
+        train_dataset, eval_dataset = prepare(train_dataset), prepare(eval_dataset)
+
+        if loss_fn is None:
+            loss_fn = build_loss(
+                args.loss,
+                beta=args.beta,
+                gamma_beta_ratio=args.gamma_beta_ratio,
+                alpha=args.alpha,
+                epsilon=args.epsilon,
+                **(args.loss_kwargs or {}),
+            )
+        self.loss_fn = loss_fn
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        # The loss is a per-micro-batch mean: let the Trainer divide it by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self.loss_fn.to(self.args.device)
+        self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+        self.ref_model: nn.Module | None = None
+        if needs_reference:
+            if args.precompute_ref_log_probs:
+                scorer = ref_model if ref_model is not None else self.model
+                self.train_dataset = self._add_reference_logps(self.train_dataset, scorer)
+                if isinstance(self.eval_dataset, dict):
+                    self.eval_dataset = {k: self._add_reference_logps(v, scorer) for k, v in self.eval_dataset.items()}
+                else:
+                    self.eval_dataset = self._add_reference_logps(self.eval_dataset, scorer)
+            else:
+                ref = ref_model if ref_model is not None else copy.deepcopy(unwrap_model(self.model))
+                ref.eval().requires_grad_(False)
+                self.ref_model = ref.to(self.args.device)
+                policy_head, ref_head = output_head(self.model), output_head(self.ref_model)
+                if (policy_head.logit_scale, policy_head.softcap) != (ref_head.logit_scale, ref_head.softcap):
+                    raise ValueError(
+                        "policy and reference must share the logit transform, got "
+                        f"logit_scale/softcap {policy_head.logit_scale}/{policy_head.softcap} vs "
+                        f"{ref_head.logit_scale}/{ref_head.softcap}"
+                    )
+        if args.check_output_head and self.train_dataset is not None and len(self.train_dataset) > 0:
+            sample = data_collator([self.train_dataset[0]])
+            ids = sample["input_ids"][:1, :32].to(self.args.device)
+            check_output_head(self.model, ids)
+            if ref_model is not None and self.ref_model is not None:
+                check_output_head(self.ref_model, ids)
+        if args.loss == "epsilon_dpo":
+            self.add_callback(_BetaUpdate(self))
+
+    # ----------------------------------------------------------------------------------------------
+    # Reference log-probs
+
+    def _add_reference_logps(self, dataset: Any, scorer: nn.Module) -> Any:
+        if dataset is None:
+            return None
+        if "ref_chosen_logps" in dataset.column_names:
+            return dataset
+        scores = score_pairs(
+            scorer, dataset, self._collator, batch_size=self.args.per_device_eval_batch_size, device=self.args.device
+        )
+        dataset = dataset.add_column("ref_chosen_logps", scores["chosen_logps"].tolist())
+        return dataset.add_column("ref_rejected_logps", scores["rejected_logps"].tolist())
+
+    # ----------------------------------------------------------------------------------------------
+    # Loss
+
+    def _loss_output(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+        self.loss_fn.train(model.training)
+        ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["shift_labels"]
+        hidden = decoder_hidden_states(model, ids, mask)
+        head = output_head(model)
+        kwargs: dict[str, Any] = head.fused_kwargs()
+        if "ref_logps" in inputs:
+            kwargs["ref_logps"] = inputs["ref_logps"]
+        elif self.ref_model is not None:
+            with torch.no_grad():
+                ref_hidden = decoder_hidden_states(self.ref_model, ids, mask)
+            ref_head = output_head(self.ref_model)
+            kwargs.update(ref_hidden=ref_hidden, ref_weight=ref_head.weight, ref_bias=ref_head.bias)
+        ignore = getattr(self._collator, "ignore_index", -100)
+        return self.loss_fn(hidden, head.weight, labels, ignore_index=ignore, **kwargs)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        out = self._loss_output(model, inputs)
+        self._store_metrics("train" if model.training else "eval", out.metrics)
+        return (out.loss, out.metrics) if return_outputs else out.loss
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor, None, None]:
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            out = self._loss_output(model, inputs)
+        self._store_metrics("eval", out.metrics)
+        return out.loss.detach(), None, None
+
+    # ----------------------------------------------------------------------------------------------
+    # Metrics
+
+    def _store_metrics(self, mode: str, metrics: dict[str, torch.Tensor]) -> None:
+        if not metrics:
+            return
+        names = sorted(metrics)
+        values = torch.stack([torch.as_tensor(metrics[n], dtype=torch.float32).detach().reshape(()) for n in names])
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values.to(self.accelerator.device), reduction="mean")
+        for name, value in zip(names, values.cpu(), strict=True):
+            self._metrics[mode][name].append(value)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if any(k.startswith("eval_") for k in logs):
+            mode, prefix = "eval", "eval_"
+        elif "loss" in logs:
+            mode, prefix = "train", ""
+        else:
+            mode = None
+        if mode is not None:
+            store = self._metrics[mode]
+            for name, values in store.items():
+                logs[prefix + name] = float(torch.stack(values).mean())
+            store.clear()
+        super().log(logs, start_time)
+
+    # ----------------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.args.should_save:
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            os.makedirs(output_dir, exist_ok=True)
+            torch.save(self.loss_fn.state_dict(), os.path.join(output_dir, LOSS_STATE_NAME))
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no checkpoint to resume from in output_dir {self.args.output_dir!r}")
+        if resume_from_checkpoint:
+            path = os.path.join(resume_from_checkpoint, LOSS_STATE_NAME)
+            if not os.path.isfile(path):
+                raise ValueError(
+                    f"checkpoint {resume_from_checkpoint!r} has no {LOSS_STATE_NAME}: expected a checkpoint "
+                    "written by PreferenceTrainer (the loss state, e.g. ε-DPO's β, would be lost)"
+                )
+            state = torch.load(path, map_location=self.args.device, weights_only=True)
+            self.loss_fn.load_state_dict(state)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
