@@ -266,7 +266,8 @@ _logprobs_fwd_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": _prune_wide_tiles},
 )(logprobs_fwd_kernel)
 
-# The backward kernel writes in place: benchmarking several configs must restore the rows.
+# The backward kernel writes in place: benchmarking several configs must restore the rows (the
+# autotuner then copies the buffer once, at the first call per key; never on later calls).
 _logprobs_bwd_tuned = triton.autotune(
     configs=BWD_CONFIGS,
     key=["V", "HAS_SOFTCAP"],
@@ -286,7 +287,7 @@ def _check_rows(name: str, rows: torch.Tensor, labels: torch.Tensor) -> None:
 
 
 def _launch_meta(block_v: int | None, num_warps: int | None) -> dict:
-    """Explicit tile (bypasses the autotuner); ``num_warps`` defaults to one warp per 256 lanes, in [1, 16]."""
+    """Explicit tile (no autotuning); ``num_warps`` defaults to one warp per 256 lanes, in [1, 16]."""
     if block_v < 16 or block_v & (block_v - 1):
         raise ValueError(f"`block_v` must be a power of 2 >= 16, got {block_v}.")
     warps = num_warps if num_warps is not None else min(16, max(1, block_v // 256))
@@ -324,7 +325,8 @@ def logprobs_fwd(
             new value does not recompile.
         logit_scale: multiplies ``raw + bias`` (Cohere-style), or ``None``.
         softcap: ``c`` in ``c·tanh(z / c)`` (Gemma-2-style), or ``None``.
-        block_v: tile width along V (power of 2); ``None`` lets the autotuner choose.
+        block_v: tile width along V (power of 2); ``None`` lets the autotuner choose (on a GPU it
+            benchmarks its configs once per vocabulary size and flag set, at the first call).
         num_warps: warps per program with an explicit ``block_v``; default ``block_v // 256``.
 
     Returns:
@@ -338,7 +340,8 @@ def logprobs_fwd(
         raise ValueError("`epsilon` needs `ref_logits` (the ε-mixtures combine policy and reference rows).")
     if has_ref and ref_logits.shape != logits.shape:
         raise ValueError(
-            f"`ref_logits` must have the shape of `logits` {tuple(logits.shape)}, got {tuple(ref_logits.shape)}."
+            f"`ref_logits` must have the shape of `logits` {tuple(logits.shape)}, "
+            f"got {tuple(ref_logits.shape)}."
         )
     if has_ref:
         _check_rows("ref_logits", ref_logits, labels)

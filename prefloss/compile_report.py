@@ -148,7 +148,9 @@ def _resource_usage(cubin: bytes) -> tuple[int, int, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        )
     match = _USAGE.search(out.stdout)
     if match is None:
         raise RuntimeError(f"could not parse cuobjdump output:\n{out.stdout}")
@@ -254,7 +256,9 @@ def compile_report(
             cmd += ["--kernels", ",".join(kernels)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
-            raise RuntimeError(f"compile worker for sm_{target} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+            raise RuntimeError(
+                f"compile worker for sm_{target} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+            )
         return [CompileResult(**row) for row in json.loads(proc.stdout)]
 
     # One process per target: compilation is single-threaded and the targets are independent.
@@ -281,10 +285,12 @@ def format_table(results: list[CompileResult]) -> str:
         for r in results
     ]
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    lines += [f"{r.kernel} {r.variant} {r.dtype} sm_{r.target} {r.config}: {r.error}" for r in results if r.error]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    lines += [
+        f"{r.kernel} {r.variant} {r.dtype} sm_{r.target} {r.config}: {r.error}" for r in results if r.error
+    ]
     return "\n".join(lines)
 
 

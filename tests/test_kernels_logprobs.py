@@ -14,8 +14,7 @@ import pytest
 import torch
 
 import prefloss
-import prefloss.kernels as kernels
-from prefloss import reference
+from prefloss import kernels, reference
 from prefloss import rows as torch_rows
 from prefloss.testing import assert_close_to_reference
 
@@ -44,7 +43,12 @@ ROW_CASES = {
     "softcap": (6, 300, 128, {"softcap": 3.0}),
     "ref": (6, 300, 128, {"ref": True, "ref_bias": True}),
     "ref-eps": (7, 700, 256, {"ref": True, "epsilon": 0.25}),
-    "all": (9, 1000, 256, {"ref": True, "epsilon": 0.1, "bias": True, "ref_bias": True, "logit_scale": 1.7, "softcap": 7.5}),
+    "all": (
+        9,
+        1000,
+        256,
+        {"ref": True, "epsilon": 0.1, "bias": True, "ref_bias": True, "logit_scale": 1.7, "softcap": 7.5},
+    ),
 }
 
 

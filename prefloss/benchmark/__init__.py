@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 
-QUICK = {"seq_len": "256,1024", "batch": "2", "hidden": "256", "vocab": "8192", "repeats": 2}
+QUICK = {"seq_len": "128,512", "batch": "2", "hidden": "128", "vocab": "4096", "repeats": 2}
 DEFAULTS = {"seq_len": "512,1024,2048,4096", "batch": "2", "hidden": "512", "vocab": "32000", "repeats": 3}
 
 

@@ -20,7 +20,9 @@ import torch.nn.functional as F
 
 
 def _full_logps(logits: torch.Tensor, safe_labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    lp = F.log_softmax(logits.float(), dim=-1).gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()
+    lp = F.log_softmax(logits, dim=-1).gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
     return lp * mask
 
 
@@ -46,7 +48,7 @@ def authors_loss(
     """Mean loss of the first training step, from full logits. ``name`` as in `prefloss.reference`."""
     mask = labels != ignore_index
     safe = labels.masked_fill(~mask, 0)
-    maskf = mask.to(torch.float32)
+    maskf = mask.to(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
     logits = hidden @ weight.T  # [2B, T, V]
     policy = _full_logps(logits, safe, maskf)
     if name == "simpo":
@@ -81,7 +83,8 @@ def authors_loss(
             mc, mr = _split(minus, maskf, False)
             qc, qr = _split(plus, maskf, False)
             ell, ell_m, ell_p = pc - pr, mc - mr, qc - qr
-            steps = ((ell_m > ell) & (ell > ell_p)).float() - ((ell_p > ell) & (ell > ell_m)).float()
+            up, down = (ell_m > ell) & (ell > ell_p), (ell_p > ell) & (ell > ell_m)
+            steps = up.to(ell.dtype) - down.to(ell.dtype)
             beta_i = hp["beta"] / (1 + eps * steps)
         pc, pr = _split(policy, maskf, False)
         rc, rr = _split(ref, maskf, False)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 
 from prefloss.benchmark.cases import Case
@@ -36,23 +37,38 @@ def shape_grid(batches, seq_lens, hiddens, vocabs, dtype) -> list[Shape]:
     ]
 
 
-def _spawn(spec: dict, scratch: str, timeout_s: float) -> dict:
+def _spawn(spec: dict, scratch: str, timeout_s: float, on_result) -> list[dict]:
+    """Runs one worker process over ``spec["shapes"]``; calls ``on_result`` as each shape finishes."""
     env = dict(os.environ, **MALLOC_ENV)
     env.pop("TRITON_INTERPRET", None)  # Triton cases run only on real GPUs
+    n = len(spec["shapes"])
     cmd = [sys.executable, "-c", WORKER, json.dumps(spec)]
-    try:
-        proc = subprocess.run(cmd, cwd=scratch, env=env, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {"status": "error", "error": f"timed out after {timeout_s:.0f} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_MARK):
-            return json.loads(line[len(RESULT_MARK) :])
-    why = "killed (out of memory?)" if proc.returncode < 0 else f"exit code {proc.returncode}"
-    return {"status": "error", "error": f"worker {why}: {proc.stderr.strip()[-1500:]}"}
-
-
-def _skipped(case: Case, shape: Shape, why: str) -> dict:
-    return {**_row(case, shape), "status": "skipped", "error": why}
+    results: list[dict | None] = [None] * n
+    with tempfile.TemporaryFile(mode="w+") as err:
+        proc = subprocess.Popen(cmd, cwd=scratch, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+        timer = threading.Timer(timeout_s * n, proc.kill)
+        timer.start()
+        try:
+            for line in proc.stdout:
+                if line.startswith(RESULT_MARK):
+                    res = json.loads(line[len(RESULT_MARK) :])
+                    results[res.pop("index")] = res
+                    on_result()
+            proc.wait()
+        finally:
+            timer.cancel()
+        err.seek(0)
+        stderr = err.read().strip()[-1500:]
+    if any(r is None for r in results):
+        if proc.returncode is not None and proc.returncode < 0:
+            why = f"worker killed by signal {-proc.returncode} (timeout after {timeout_s * n:.0f} s or out of memory)"
+        else:
+            why = f"worker exit code {proc.returncode}"
+        for i, r in enumerate(results):
+            if r is None:
+                results[i] = {"status": "error", "error": f"{why}: {stderr}"}
+                on_result()
+    return results
 
 
 def _row(case: Case, shape: Shape) -> dict:
@@ -67,45 +83,56 @@ def _row(case: Case, shape: Shape) -> dict:
 
 
 def run(config: Config, progress: bool = True) -> list[dict]:
+    """Float64 reference over all shapes (one process), then one fresh process per case."""
     from tqdm import tqdm
 
     has_gpu = config.device.startswith("cuda")
     runnable = [c for c in config.cases if has_gpu or not c.needs_gpu]
     losses = sorted({c.loss for c in runnable if c.loss})
-    n_jobs = len(config.shapes) * (len(runnable) + (1 if losses else 0))
-    results: list[dict] = []
-    bar = tqdm(total=n_jobs, disable=not progress, unit="job", dynamic_ncols=True, file=sys.stderr)
+    shapes = [s.to_dict() for s in config.shapes]
+    n_shapes = len(shapes)
+    bar = tqdm(
+        total=n_shapes * (len(runnable) + (1 if losses else 0)),
+        disable=not progress,
+        unit="job",
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+    common = {"shapes": shapes, "seed": config.seed, "device": config.device, "mem_limit_gib": config.mem_limit_gib}
+    by_case: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="prefloss-bench-") as scratch:
-        for i, shape in enumerate(config.shapes):
-            common = {"shape": shape.to_dict(), "seed": config.seed, "device": config.device}
-            common["mem_limit_gib"] = config.mem_limit_gib
-            expected = None
-            ref_info = None
-            if losses:
-                bar.set_description(f"{shape.label()} | float64 reference")
-                path = os.path.join(scratch, f"expected-{i}.pt")
-                ref_info = _spawn(
-                    {**common, "mode": "reference", "losses": losses, "path": path}, scratch, config.timeout_s
-                )
-                expected = path if ref_info.get("status") == "ok" else None
-                bar.update(1)
-            for case in config.cases:
-                if case.needs_gpu and not has_gpu:
-                    results.append(_skipped(case, shape, "no GPU: Triton cases run only on CUDA devices"))
-                    continue
-                bar.set_description(f"{shape.label()} | {case.name}")
-                row = _row(case, shape)
-                if case.loss and expected is None:
-                    res = {"status": "error", "error": f"no float64 reference: {ref_info.get('error')}"}
-                else:
-                    spec = {**common, "mode": "case", "case": case.name, "repeats": config.repeats}
-                    spec["expected"] = expected
-                    res = _spawn(spec, scratch, config.timeout_s)
-                results.append({**row, **res})
-                bar.update(1)
-            if expected:
-                os.remove(expected)
+        expected: list[str | None] = [None] * n_shapes
+        ref_results: list[dict] = []
+        if losses:
+            bar.set_description("float64 reference")
+            paths = [os.path.join(scratch, f"expected-{i}.pt") for i in range(n_shapes)]
+            spec = {**common, "mode": "reference", "losses": losses, "paths": paths}
+            ref_results = _spawn(spec, scratch, config.timeout_s, lambda: bar.update(1))
+            expected = [r.get("path") if r["status"] == "ok" else None for r in ref_results]
+        # The authors-style cases run first: their results are the plain-PyTorch error baseline.
+        order = sorted(config.cases, key=lambda c: c.method != "authors")
+        for case in order:
+            if case.needs_gpu and not has_gpu:
+                by_case[case.name] = [{"status": "skipped", "error": "no GPU: Triton cases run only on CUDA"}] * n_shapes
+                continue
+            bar.set_description(case.name)
+            spec = {**common, "mode": "case", "case": case.name, "repeats": config.repeats, "expected": expected}
+            spec["baseline"] = [os.path.join(scratch, f"baseline-{i}-{case.loss}.pt") for i in range(n_shapes)]
+            spec["save_baseline"] = case.method == "authors"
+            if case.loss and all(e is None for e in expected):
+                why = ref_results[0].get("error") if ref_results else "?"
+                by_case[case.name] = [{"status": "error", "error": f"no float64 reference: {why}"}] * n_shapes
+                bar.update(n_shapes)
+                continue
+            by_case[case.name] = _spawn(spec, scratch, config.timeout_s, lambda: bar.update(1))
     bar.close()
+    results = []
+    for i, shape in enumerate(config.shapes):
+        for case in config.cases:
+            res = dict(by_case[case.name][i])
+            if case.loss and res.get("status") == "error" and expected[i] is None and ref_results:
+                res["error"] = f"no float64 reference: {ref_results[i].get('error')}"
+            results.append({**_row(case, shape), **res})
     add_ratios(results)
     return results
 

@@ -1,7 +1,9 @@
 """Entry point of the benchmark's fresh processes (one per case and shape, one per reference).
 
-The parent passes a JSON spec as ``argv[1]``; the result is printed as one JSON line prefixed with
-`RESULT_MARK`. Run as ``python -c "from prefloss.benchmark.worker import main; main()" SPEC`` from
+The parent passes a JSON spec as ``argv[1]`` (a case, or the float64 reference, and a list of
+shapes); each shape's result is printed as one JSON line prefixed with `RESULT_MARK`. One process
+per case serves all its shapes: inputs are freed between shapes and, with glibc's mmap threshold
+fixed (see `prefloss.benchmark.measure`), their memory goes back to the OS. Run as ``python -c "from prefloss.benchmark.worker import main; main()" SPEC`` from
 a scratch directory, so the repository's top-level ``kernels/`` folder never lands on ``sys.path``.
 """
 
@@ -32,14 +34,14 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or "can't allocate memory" in str(exc) or "out of memory" in str(exc)
 
 
-def _reference(spec: dict) -> dict:
+def _reference(spec: dict, shape_dict: dict, path: str) -> dict:
     import torch
 
     from prefloss.benchmark.cases import HYPERPARAMS
     from prefloss.benchmark.inputs import Shape, make_inputs
     from prefloss.benchmark.oracle import expected_values
 
-    shape = Shape(**spec["shape"])
+    shape = Shape(**shape_dict)
     x = make_inputs(shape, seed=spec["seed"], device=spec["device"])
     t0 = time.perf_counter()
     exp = expected_values(
@@ -50,32 +52,40 @@ def _reference(spec: dict) -> dict:
         ref_hidden=x.ref_hidden,
         ref_weight=x.ref_weight,
     )
-    torch.save({n: tuple(t.cpu() for t in e) for n, e in exp.items()}, spec["path"])
-    return {"status": "ok", "seconds": time.perf_counter() - t0}
+    torch.save({n: tuple(t.cpu() for t in e) for n, e in exp.items()}, path)
+    return {"status": "ok", "seconds": time.perf_counter() - t0, "path": path}
 
 
-def _check(case, step, x, spec) -> dict:
+def _check(case, step, x, expected: str | None, baseline: str | None, save_baseline: str | None) -> dict:
+    """Runs the warm-up step and judges it against the float64 reference.
+
+    The bound is ``err(plain PyTorch at this dtype) + TOLERANCES[dtype]·scale`` (`prefloss.testing`),
+    the plain PyTorch result being the authors-style case's, which runs first and saves its values.
+    """
+    import os
+
     import torch
 
     from prefloss.testing import compare
 
     value = step()
-    if case.loss is None or not spec.get("expected"):
-        return {"passed": True, "skipped": "no loss" if case.loss is None else "no reference"}
-    loss, grad_h, grad_w = torch.load(spec["expected"], weights_only=True)[case.loss]
+    if case.loss is None:
+        return {"passed": True, "skipped": "no loss"}
+    got = (value.detach().reshape(()).float().cpu(), _grad(x.hidden).cpu(), _grad(x.weight).cpu())
+    if save_baseline:
+        torch.save(got, save_baseline)
+    base = torch.load(baseline, weights_only=True) if baseline and os.path.exists(baseline) else (None,) * 3
+    loss, grad_h, grad_w = torch.load(expected, weights_only=True)[case.loss]
     dtype = x.hidden.dtype
     parts = {
-        "loss": compare(value.detach().reshape(()), loss, dtype=dtype),
-        "grad_hidden": compare(
-            _grad(x.hidden), grad_h, dtype=dtype, scale=max(1.0, float(grad_h.abs().max()))
-        ),
-        "grad_weight": compare(
-            _grad(x.weight), grad_w, dtype=dtype, scale=max(1.0, float(grad_w.abs().max()))
-        ),
+        "loss": compare(got[0], loss, dtype=dtype, baseline=base[0]),
+        "grad_hidden": compare(got[1], grad_h, dtype=dtype, baseline=base[1], scale=max(1.0, float(grad_h.abs().max()))),
+        "grad_weight": compare(got[2], grad_w, dtype=dtype, baseline=base[2], scale=max(1.0, float(grad_w.abs().max()))),
     }
+    del got, base, loss, grad_h, grad_w
     return {
         "passed": all(c.passed for c in parts.values()),
-        "criterion": "err <= TOLERANCES[dtype]*scale (prefloss.testing.compare, no baseline)",
+        "baseline": "authors-style at the same dtype" if baseline and os.path.exists(baseline) else None,
         **{
             k: {"max_abs_err": c.max_abs_err, "bound": c.bound, "rms_ratio": c.rms_ratio, "passed": c.passed}
             for k, c in parts.items()
@@ -90,7 +100,7 @@ def _grad(t):
     return t.grad if t.grad is not None else torch.zeros_like(t)
 
 
-def _case(spec: dict) -> dict:
+def _case(spec: dict, shape_dict: dict, i: int) -> dict:
     import torch
 
     from prefloss.benchmark.cases import CASES
@@ -98,7 +108,7 @@ def _case(spec: dict) -> dict:
     from prefloss.benchmark.measure import MIB, run_measured, summarise
 
     case = CASES[spec["case"]]
-    shape = Shape(**spec["shape"])
+    shape = Shape(**shape_dict)
     device = torch.device(spec["device"])
     x = make_inputs(shape, seed=spec["seed"], device=device)
     step = case.build(x)
@@ -109,7 +119,9 @@ def _case(spec: dict) -> dict:
 
     zero_grads()
     t0 = time.perf_counter()
-    check = _check(case, step, x, spec)  # the warm-up step doubles as the correctness check
+    check = _check(
+        case, step, x, spec["expected"][i], spec["baseline"][i], spec["baseline"][i] if spec["save_baseline"] else None
+    )  # the warm-up step doubles as the correctness check
     first = time.perf_counter() - t0
     if not check["passed"]:
         return {"status": "wrong", "check": check}
@@ -131,16 +143,25 @@ def _case(spec: dict) -> dict:
 
 
 def main() -> None:
+    """Runs every shape of the spec in this process, one result line per shape, in order."""
     spec = json.loads(sys.argv[1])
     try:
         _limit_memory(spec.get("mem_limit_gib"))
-        result = _reference(spec) if spec["mode"] == "reference" else _case(spec)
-    except Exception as exc:  # reported to the parent, which keeps going with the other cases
-        status = "oom" if _is_oom(exc) else "error"
-        result = {"status": status, "error": f"{type(exc).__name__}: {exc}"[:2000]}
-        if status == "error":
-            result["traceback"] = traceback.format_exc()[-4000:]
-    print(RESULT_MARK + json.dumps(result), flush=True)
+    except (OSError, ValueError) as exc:
+        print(f"warning: memory cap not set: {exc}", file=sys.stderr)
+    for i, shape in enumerate(spec["shapes"]):
+        try:
+            if spec["mode"] == "reference":
+                result = _reference(spec, shape, spec["paths"][i])
+            else:
+                result = _case(spec, shape, i)
+        except Exception as exc:  # reported to the parent; the next shape still runs
+            status = "oom" if _is_oom(exc) else "error"
+            result = {"status": status, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+            if status == "error":
+                result["traceback"] = traceback.format_exc()[-4000:]
+        gc.collect()
+        print(RESULT_MARK + json.dumps({"index": i, **result}), flush=True)
 
 
 if __name__ == "__main__":

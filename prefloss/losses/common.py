@@ -66,7 +66,8 @@ def check_ref_logps(ref_logps: torch.Tensor, rows: int) -> torch.Tensor:
         raise TypeError(f"`ref_logps` must be a floating tensor of per-row sums [2B], got {type(ref_logps).__name__}.")
     if tuple(ref_logps.shape) != (rows,):
         raise ValueError(f"`ref_logps` must have shape [2B] = [{rows}], got {tuple(ref_logps.shape)}.")
-    return ref_logps.detach().float()
+    # bf16/fp16 sums are upcast to fp32; float64 ones stay float64 (no rounding of the oracle path)
+    return ref_logps.detach().to(torch.promote_types(ref_logps.dtype, torch.float32))
 
 
 def pair_sequences(

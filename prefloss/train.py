@@ -1,0 +1,472 @@
+"""``prefloss train``: preference-train a causal LM with α-DPO (default), ε-DPO, DPO or SimPO.
+
+Without arguments it trains a tiny Llama-style model (built from a config, ~0.4 M parameters) with
+α-DPO on the synthetic preference data shipped in ``prefloss/data`` (instruction -> letter case, see
+`prefloss.data`) and shows, on held-out pairs with unseen words, that the preference was learned.
+``--model`` / ``--data`` take any local Hugging Face model directory / TRL-style JSONL instead.
+
+Held-out metrics (before = the initial model, after = the trained one):
+
+* preference accuracy: fraction of pairs whose chosen response has the higher mean per-token
+  log-prob under the model (the reference-free reward of SimPO/α-DPO); ~50% for a model that ignores
+  the prompt;
+* implicit-reward accuracy: fraction of pairs with
+  ``log π(y_w|x) − log π₀(y_w|x) > log π(y_l|x) − log π₀(y_l|x)`` (DPO's implicit reward, sums, π₀ the
+  initial model = the reference); ties count ½, so it is 50% at step 0 by construction;
+* the margins: mean differences of the same two quantities.
+
+Outputs in ``--output-dir``: the trained model and tokenizer, checkpoints, ``metrics.json`` and
+``curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_OUTPUT_DIR = "prefloss-output"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``prefloss train``."""
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    g = parser.add_argument_group("model and data")
+    g.add_argument("--model", default=None, help="local Hugging Face causal-LM directory (default: a tiny Llama)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    g.add_argument("--data", default=None, help="training JSONL with prompt/chosen/rejected (default: shipped)")
+    g.add_argument(
+        "--eval-data", default=None, help="held-out JSONL (default: shipped eval split, or 10%% of --data)"
+    )
+    g.add_argument("--max-length", type=int, default=64, help="most tokens of prompt + response")
+    g.add_argument("--max-prompt-length", type=int, default=None, help="prompt tokens kept when too long")
+    g = parser.add_argument_group("loss")
+    g.add_argument("--loss", default="alpha_dpo", help="alpha_dpo, epsilon_dpo, dpo or simpo")
+    g.add_argument("--beta", type=float, default=None, help="β (default: the loss's published default)")
+    g.add_argument("--gamma-beta-ratio", type=float, default=None, help="γ/β (alpha_dpo, simpo)")
+    g.add_argument("--alpha", type=float, default=None, help="α (alpha_dpo)")
+    g.add_argument("--epsilon", type=float, default=None, help="ε (epsilon_dpo)")
+    g.add_argument("--precompute-ref", action="store_true", help="score the reference once, then drop it")
+    g.add_argument("--backend", default="auto", help="fused-op backend: auto, torch or triton")
+    g.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk of the fused op")
+    g = parser.add_argument_group("training")
+    g.add_argument("--max-steps", type=int, default=150, help="optimizer steps")
+    g.add_argument("--batch-size", type=int, default=8, help="pairs per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--learning-rate", type=float, default=1e-3)
+    g.add_argument("--eval-steps", type=int, default=50, help="held-out loss metrics every N steps")
+    g.add_argument("--save-steps", type=int, default=50, help="checkpoint every N steps")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR)
+    g.add_argument(
+        "--resume", nargs="?", const="last", default=None, help="resume from a checkpoint (default: the last)"
+    )
+    g.add_argument("--no-plot", action="store_true", help="do not write curves.png")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+# --------------------------------------------------------------------------------------------------
+# Pieces
+
+
+def _load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prefloss.hf.tiny import byte_level_tokenizer, tiny_llama
+
+    if args.model is None:
+        tokenizer = byte_level_tokenizer() if args.tokenizer is None else AutoTokenizer.from_pretrained(args.tokenizer)
+        return tiny_llama(tokenizer, seed=args.seed), tokenizer, "tiny Llama (from config, random init)"
+    if not os.path.isdir(args.model):
+        raise ValueError(f"--model must be a local Hugging Face model directory, got {args.model!r}")
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    return model, tokenizer, args.model
+
+
+def _load_data(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    from prefloss.data import synthetic_preferences_path
+    from prefloss.hf.data import load_preferences
+
+    if args.data is None:
+        train = load_preferences(str(synthetic_preferences_path("train")))
+        held = load_preferences(str(args.eval_data or synthetic_preferences_path("eval")))
+        return train, held, "shipped synthetic preferences (prefloss/data)"
+    data = load_preferences(args.data)
+    if args.eval_data is not None:
+        return data, load_preferences(args.eval_data), args.data
+    if len(data) < 10:
+        raise ValueError(f"--data {args.data!r} has {len(data)} rows; give --eval-data or at least 10 rows")
+    split = data.train_test_split(test_size=0.1, seed=args.seed)
+    return split["train"], split["test"], f"{args.data} (10% held out)"
+
+
+def heldout_metrics(scores: dict[str, Any], initial: dict[str, Any]) -> dict[str, float]:
+    """Held-out preference metrics (module docstring) from `prefloss.hf.score_pairs` outputs."""
+    mean_c = scores["chosen_logps"] / scores["chosen_length"].clamp(min=1)
+    mean_r = scores["rejected_logps"] / scores["rejected_length"].clamp(min=1)
+    reward_c = scores["chosen_logps"] - initial["chosen_logps"]
+    reward_r = scores["rejected_logps"] - initial["rejected_logps"]
+    implicit = (reward_c > reward_r).float() + 0.5 * (reward_c == reward_r).float()
+    return {
+        "preference_accuracy": float((mean_c > mean_r).float().mean()),
+        "preference_margin": float((mean_c - mean_r).mean()),
+        "implicit_reward_accuracy": float(implicit.mean()),
+        "implicit_reward_margin": float((reward_c - reward_r).mean()),
+    }
+
+
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def measure_peak_memory(fn: Any, device: Any) -> int | None:
+    """Peak extra memory (bytes) of ``fn()``: CUDA allocator peak, or the RSS high-water mark on CPU.
+
+    On CPU the kernel's high-water mark is reset through ``/proc/self/clear_refs`` (ENVIRONMENT.md);
+    ``None`` where that is not possible.
+    """
+    import torch
+
+    fn()  # warm-up: first-call allocations are not the step's own
+    if getattr(device, "type", str(device)) == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated() - base)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _proc_status_bytes("VmRSS")
+        fn()
+        return max(_proc_status_bytes("VmHWM") - base, 0)
+    except OSError:
+        return None
+
+
+def _loss_memory(trainer: Any) -> dict[str, Any]:
+    """Peak memory of one loss forward+backward on a training batch: fused vs full logits."""
+    import torch
+
+    from prefloss.hf.model import decoder_hidden_states, output_head
+
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(trainer.args.per_device_train_batch_size)])
+    device = trainer.args.device
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    labels = batch["shift_labels"].to(device)
+    with torch.no_grad():
+        hidden = decoder_hidden_states(trainer.model, ids, mask).detach()
+        ref_hidden = (
+            decoder_hidden_states(trainer.ref_model, ids, mask).detach() if trainer.ref_model is not None else None
+        )
+    head = output_head(trainer.model)
+    weight = head.weight.detach().clone().requires_grad_(True)
+    loss_fn = copy.deepcopy(trainer.loss_fn)
+    kwargs: dict[str, Any] = head.fused_kwargs()
+    if "ref_logps" in batch:
+        kwargs["ref_logps"] = batch["ref_logps"].to(device)
+    elif ref_hidden is not None:
+        ref_head = output_head(trainer.ref_model)
+        kwargs.update(ref_hidden=ref_hidden, ref_weight=ref_head.weight.detach(), ref_bias=ref_head.bias)
+
+    def fused() -> None:
+        h = hidden.clone().requires_grad_(True)
+        loss_fn(h, weight, labels, **kwargs).loss.backward()
+
+    def full_logits() -> None:
+        h = hidden.clone().requires_grad_(True)
+        logits = h.float() @ weight.float().T
+        if head.bias is not None:
+            logits = logits + head.bias.float()
+        if head.logit_scale is not None:
+            logits = logits * head.logit_scale
+        if head.softcap is not None:
+            logits = head.softcap * torch.tanh(logits / head.softcap)
+        valid = labels != -100
+        logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+        (logp * valid).sum().backward()
+
+    return {
+        "batch_shape": list(ids.shape),
+        "vocab_size": int(weight.shape[0]),
+        "fused_loss_bytes": measure_peak_memory(fused, device),
+        "full_logits_logprobs_bytes": measure_peak_memory(full_logits, device),
+        "method": "CUDA max_memory_allocated" if device.type == "cuda" else "CPU VmHWM after clear_refs",
+    }
+
+
+def _progress_callback(trainer: Any, total: int, quiet: bool) -> Any:
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        """A progress bar showing the latest loss, train reward accuracy and β."""
+
+        def __init__(self) -> None:
+            self.bar = None
+            self.start_step = 0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.start_step = state.global_step
+            if state.is_world_process_zero and not quiet:
+                self.bar = tqdm(total=total, initial=state.global_step, desc="training", dynamic_ncols=True)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            if self.bar is None or not logs or "loss" not in logs:
+                return
+            beta = logs.get("kl/beta", _current_beta(trainer))
+            self.bar.set_postfix(
+                loss=f"{logs['loss']:.4f}", acc=f"{logs.get('rewards/accuracies', float('nan')):.3f}", beta=f"{beta:.4g}"
+            )
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return Progress()
+
+
+def _float_or_none(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _current_beta(trainer: Any) -> float:
+    beta = getattr(trainer.loss_fn, "beta", float("nan"))
+    return float(beta)
+
+
+def _plot(history: list[dict[str, Any]], before: dict[str, float], after: dict[str, float], steps: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [h for h in history if "loss" in h]
+    evals = [h for h in history if "eval_loss" in h]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    ax = axes[0]
+    ax.plot([h["step"] for h in train], [h["loss"] for h in train], label="train loss")
+    if evals:
+        ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_title("loss")
+    ax.legend()
+    ax = axes[1]
+    ax.plot([h["step"] for h in train], [h.get("rewards/accuracies") for h in train], label="train reward accuracy")
+    if evals:
+        ax.plot(
+            [h["step"] for h in evals],
+            [h.get("eval_rewards/accuracies") for h in evals],
+            "o-",
+            label="held-out reward accuracy (loss metric)",
+        )
+    ax.plot(
+        [0, steps],
+        [before["preference_accuracy"], after["preference_accuracy"]],
+        "s--",
+        label="held-out preference accuracy",
+    )
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("step")
+    ax.set_title("reward accuracy")
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    if any("kl/beta" in h for h in train):
+        ax.plot([h["step"] for h in train], [h.get("kl/beta") for h in train], label="β (ε-DPO)")
+        ax.set_title("β")
+    else:
+        ax.plot([h["step"] for h in train], [h.get("rewards/margins") for h in train], label="train reward margin")
+        if evals:
+            ax.plot([h["step"] for h in evals], [h.get("eval_rewards/margins") for h in evals], "o-", label="held-out")
+        ax.set_title("reward margin")
+    ax.set_xlabel("step")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def _summary(result: dict[str, Any]) -> str:
+    b, a = result["heldout"]["before"], result["heldout"]["after"]
+    mem = result["loss_peak_memory"]
+    rows = [
+        ("held-out preference accuracy", f"{b['preference_accuracy']:.1%}", f"{a['preference_accuracy']:.1%}"),
+        ("held-out preference margin (nats/token)", f"{b['preference_margin']:+.3f}", f"{a['preference_margin']:+.3f}"),
+        (
+            "held-out implicit-reward accuracy",
+            f"{b['implicit_reward_accuracy']:.1%}",
+            f"{a['implicit_reward_accuracy']:.1%}",
+        ),
+        (
+            "held-out implicit-reward margin (nats)",
+            f"{b['implicit_reward_margin']:+.3f}",
+            f"{a['implicit_reward_margin']:+.3f}",
+        ),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'':{width}}  {'before':>9}  {'after':>9}"]
+    lines += [f"{name:{width}}  {x:>9}  {y:>9}" for name, x, y in rows]
+    t = result["train"]
+    lines += [
+        "",
+        f"loss {result['loss']} | {t['steps']} steps in {t['runtime_s']:.1f} s ({t['steps_per_second']:.2f} steps/s) "
+        f"on {result['machine']['device']}",
+        f"loss peak memory, batch {mem['batch_shape']} x V={mem['vocab_size']}: fused {_fmt_bytes(mem['fused_loss_bytes'])} "
+        f"vs full logits {_fmt_bytes(mem['full_logits_logprobs_bytes'])} ({mem['method']})",
+        "preference accuracy: chosen has the higher mean per-token log-prob under the model;",
+        "implicit-reward accuracy: log π/π₀ (sums) higher for chosen, π₀ = initial model; ties count ½.",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train, evaluate before/after on held-out pairs, write metrics.json and curves.png."""
+    import datasets
+    import torch
+    import transformers
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from prefloss.hf.trainer import LOSSES, PreferenceConfig, PreferenceTrainer, score_pairs
+
+    if args.loss not in LOSSES:
+        raise ValueError(f"unknown loss {args.loss!r}: expected one of {sorted(LOSSES)}")
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    transformers.set_seed(args.seed)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    model, tokenizer, model_name = _load_model_and_tokenizer(args)
+    train_data, eval_data, data_name = _load_data(args)
+    loss_kwargs: dict[str, Any] = {"backend": args.backend}
+    if args.chunk_size is not None:
+        loss_kwargs["chunk_size"] = args.chunk_size
+    use_cpu = not torch.cuda.is_available()
+    config = PreferenceConfig(
+        output_dir=str(output_dir),
+        loss=args.loss,
+        beta=args.beta,
+        gamma_beta_ratio=args.gamma_beta_ratio,
+        alpha=args.alpha,
+        epsilon=args.epsilon,
+        loss_kwargs=loss_kwargs,
+        max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length,
+        precompute_ref_log_probs=args.precompute_ref,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=max(args.batch_size, 16),
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=min(10, args.max_steps // 10),
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=args.eval_steps,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        report_to=[],
+        seed=args.seed,
+        data_seed=args.seed,
+        use_cpu=use_cpu,
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+    )
+    trainer = PreferenceTrainer(
+        model, args=config, train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    progress = _progress_callback(trainer, args.max_steps, args.quiet)
+    trainer.add_callback(progress)
+
+    # Held-out scores of the initial model: the "before" numbers and π₀ of the implicit reward.
+    collator, heldout = trainer.data_collator, trainer.eval_dataset
+    initial = score_pairs(trainer.model, heldout, collator, batch_size=64, device=config.device)
+    before = heldout_metrics(initial, initial)
+
+    resume = None
+    if args.resume is not None:
+        resume = True if args.resume == "last" else args.resume
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    runtime = time.perf_counter() - start
+    final_eval = trainer.evaluate()
+    trainer.save_model(str(output_dir))
+
+    after = heldout_metrics(score_pairs(trainer.model, heldout, collator, batch_size=64, device=config.device), initial)
+    steps_this_run = trainer.state.global_step - progress.start_step
+    result = {
+        "loss": args.loss,
+        "loss_hyperparameters": {k: _float_or_none(getattr(trainer.loss_fn, k, None)) for k in LOSSES[args.loss][1]},
+        "model": {"name": model_name, "parameters": sum(p.numel() for p in trainer.model.parameters())},
+        "data": {"train": data_name, "train_pairs": len(trainer.train_dataset), "heldout_pairs": len(heldout)},
+        "heldout": {
+            "before": before,
+            "after": after,
+            "definitions": {
+                "preference_accuracy": "fraction of held-out pairs whose chosen response has the higher mean "
+                "per-token log-prob under the model",
+                "preference_margin": "mean of (mean log-prob chosen - mean log-prob rejected)",
+                "implicit_reward_accuracy": "fraction with log pi/pi0(chosen) > log pi/pi0(rejected), sums, "
+                "pi0 = the initial model; ties count 1/2",
+                "implicit_reward_margin": "mean of (log pi/pi0(chosen) - log pi/pi0(rejected))",
+            },
+        },
+        "final_eval": final_eval,
+        "train": {
+            "steps": trainer.state.global_step,
+            "steps_this_run": steps_this_run,
+            "runtime_s": runtime,
+            "steps_per_second": steps_this_run / runtime if runtime > 0 else float("nan"),
+            "timing_note": "wall clock of trainer.train(), periodic held-out evaluation and checkpoints included",
+        },
+        "loss_peak_memory": _loss_memory(trainer),
+        "machine": {
+            "device": "cuda: " + torch.cuda.get_device_name() if not use_cpu else f"CPU ({os.cpu_count()} cores)",
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "log_history": trainer.state.log_history,
+    }
+    (output_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
+    if not args.no_plot:
+        _plot(trainer.state.log_history, before, after, trainer.state.global_step, output_dir / "curves.png")
+    print(_summary(result))
+    print(f"wrote {output_dir / 'metrics.json'}" + ("" if args.no_plot else f" and {output_dir / 'curves.png'}"))
+    return 0

@@ -1,0 +1,76 @@
+"""``prefloss check`` end to end, in a subprocess (as a user runs it).
+
+The subprocess runs with cwd=tmp_path, not the repository root, so the top-level ``kernels/`` folder is
+not on sys.path, and without TRITON_INTERPRET: `prefloss check` must set it itself on a CPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from prefloss import check
+from prefloss.check import QUICK_CASES, QUICK_DTYPES
+
+
+def _check(tmp_path, *args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run(
+        [sys.executable, "-m", "prefloss.cli", "check", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_check_quick_passes_and_writes_json(tmp_path):
+    proc = _check(tmp_path, "--quick", "--json", "out.json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads((tmp_path / "out.json").read_text())
+    assert data["passed"] is True
+    assert data["correctness"] and all(r["passed"] for r in data["correctness"])
+    assert {(r["case"], r["dtype"]) for r in data["correctness"]} == {
+        (c, d) for c in QUICK_CASES for d in QUICK_DTYPES
+    }
+    ref_eps = {r["quantity"] for r in data["correctness"] if r["case"] == "ref-eps"}
+    assert {"policy", "ref", "minus", "plus", "d hidden", "d weight"} <= ref_eps
+    assert data["compile"] and all(r["ok"] for r in data["compile"])
+    assert {r["target"] for r in data["compile"]} == {80, 90}
+    assert "max abs err" in proc.stdout and "spill" in proc.stdout
+
+
+def test_check_detects_injected_error(tmp_path):
+    """The harness must fail when the kernels' outputs are off by more than the tolerance."""
+    args = ["--cases", "odd-V", "--dtypes", "fp32", "--no-compile", "--json", "out.json"]
+    proc = _check(tmp_path, *args, "--inject-error", "0.01")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    data = json.loads((tmp_path / "out.json").read_text())
+    assert data["passed"] is False and not any(r["passed"] for r in data["correctness"])
+    assert "FAIL" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cases", "no-such-case"], "--cases"),
+        (["--dtypes", "fp8"], "--dtypes"),
+        (["--targets", "sm90"], "--targets"),
+        (["--inject-error", "-1"], "--inject-error"),
+        (["--json", "missing/out.json"], "does not exist"),
+    ],
+    ids=["case", "dtype", "target", "inject", "json-dir"],
+)
+def test_check_rejects_bad_arguments(tmp_path, monkeypatch, capsys, args, message):
+    """Argument errors are reported (exit 2) before anything runs; checked in-process for speed."""
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser()
+    check.add_arguments(parser)
+    assert check.run(parser.parse_args(args)) == 2
+    assert message in capsys.readouterr().err
