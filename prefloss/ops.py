@@ -10,12 +10,17 @@ Computes, per counted token ``t`` (``labels[t] != ignore_index``), from the logi
     plus[t]   = log_softmax((1−ε) f_t + ε f_ref_t)[y_t]   policy at β/(1−ε)   (no grad)
 
 without ever holding the ``[N, V]`` logits: ignored rows are dropped first, then counted rows are
-processed ``chunk_size`` at a time through one reused ``[C, V]`` buffer per model (GEMM in torch,
-row reductions in `prefloss.rows` or the Triton kernels of `prefloss.kernels`). Only ``lse`` (4 bytes
-a token) is saved; backward recomputes the chunk's policy logits.
+processed ``chunk_size`` at a time. Two loops, one per backend:
 
-Matmul work per step in units of one ``N·H·V`` GEMM: forward 1 (+1 with a reference), backward
-recompute 1 + ``∂h`` 1 + ``∂W`` 1 (skipped when the head is frozen). Peak extra memory: O(C·V).
+- ``"torch"`` (`prefloss.torch_backend`): each chunk × each vocabulary tile, online log-sum-exp;
+  peak extra memory O(C·V_tile).
+- ``"triton"``: one reused ``[C, V]`` buffer per model, GEMMs in torch (cuBLAS), the row
+  reductions and the in-place backward in the kernels of `prefloss.kernels` (whose contract
+  `prefloss.rows` states in PyTorch); peak extra memory O(C·V).
+
+Only ``lse`` (4 bytes a token) is saved; backward recomputes the policy logits. Matmul work per
+step in units of one ``N·H·V`` GEMM: forward 1 (+1 with a reference), backward recompute 1 +
+``∂h`` 1 + ``∂W`` 1 (skipped when the head is frozen).
 Compacting the counted rows costs one host synchronisation per call (its size is data-dependent).
 """
 
@@ -28,12 +33,13 @@ from typing import NamedTuple
 
 import torch
 
-from prefloss import rows as torch_rows
+from prefloss import torch_backend
 
 BACKENDS = ("auto", "torch", "triton")
-# Elements of one [C, V] chunk buffer: small on CPU (stays near the last-level cache, keeps the
-# step's extra memory flat), larger on GPUs where the GEMMs need tall tiles to be efficient.
-_CHUNK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 26}
+# Triton backend: elements of one [C, V] row-chunk buffer (GPU GEMMs want tall chunks).
+_TRITON_CHUNK_ELEMENTS = 1 << 26
+# Torch backend: rows per chunk; each GEMM is [C, H] x [H, VOCAB_TILE] (prefloss.torch_backend).
+_TORCH_CHUNK_ROWS = 1024
 
 
 class TokenLogProbs(NamedTuple):
@@ -84,9 +90,9 @@ class _Options:
 
 
 def _row_ops(backend: str):
-    if backend == "torch":
-        return torch_rows
-    from prefloss import kernels  # lazy: TRITON_INTERPRET must be decided before this import
+    """The row reductions of the row-chunk loop: the Triton kernels (imported lazily, because
+    TRITON_INTERPRET must be decided before `prefloss.kernels` is imported)."""
+    from prefloss import kernels
 
     return kernels
 
@@ -100,45 +106,77 @@ def _row_kwargs(opts: _Options) -> dict:
     return {"logit_scale": opts.logit_scale, "softcap": opts.softcap}
 
 
+def _row_chunk_forward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts, acc):
+    """Triton backend forward: ``[C, V]`` row chunks, row reductions in `prefloss.kernels`."""
+    rows = _row_ops(opts.backend)
+    n, vocab = hidden.shape[0], weight.shape[0]
+    has_ref = ref_hidden is not None
+    want_mix = has_ref and opts.epsilon is not None
+    new = {"dtype": acc, "device": hidden.device}
+    logp, lse = torch.empty(n, **new), torch.empty(n, **new)
+    ref = torch.empty(n, **new) if has_ref else None
+    minus = torch.empty(n, **new) if want_mix else None
+    plus = torch.empty(n, **new) if want_mix else None
+    c = max(1, min(opts.chunk_size, n))
+    buf = hidden.new_empty((c, vocab))
+    ref_buf = ref_hidden.new_empty((c, vocab)) if has_ref else None
+    for start in range(0, n, c):
+        end = min(start + c, n)
+        logits = torch.mm(hidden[start:end], weight.T, out=buf[: end - start])
+        ref_logits = None
+        if has_ref:
+            ref_logits = torch.mm(ref_hidden[start:end], ref_weight.T, out=ref_buf[: end - start])
+        stats = rows.logprobs_fwd(
+            logits,
+            labels[start:end],
+            bias=bias,
+            ref_logits=ref_logits,
+            ref_bias=ref_bias,
+            epsilon=opts.epsilon if want_mix else None,
+            **_row_kwargs(opts),
+        )
+        logp[start:end] = stats.logp
+        lse[start:end] = stats.lse
+        if has_ref:
+            ref[start:end] = stats.ref
+        if want_mix:
+            minus[start:end] = stats.minus
+            plus[start:end] = stats.plus
+    return logp, lse, ref, minus, plus
+
+
+def _row_chunk_backward(hidden, weight, bias, labels, lse, grad, opts, need, acc):
+    """Triton backend backward: recompute each ``[C, V]`` chunk, gradient written in place."""
+    rows = _row_ops(opts.backend)
+    need_h, need_w, need_b = need
+    n, vocab = hidden.shape[0], weight.shape[0]
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if need_b else None
+    c = max(1, min(opts.chunk_size, n))
+    buf = hidden.new_empty((c, vocab))
+    for start in range(0, n, c):
+        end = min(start + c, n)
+        h = hidden[start:end]
+        dlogits = torch.mm(h, weight.T, out=buf[: end - start])
+        rows.logprobs_bwd(dlogits, labels[start:end], lse[start:end], grad[start:end], bias=bias, **_row_kwargs(opts))
+        if need_h:
+            torch.mm(dlogits, weight, out=grad_h[start:end])
+        if need_w:
+            grad_w.addmm_(dlogits.T.to(acc), h.to(acc))
+        if need_b:
+            grad_b += dlogits.to(acc).sum(0)
+    return grad_h, grad_w, grad_b
+
+
 class _FusedLogProbs(torch.autograd.Function):
-    """Chunked forward/backward over counted rows only (``hidden`` is ``[n, H]``, ``labels`` ``[n]``)."""
+    """Forward/backward over counted rows only (``hidden`` is ``[n, H]``, ``labels`` ``[n]``)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts: _Options):
-        rows = _row_ops(opts.backend)
-        n, vocab = hidden.shape[0], weight.shape[0]
-        has_ref = ref_hidden is not None
-        want_mix = has_ref and opts.epsilon is not None
-        f32 = {"dtype": _accumulate_dtype(hidden), "device": hidden.device}
-        logp, lse = torch.empty(n, **f32), torch.empty(n, **f32)
-        ref = torch.empty(n, **f32) if has_ref else None
-        minus = torch.empty(n, **f32) if want_mix else None
-        plus = torch.empty(n, **f32) if want_mix else None
-        c = max(1, min(opts.chunk_size, n))
-        buf = hidden.new_empty((c, vocab))
-        ref_buf = ref_hidden.new_empty((c, vocab)) if has_ref else None
-        for start in range(0, n, c):
-            end = min(start + c, n)
-            logits = torch.mm(hidden[start:end], weight.T, out=buf[: end - start])
-            ref_logits = None
-            if has_ref:
-                ref_logits = torch.mm(ref_hidden[start:end], ref_weight.T, out=ref_buf[: end - start])
-            stats = rows.logprobs_fwd(
-                logits,
-                labels[start:end],
-                bias=bias,
-                ref_logits=ref_logits,
-                ref_bias=ref_bias,
-                epsilon=opts.epsilon if want_mix else None,
-                **_row_kwargs(opts),
-            )
-            logp[start:end] = stats.logp
-            lse[start:end] = stats.lse
-            if has_ref:
-                ref[start:end] = stats.ref
-            if want_mix:
-                minus[start:end] = stats.minus
-                plus[start:end] = stats.plus
+        acc = _accumulate_dtype(hidden)
+        run = torch_backend.forward if opts.backend == "torch" else _row_chunk_forward
+        logp, lse, ref, minus, plus = run(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts, acc)
         ctx.opts = opts
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         extras = [x if x is not None else logp.new_empty(0) for x in (ref, minus, plus)]
@@ -149,30 +187,12 @@ class _FusedLogProbs(torch.autograd.Function):
     def backward(ctx, grad_logp, *_unused):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         opts: _Options = ctx.opts
-        rows = _row_ops(opts.backend)
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        n, vocab = hidden.shape[0], weight.shape[0]
         acc = _accumulate_dtype(hidden)
         grad = grad_logp.to(acc).contiguous()
-        grad_h = torch.empty_like(hidden) if need_h else None
-        # dW and db accumulate in fp32 whatever the input dtype.
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if need_b else None
-        c = max(1, min(opts.chunk_size, n))
-        buf = hidden.new_empty((c, vocab))
-        for start in range(0, n, c):
-            end = min(start + c, n)
-            h = hidden[start:end]
-            dlogits = torch.mm(h, weight.T, out=buf[: end - start])
-            rows.logprobs_bwd(dlogits, labels[start:end], lse[start:end], grad[start:end], bias=bias, **_row_kwargs(opts))
-            if need_h:
-                torch.mm(dlogits, weight, out=grad_h[start:end])
-            if need_w:
-                grad_w.addmm_(dlogits.T.to(acc), h.to(acc))
-            if need_b:
-                grad_b += dlogits.to(acc).sum(0)
-        grad_w = grad_w.to(weight.dtype) if need_w else None
-        grad_b = grad_b.to(bias.dtype) if need_b else None
+        run = torch_backend.backward if opts.backend == "torch" else _row_chunk_backward
+        grad_h, grad_w, grad_b = run(hidden, weight, bias, labels, lse, grad, opts, ctx.needs_input_grad[:3], acc)
+        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
+        grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
         return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
@@ -238,10 +258,12 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def default_chunk_size(vocab: int, device: torch.device) -> int:
-    """Rows per chunk: ``[C, V]`` buffers of about 2M elements on CPU, 64M on GPUs; a multiple of 16."""
-    elements = _CHUNK_ELEMENTS.get(device.type, _CHUNK_ELEMENTS["cuda"])
-    return max(16, (elements // max(vocab, 1)) // 16 * 16)
+def default_chunk_size(vocab: int, backend: str) -> int:
+    """Rows per chunk: 1024 for the torch backend (``[C, 4096]`` tiles); for Triton, ``[C, V]``
+    buffers of about 64M elements (C = 512 at V = 128k), a multiple of 16."""
+    if backend == "torch":
+        return _TORCH_CHUNK_ROWS
+    return max(16, (_TRITON_CHUNK_ELEMENTS // max(vocab, 1)) // 16 * 16)
 
 
 def fused_logprobs(
@@ -279,7 +301,8 @@ def fused_logprobs(
         logit_scale: multiply logits by this (Cohere ``logit_scale``; Granite ``1/logits_scaling``).
         softcap: Gemma-2 ``final_logit_softcapping`` ``c``: logits become ``c·tanh(z/c)``.
         ignore_index: label value of tokens that do not count (default -100).
-        chunk_size: rows per chunk (default: about 2M logits per chunk on CPU, 64M on GPU).
+        chunk_size: counted rows per chunk (default: 1024 for the torch backend, which also tiles
+            the vocabulary; about 64M logits per ``[C, V]`` chunk for Triton).
         backend: ``"torch"``, ``"triton"`` or ``"auto"`` (Triton on CUDA tensors, torch otherwise).
 
     Returns:
@@ -318,11 +341,11 @@ def fused_logprobs(
     logit_scale = _check_positive("logit_scale", logit_scale)
     softcap = _check_positive("softcap", softcap)
     vocab = weight.shape[0]
+    resolved = _resolve_backend(backend, hidden.device)
     if chunk_size is None:
-        chunk_size = default_chunk_size(vocab, hidden.device)
+        chunk_size = default_chunk_size(vocab, resolved)
     elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}.")
-    resolved = _resolve_backend(backend, hidden.device)
 
     flat_labels = labels.reshape(-1).long()
     mask = flat_labels != ignore_index

@@ -32,38 +32,57 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_OUTPUT_DIR = "prefloss-output"
+LOSS_NAMES = ("alpha_dpo", "epsilon_dpo", "dpo", "simpo")  # = prefloss.hf.trainer.LOSSES (a test checks)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``prefloss train``."""
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     g = parser.add_argument_group("model and data")
-    g.add_argument("--model", default=None, help="local Hugging Face causal-LM directory (default: a tiny Llama)")
+    g.add_argument(
+        "--model", default=None, help="local Hugging Face causal-LM directory (default: a tiny Llama)"
+    )
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
-    g.add_argument("--data", default=None, help="training JSONL with prompt/chosen/rejected (default: shipped)")
+    g.add_argument(
+        "--data", default=None, help="training JSONL with prompt/chosen/rejected (default: shipped)"
+    )
     g.add_argument(
         "--eval-data", default=None, help="held-out JSONL (default: shipped eval split, or 10%% of --data)"
     )
-    g.add_argument("--max-length", type=int, default=64, help="most tokens of prompt + response")
+    g.add_argument(
+        "--max-length", type=int, default=64, help="most tokens of prompt + response (default: %(default)s)"
+    )
     g.add_argument("--max-prompt-length", type=int, default=None, help="prompt tokens kept when too long")
     g = parser.add_argument_group("loss")
-    g.add_argument("--loss", default="alpha_dpo", help="alpha_dpo, epsilon_dpo, dpo or simpo")
+    g.add_argument(
+        "--loss", default="alpha_dpo", choices=LOSS_NAMES, help="preference loss (default: alpha_dpo)"
+    )
     g.add_argument("--beta", type=float, default=None, help="β (default: the loss's published default)")
     g.add_argument("--gamma-beta-ratio", type=float, default=None, help="γ/β (alpha_dpo, simpo)")
     g.add_argument("--alpha", type=float, default=None, help="α (alpha_dpo)")
     g.add_argument("--epsilon", type=float, default=None, help="ε (epsilon_dpo)")
     g.add_argument("--precompute-ref", action="store_true", help="score the reference once, then drop it")
-    g.add_argument("--backend", default="auto", help="fused-op backend: auto, torch or triton")
+    g.add_argument(
+        "--backend", default="auto", help="fused-op backend: auto, torch or triton (default: auto)"
+    )
     g.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk of the fused op")
     g = parser.add_argument_group("training")
-    g.add_argument("--max-steps", type=int, default=150, help="optimizer steps")
-    g.add_argument("--batch-size", type=int, default=8, help="pairs per micro-batch")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--learning-rate", type=float, default=1e-3)
-    g.add_argument("--eval-steps", type=int, default=50, help="held-out loss metrics every N steps")
-    g.add_argument("--save-steps", type=int, default=50, help="checkpoint every N steps")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR)
+    g.add_argument("--max-steps", type=int, default=100, help="optimizer steps (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=8, help="pairs per micro-batch (default: %(default)s)")
+    g.add_argument(
+        "--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: %(default)s)"
+    )
+    g.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW, constant after 10 warm-up steps")
+    g.add_argument(
+        "--eval-steps",
+        type=int,
+        default=50,
+        help="held-out loss metrics every N steps (default: %(default)s)",
+    )
+    g.add_argument(
+        "--save-steps", type=int, default=50, help="checkpoint every N steps (default: %(default)s)"
+    )
+    g.add_argument("--seed", type=int, default=0, help="model init, data order (default: 0)")
+    g.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help="(default: %(default)s)")
     g.add_argument(
         "--resume", nargs="?", const="last", default=None, help="resume from a checkpoint (default: the last)"
     )
@@ -81,7 +100,11 @@ def _load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any, str]:
     from prefloss.hf.tiny import byte_level_tokenizer, tiny_llama
 
     if args.model is None:
-        tokenizer = byte_level_tokenizer() if args.tokenizer is None else AutoTokenizer.from_pretrained(args.tokenizer)
+        tokenizer = (
+            byte_level_tokenizer()
+            if args.tokenizer is None
+            else AutoTokenizer.from_pretrained(args.tokenizer)
+        )
         return tiny_llama(tokenizer, seed=args.seed), tokenizer, "tiny Llama (from config, random init)"
     if not os.path.isdir(args.model):
         raise ValueError(f"--model must be a local Hugging Face model directory, got {args.model!r}")
@@ -124,23 +147,50 @@ def heldout_metrics(scores: dict[str, Any], initial: dict[str, Any]) -> dict[str
     }
 
 
-def _proc_status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"{field} not in /proc/self/status")
+def _live_tensor_bytes_mode() -> Any:
+    """A ``TorchDispatchMode`` that tracks the peak bytes of CPU tensor storages created under it."""
+    import torch
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class LiveTensorBytes(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.storages: dict[int, tuple[Any, int]] = {}
+            self.live = 0
+            self.peak = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            for key, (ref, nbytes) in list(self.storages.items()):
+                if ref.expired():  # freed since the last op
+                    del self.storages[key]
+                    self.live -= nbytes
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                    storage = t.untyped_storage()
+                    key = storage.data_ptr()
+                    if key and key not in self.storages:
+                        self.storages[key] = (StorageWeakRef(storage), storage.nbytes())
+                        self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            return out
+
+    return LiveTensorBytes()
 
 
-def measure_peak_memory(fn: Any, device: Any) -> int | None:
-    """Peak extra memory (bytes) of ``fn()``: CUDA allocator peak, or the RSS high-water mark on CPU.
+def measure_peak_memory(fn: Any, device: Any) -> int:
+    """Peak memory (bytes) of the tensors ``fn()`` allocates, its inputs excluded.
 
-    On CPU the kernel's high-water mark is reset through ``/proc/self/clear_refs`` (ENVIRONMENT.md);
-    ``None`` where that is not possible.
+    CUDA: the allocator's peak above what was allocated before. CPU (torch keeps no allocator
+    statistics there, and the process RSS does not grow when freed memory is reused): the peak of the
+    live bytes of tensor storages created by the ops ``fn`` runs, autograd's backward included,
+    tracked with a ``TorchDispatchMode``.
     """
     import torch
 
-    fn()  # warm-up: first-call allocations are not the step's own
+    fn()  # warm-up
     if getattr(device, "type", str(device)) == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -148,14 +198,9 @@ def measure_peak_memory(fn: Any, device: Any) -> int | None:
         fn()
         torch.cuda.synchronize()
         return int(torch.cuda.max_memory_allocated() - base)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _proc_status_bytes("VmRSS")
+    with _live_tensor_bytes_mode() as mode:
         fn()
-        return max(_proc_status_bytes("VmHWM") - base, 0)
-    except OSError:
-        return None
+    return int(mode.peak)
 
 
 def _loss_memory(trainer: Any) -> dict[str, Any]:
@@ -164,14 +209,17 @@ def _loss_memory(trainer: Any) -> dict[str, Any]:
 
     from prefloss.hf.model import decoder_hidden_states, output_head
 
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(trainer.args.per_device_train_batch_size)])
+    n = min(trainer.args.per_device_train_batch_size, len(trainer.train_dataset))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
     device = trainer.args.device
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     labels = batch["shift_labels"].to(device)
     with torch.no_grad():
         hidden = decoder_hidden_states(trainer.model, ids, mask).detach()
         ref_hidden = (
-            decoder_hidden_states(trainer.ref_model, ids, mask).detach() if trainer.ref_model is not None else None
+            decoder_hidden_states(trainer.ref_model, ids, mask).detach()
+            if trainer.ref_model is not None
+            else None
         )
     head = output_head(trainer.model)
     weight = head.weight.detach().clone().requires_grad_(True)
@@ -203,9 +251,10 @@ def _loss_memory(trainer: Any) -> dict[str, Any]:
     return {
         "batch_shape": list(ids.shape),
         "vocab_size": int(weight.shape[0]),
+        "full_logits_bytes": int(ids.numel() * weight.shape[0] * 4),
         "fused_loss_bytes": measure_peak_memory(fused, device),
         "full_logits_logprobs_bytes": measure_peak_memory(full_logits, device),
-        "method": "CUDA max_memory_allocated" if device.type == "cuda" else "CPU VmHWM after clear_refs",
+        "method": "CUDA max_memory_allocated" if device.type == "cuda" else "peak live tensor bytes",
     }
 
 
@@ -234,7 +283,9 @@ def _progress_callback(trainer: Any, total: int, quiet: bool) -> Any:
                 return
             beta = logs.get("kl/beta", _current_beta(trainer))
             self.bar.set_postfix(
-                loss=f"{logs['loss']:.4f}", acc=f"{logs.get('rewards/accuracies', float('nan')):.3f}", beta=f"{beta:.4g}"
+                loss=f"{logs['loss']:.4f}",
+                acc=f"{logs.get('rewards/accuracies', float('nan')):.3f}",
+                beta=f"{beta:.4g}",
             )
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -257,7 +308,9 @@ def _current_beta(trainer: Any) -> float:
     return float(beta)
 
 
-def _plot(history: list[dict[str, Any]], before: dict[str, float], after: dict[str, float], steps: int, path: Path) -> None:
+def _plot(
+    history: list[dict[str, Any]], before: dict[str, float], after: dict[str, float], steps: int, path: Path
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -274,7 +327,11 @@ def _plot(history: list[dict[str, Any]], before: dict[str, float], after: dict[s
     ax.set_title("loss")
     ax.legend()
     ax = axes[1]
-    ax.plot([h["step"] for h in train], [h.get("rewards/accuracies") for h in train], label="train reward accuracy")
+    ax.plot(
+        [h["step"] for h in train],
+        [h.get("rewards/accuracies") for h in train],
+        label="train reward accuracy",
+    )
     if evals:
         ax.plot(
             [h["step"] for h in evals],
@@ -285,8 +342,9 @@ def _plot(history: list[dict[str, Any]], before: dict[str, float], after: dict[s
     ax.plot(
         [0, steps],
         [before["preference_accuracy"], after["preference_accuracy"]],
-        "s--",
-        label="held-out preference accuracy",
+        "s",
+        markersize=9,
+        label="held-out preference accuracy (before / after)",
     )
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("step")
@@ -297,9 +355,16 @@ def _plot(history: list[dict[str, Any]], before: dict[str, float], after: dict[s
         ax.plot([h["step"] for h in train], [h.get("kl/beta") for h in train], label="β (ε-DPO)")
         ax.set_title("β")
     else:
-        ax.plot([h["step"] for h in train], [h.get("rewards/margins") for h in train], label="train reward margin")
+        ax.plot(
+            [h["step"] for h in train], [h.get("rewards/margins") for h in train], label="train reward margin"
+        )
         if evals:
-            ax.plot([h["step"] for h in evals], [h.get("eval_rewards/margins") for h in evals], "o-", label="held-out")
+            ax.plot(
+                [h["step"] for h in evals],
+                [h.get("eval_rewards/margins") for h in evals],
+                "o-",
+                label="held-out",
+            )
         ax.set_title("reward margin")
     ax.set_xlabel("step")
     ax.legend(fontsize=8)
@@ -318,8 +383,16 @@ def _summary(result: dict[str, Any]) -> str:
     b, a = result["heldout"]["before"], result["heldout"]["after"]
     mem = result["loss_peak_memory"]
     rows = [
-        ("held-out preference accuracy", f"{b['preference_accuracy']:.1%}", f"{a['preference_accuracy']:.1%}"),
-        ("held-out preference margin (nats/token)", f"{b['preference_margin']:+.3f}", f"{a['preference_margin']:+.3f}"),
+        (
+            "held-out preference accuracy",
+            f"{b['preference_accuracy']:.1%}",
+            f"{a['preference_accuracy']:.1%}",
+        ),
+        (
+            "held-out preference margin (nats/token)",
+            f"{b['preference_margin']:+.3f}",
+            f"{a['preference_margin']:+.3f}",
+        ),
         (
             "held-out implicit-reward accuracy",
             f"{b['implicit_reward_accuracy']:.1%}",
@@ -337,10 +410,13 @@ def _summary(result: dict[str, Any]) -> str:
     t = result["train"]
     lines += [
         "",
-        f"loss {result['loss']} | {t['steps']} steps in {t['runtime_s']:.1f} s ({t['steps_per_second']:.2f} steps/s) "
+        f"loss {result['loss']} | {t['steps_this_run']} steps in {t['runtime_s']:.1f} s "
+        f"({t['steps_per_second']:.2f} steps/s, held-out evals and checkpoints included) "
         f"on {result['machine']['device']}",
-        f"loss peak memory, batch {mem['batch_shape']} x V={mem['vocab_size']}: fused {_fmt_bytes(mem['fused_loss_bytes'])} "
-        f"vs full logits {_fmt_bytes(mem['full_logits_logprobs_bytes'])} ({mem['method']})",
+        f"loss peak memory (forward+backward), batch {mem['batch_shape']}, V={mem['vocab_size']}: fused "
+        f"{_fmt_bytes(mem['fused_loss_bytes'])} vs full-logits log-softmax "
+        f"{_fmt_bytes(mem['full_logits_logprobs_bytes'])} ({mem['method']}; one fp32 logits tensor here is "
+        f"{_fmt_bytes(mem['full_logits_bytes'])})",
         "preference accuracy: chosen has the higher mean per-token log-prob under the model;",
         "implicit-reward accuracy: log π/π₀ (sums) higher for chosen, π₀ = initial model; ties count ½.",
     ]
@@ -364,6 +440,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown loss {args.loss!r}: expected one of {sorted(LOSSES)}")
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
     transformers.set_seed(args.seed)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -395,6 +472,7 @@ def run(args: argparse.Namespace) -> int:
         logging_steps=1,
         eval_strategy="steps",
         eval_steps=args.eval_steps,
+        eval_on_start=True,
         save_strategy="steps",
         save_steps=args.save_steps,
         report_to=[],
@@ -423,16 +501,28 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     runtime = time.perf_counter() - start
-    final_eval = trainer.evaluate()
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    if evals and evals[-1]["step"] == trainer.state.global_step:
+        final_eval = {k: v for k, v in evals[-1].items() if k != "step"}
+    else:
+        final_eval = trainer.evaluate()
     trainer.save_model(str(output_dir))
 
-    after = heldout_metrics(score_pairs(trainer.model, heldout, collator, batch_size=64, device=config.device), initial)
+    after = heldout_metrics(
+        score_pairs(trainer.model, heldout, collator, batch_size=64, device=config.device), initial
+    )
     steps_this_run = trainer.state.global_step - progress.start_step
     result = {
         "loss": args.loss,
-        "loss_hyperparameters": {k: _float_or_none(getattr(trainer.loss_fn, k, None)) for k in LOSSES[args.loss][1]},
+        "loss_hyperparameters": {
+            k: _float_or_none(getattr(trainer.loss_fn, k, None)) for k in LOSSES[args.loss][1]
+        },
         "model": {"name": model_name, "parameters": sum(p.numel() for p in trainer.model.parameters())},
-        "data": {"train": data_name, "train_pairs": len(trainer.train_dataset), "heldout_pairs": len(heldout)},
+        "data": {
+            "train": data_name,
+            "train_pairs": len(trainer.train_dataset),
+            "heldout_pairs": len(heldout),
+        },
         "heldout": {
             "before": before,
             "after": after,
@@ -451,11 +541,14 @@ def run(args: argparse.Namespace) -> int:
             "steps_this_run": steps_this_run,
             "runtime_s": runtime,
             "steps_per_second": steps_this_run / runtime if runtime > 0 else float("nan"),
-            "timing_note": "wall clock of trainer.train(), periodic held-out evaluation and checkpoints included",
+            "timing_note": "wall clock of trainer.train(): periodic held-out evaluation and checkpoints "
+            "included",
         },
         "loss_peak_memory": _loss_memory(trainer),
         "machine": {
-            "device": "cuda: " + torch.cuda.get_device_name() if not use_cpu else f"CPU ({os.cpu_count()} cores)",
+            "device": "cuda: " + torch.cuda.get_device_name()
+            if not use_cpu
+            else f"CPU ({os.cpu_count()} cores)",
             "platform": platform.platform(),
             "python": sys.version.split()[0],
             "torch": torch.__version__,
@@ -468,5 +561,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_plot:
         _plot(trainer.state.log_history, before, after, trainer.state.global_step, output_dir / "curves.png")
     print(_summary(result))
-    print(f"wrote {output_dir / 'metrics.json'}" + ("" if args.no_plot else f" and {output_dir / 'curves.png'}"))
+    print(
+        f"wrote {output_dir / 'metrics.json'}" + ("" if args.no_plot else f" and {output_dir / 'curves.png'}")
+    )
     return 0

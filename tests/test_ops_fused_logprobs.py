@@ -18,6 +18,14 @@ from prefloss.testing import assert_close_to_reference, plain_token_logprobs
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+@pytest.fixture(autouse=True)
+def small_vocab_tiles(monkeypatch):
+    """Several vocabulary tiles, the last one partial, on these small V (default tile is 4096)."""
+    import prefloss.torch_backend
+
+    monkeypatch.setattr(prefloss.torch_backend, "VOCAB_TILE", 32)
+
+
 @dataclass(frozen=True)
 class Case:
     rows: int = 3
@@ -39,7 +47,7 @@ class Case:
 
 CASES = {
     "odd-N-V101-chunks": Case(rows=3, T=17),
-    "V-below-chunk": Case(V=13, chunk_size=64),
+    "V-below-one-tile": Case(V=13, chunk_size=64),
     "single-chunk-default": Case(chunk_size=None),
     "heavy-masking": Case(ignore_frac=0.9),
     "fully-masked-row": Case(empty_row=True),
@@ -223,8 +231,7 @@ def test_int32_labels_and_leading_dims_are_flattened():
 def test_auto_backend_uses_torch_on_cpu(monkeypatch):
     import prefloss.ops as ops
 
-    seen = []
-    monkeypatch.setattr(ops, "_row_ops", lambda backend: seen.append(backend) or prefloss.rows)
+    monkeypatch.setattr(ops, "_row_ops", lambda backend: pytest.fail(f"row-chunk loop used ({backend})"))
     hidden, weight, labels, *_ = make_inputs(Case(rows=2, T=3, V=7), torch.float32)
-    prefloss.fused_logprobs(hidden, weight, labels)
-    assert seen == ["torch"]
+    out = prefloss.fused_logprobs(hidden, weight, labels)
+    torch.testing.assert_close(out.policy, plain_token_logprobs(hidden, weight, labels))

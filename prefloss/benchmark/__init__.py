@@ -20,7 +20,9 @@ def _int_list(name: str, text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"`--{name}` must be a comma-separated list of positive integers, got {text!r}.") from None
+        raise ValueError(
+            f"`--{name}` must be a comma-separated list of positive integers, got {text!r}."
+        ) from None
     if not values or any(v < 1 for v in values):
         raise ValueError(f"`--{name}` must be a comma-separated list of positive integers, got {text!r}.")
     return values
@@ -116,7 +118,9 @@ def run(args: argparse.Namespace) -> int:
             "mem_limit_gib": args.mem_limit_gib,
         },
         "memory_method": MEMORY_METHOD_GPU if device.startswith("cuda") else MEMORY_METHOD_CPU,
-        "gpu_note": None if device.startswith("cuda") else "no GPU: Triton cases skipped; CPU timings and memory",
+        "gpu_note": None
+        if device.startswith("cuda")
+        else "no GPU: Triton cases skipped; CPU timings and memory",
         "results": results,
         "wall_s": time.perf_counter() - t0,
     }

@@ -107,7 +107,10 @@ def _liger_step(loss: str) -> Callable[[Inputs], Step]:
             # Liger's SimPO margin is an absolute γ (our β·gamma_beta_ratio); it length-normalises
             # by default and adds an NLL term unless told not to.
             module = LigerFusedLinearSimPOLoss(
-                beta=hp["beta"], gamma=hp["beta"] * hp["gamma_beta_ratio"], compiled=False, compute_nll_loss=False
+                beta=hp["beta"],
+                gamma=hp["beta"] * hp["gamma_beta_ratio"],
+                compiled=False,
+                compute_nll_loss=False,
             )
 
             def forward():
@@ -167,7 +170,13 @@ def _registry() -> dict[str, Case]:
     for loss in LOSS_NAMES:
         cases.append(Case(f"prefloss-torch/{loss}", "prefloss-torch", loss, _prefloss_step(loss, "torch")))
         cases.append(
-            Case(f"prefloss-triton/{loss}", "prefloss-triton", loss, _prefloss_step(loss, "triton"), needs_gpu=True)
+            Case(
+                f"prefloss-triton/{loss}",
+                "prefloss-triton",
+                loss,
+                _prefloss_step(loss, "triton"),
+                needs_gpu=True,
+            )
         )
         cases.append(Case(f"authors/{loss}", "authors", loss, _authors_step(loss)))
     for loss in ("dpo", "simpo"):
@@ -194,7 +203,9 @@ def select_cases(patterns: list[str] | None) -> list[Case]:
         if not any(ch in pat for ch in "*?["):
             hits = [c for c in hits if c.name == pat]
         if not hits:
-            raise ValueError(f"unknown case {pat!r}; valid cases: {', '.join(CASES)} (globs such as '*/dpo' work).")
+            raise ValueError(
+                f"unknown case {pat!r}; valid cases: {', '.join(CASES)} (globs such as '*/dpo' work)."
+            )
         for c in hits:
             if c.explicit_only and pat != c.name:
                 continue

@@ -42,6 +42,22 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def source_digest() -> str:
+    """sha256 (12 hex) over prefloss's Python sources: which code a result was measured on."""
+    import hashlib
+    from pathlib import Path
+
+    import prefloss
+
+    root = Path(prefloss.__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        if "benchmark" not in path.parts:
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def describe(device: str) -> dict:
     import torch
 
@@ -52,6 +68,9 @@ def describe(device: str) -> dict:
         "memory_gib": _mem_total_gib(),
         "platform": platform.platform(),
         "device": device,
+        "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()]
+        if hasattr(os, "getloadavg")
+        else None,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "versions": {
             "python": sys.version.split()[0],
@@ -59,6 +78,7 @@ def describe(device: str) -> dict:
             "triton": _version("triton"),
             "liger-kernel": _version("liger-kernel"),
             "prefloss": _version("prefloss"),
+            "prefloss_source_sha256": source_digest(),
         },
     }
     return info

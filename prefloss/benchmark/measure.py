@@ -15,6 +15,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -40,8 +41,14 @@ def cpu_peak_supported() -> bool:
         return False
 
 
-def run_measured(step: Callable[[], object], device: torch.device, before: Callable[[], None]) -> tuple[float, float]:
-    """One step: returns (seconds, peak extra bytes)."""
+class Measurement(NamedTuple):
+    seconds: float  # wall clock (CUDA events on a GPU)
+    peak_bytes: float  # peak extra memory of the step
+    cpu_seconds: float | None  # process CPU time (all threads) on CPU: less sensitive to other load
+
+
+def run_measured(step: Callable[[], object], device: torch.device, before: Callable[[], None]) -> Measurement:
+    """One step, timed and with its peak extra memory."""
     before()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -52,15 +59,16 @@ def run_measured(step: Callable[[], object], device: torch.device, before: Calla
         step()
         end.record()
         torch.cuda.synchronize(device)
-        return start.elapsed_time(end) / 1e3, float(torch.cuda.max_memory_allocated(device) - base)
+        peak = float(torch.cuda.max_memory_allocated(device) - base)
+        return Measurement(start.elapsed_time(end) / 1e3, peak, None)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     rss = _proc_status_kib("VmRSS")
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     step()
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     hwm = _proc_status_kib("VmHWM")
-    return seconds, float(max(0, hwm - rss) * 1024)
+    return Measurement(seconds, float(max(0, hwm - rss) * 1024), cpu)
 
 
 def summarise(samples: list[float]) -> dict:
@@ -89,6 +97,7 @@ def summarise(samples: list[float]) -> dict:
 
 
 MEMORY_METHOD_CPU = (
-    "VmHWM - VmRSS of a fresh process per case (clear_refs reset before the step; glibc mmap threshold 64 KiB)"
+    "VmHWM - VmRSS of a fresh process per case "
+    "(clear_refs reset before the step; glibc mmap threshold 64 KiB)"
 )
 MEMORY_METHOD_GPU = "torch.cuda.max_memory_allocated - memory_allocated before the step"

@@ -7,6 +7,7 @@ import os
 
 from prefloss.benchmark.machine import one_line
 
+COLORS = {"authors": "C0", "liger": "C1", "prefloss-torch": "C2", "prefloss-triton": "C3", "floor": "k"}
 VARIABLE_AXES = (("seq_len", "sequence length T"), ("vocab", "vocabulary V"), ("batch", "pairs per batch B"))
 
 
@@ -25,13 +26,16 @@ def _status(r: dict) -> str:
 def table(document: dict) -> str:
     """Plain-text table, one block per shape."""
     lines = [f"machine: {one_line(document['machine'])}"]
+    load = document["machine"].get("load_average_1_5_15min")
+    if load:
+        lines.append(f"load average at the start (1/5/15 min): {load} - other processes share these cores")
     cfg = document["config"]
     lines.append(
         f"step: forward+backward, {cfg['repeats']} timed repeats after 1 checked warm-up; "
         f"peak = {document['memory_method']}"
     )
-    head = f"{'case':<28}{'status':<19}{'median s':>10}{'p10-p90 s':>17}{'x floor':>9}{'x best':>8}"
-    head += f"{'peak MiB':>10}{'mem x best':>11}"
+    head = f"{'case':<28}{'status':<19}{'median s':>10}{'p10-p90 s':>17}{'cpu s':>8}"
+    head += f"{'x floor':>9}{'x best':>8}{'peak MiB':>10}{'mem x best':>11}"
     current = None
     for r in document["results"]:
         s = r["shape"]
@@ -47,7 +51,11 @@ def table(document: dict) -> str:
             lines.append("-" * len(head))
         if r["status"] == "skipped" and r["method"] == "prefloss-triton" and r.get("loss") != "alpha_dpo":
             continue  # one line for the skipped Triton cases is enough
-        name = "prefloss-triton/*" if r["status"] == "skipped" and r["method"] == "prefloss-triton" else r["case"]
+        name = (
+            "prefloss-triton/*"
+            if r["status"] == "skipped" and r["method"] == "prefloss-triton"
+            else r["case"]
+        )
         if r["status"] != "ok":
             why = r.get("error") or (r.get("check") or {}).get("detail", "")
             lines.append(f"{name:<28}{_status(r):<19}  {why[:90]}")
@@ -56,15 +64,18 @@ def table(document: dict) -> str:
         ratios = r.get("ratios", {})
         spread = f"{t['p10']:.3f}-{t['p90']:.3f}"
         peak = r["peak_mib"]["max"]
+        cpu = r.get("cpu_time_s")
+        cpu_text = f"{cpu['median']:.2f}" if cpu else "-"
         lines.append(
-            f"{name:<28}{'ok':<19}{t['median']:>10.3f}{spread:>17}"
+            f"{name:<28}{'ok':<19}{t['median']:>10.3f}{spread:>17}{cpu_text:>8}"
             f"{_fmt_ratio(ratios.get('time_to_floor')):>9}{_fmt_ratio(ratios.get('time_to_best_other')):>8}"
             f"{peak:>10.1f}{_fmt_ratio(ratios.get('memory_to_best_other')):>11}"
         )
     lines.append("")
     lines.append(
         "x floor: median time / the 4 GEMMs over counted tokens; x best: / the fastest (memory: smallest) "
-        "other method for the same loss. Peak MiB includes the gradients dh and dW themselves."
+        "other method for the same loss. cpu s: process CPU time of the step (both threads), median. "
+        "Peak MiB includes the gradients dh and dW themselves."
     )
     return "\n".join(lines)
 
@@ -74,6 +85,17 @@ def write_json(document: dict, path: str) -> None:
     os.makedirs(parent, exist_ok=True)
     with open(path, "w") as f:
         json.dump(document, f, indent=2)
+
+
+def _draw(ax, metric: str, method: str, pts: list) -> None:
+    xs = [p[0] for p in pts]
+    if metric == "peak_mib":
+        ax.plot(xs, [p[1][metric]["max"] for p in pts], marker="o", label=method, color=COLORS.get(method))
+        return
+    ys = [p[1][metric]["median"] for p in pts]
+    lo = [p[1][metric]["median"] - p[1][metric]["p10"] for p in pts]
+    hi = [p[1][metric]["p90"] - p[1][metric]["median"] for p in pts]
+    ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=method, color=COLORS.get(method))
 
 
 def write_plots(document: dict, directory: str) -> list[str]:
@@ -101,29 +123,26 @@ def write_plots(document: dict, directory: str) -> list[str]:
             ):
                 losses = sorted({r["loss"] for r in rows if r["loss"]})
                 fig, axes = plt.subplots(1, len(losses), figsize=(4.2 * len(losses), 3.6), squeeze=False)
-                for ax, loss in zip(axes[0], losses):
+                for ax, loss in zip(axes[0], losses, strict=True):
                     cases = sorted({r["case"] for r in rows if r["loss"] == loss or r["method"] == "floor"})
                     for case in cases:
                         if metric == "peak_mib" and case == "floor":
                             continue  # the floor writes into preallocated buffers: no step memory
-                        pts = sorted((r["shape"][axis], r) for r in rows if r["case"] == case)
-                        xs = [p[0] for p in pts]
-                        if metric == "peak_mib":
-                            ys = [p[1][metric]["max"] for p in pts]
-                            ax.plot(xs, ys, marker="o", label=case.split("/")[0])
-                        else:
-                            ys = [p[1][metric]["median"] for p in pts]
-                            lo = [p[1][metric]["median"] - p[1][metric]["p10"] for p in pts]
-                            hi = [p[1][metric]["p90"] - p[1][metric]["median"] for p in pts]
-                            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=case.split("/")[0])
+                        method = case.split("/")[0]
+                        pts = sorted(
+                            ((r["shape"][axis], r) for r in rows if r["case"] == case), key=lambda p: p[0]
+                        )
+                        _draw(ax, metric, method, pts)
                     ax.set_xscale("log", base=2)
                     ax.set_yscale("log")
                     ax.set_title(loss)
                     ax.set_xlabel(axis_label)
                     ax.grid(True, which="both", alpha=0.3)
+                    ax.legend(fontsize=7)
                 axes[0][0].set_ylabel(ylabel)
-                axes[0][-1].legend(fontsize=8)
-                fig.suptitle(f"{fname} vs {axis} ({suffix}) - {one_line(document['machine'])[:110]}", fontsize=8)
+                fig.suptitle(
+                    f"{fname} vs {axis} ({suffix}) - {one_line(document['machine'])[:110]}", fontsize=8
+                )
                 fig.tight_layout()
                 path = os.path.join(directory, f"{fname}_vs_{axis}_{suffix}.png")
                 fig.savefig(path, dpi=110)

@@ -1,9 +1,11 @@
-"""Entry point of the benchmark's fresh processes (one per case and shape, one per reference).
+"""Entry point of the benchmark's fresh processes (one per case, one for the float64 reference).
 
 The parent passes a JSON spec as ``argv[1]`` (a case, or the float64 reference, and a list of
 shapes); each shape's result is printed as one JSON line prefixed with `RESULT_MARK`. One process
 per case serves all its shapes: inputs are freed between shapes and, with glibc's mmap threshold
-fixed (see `prefloss.benchmark.measure`), their memory goes back to the OS. Run as ``python -c "from prefloss.benchmark.worker import main; main()" SPEC`` from
+fixed (see `prefloss.benchmark.measure`), their memory goes back to the OS.
+
+The parent runs ``python -c "from prefloss.benchmark.worker import main; main()" SPEC`` from
 a scratch directory, so the repository's top-level ``kernels/`` folder never lands on ``sys.path``.
 """
 
@@ -79,8 +81,12 @@ def _check(case, step, x, expected: str | None, baseline: str | None, save_basel
     dtype = x.hidden.dtype
     parts = {
         "loss": compare(got[0], loss, dtype=dtype, baseline=base[0]),
-        "grad_hidden": compare(got[1], grad_h, dtype=dtype, baseline=base[1], scale=max(1.0, float(grad_h.abs().max()))),
-        "grad_weight": compare(got[2], grad_w, dtype=dtype, baseline=base[2], scale=max(1.0, float(grad_w.abs().max()))),
+        "grad_hidden": compare(
+            got[1], grad_h, dtype=dtype, baseline=base[1], scale=max(1.0, float(grad_h.abs().max()))
+        ),
+        "grad_weight": compare(
+            got[2], grad_w, dtype=dtype, baseline=base[2], scale=max(1.0, float(grad_w.abs().max()))
+        ),
     }
     del got, base, loss, grad_h, grad_w
     return {
@@ -120,17 +126,23 @@ def _case(spec: dict, shape_dict: dict, i: int) -> dict:
     zero_grads()
     t0 = time.perf_counter()
     check = _check(
-        case, step, x, spec["expected"][i], spec["baseline"][i], spec["baseline"][i] if spec["save_baseline"] else None
+        case,
+        step,
+        x,
+        spec["expected"][i],
+        spec["baseline"][i],
+        spec["baseline"][i] if spec["save_baseline"] else None,
     )  # the warm-up step doubles as the correctness check
     first = time.perf_counter() - t0
     if not check["passed"]:
         return {"status": "wrong", "check": check}
     gc.collect()
-    times, peaks = [], []
+    times, peaks, cpu = [], [], []
     for _ in range(spec["repeats"]):
-        seconds, peak = run_measured(step, device, zero_grads)
-        times.append(seconds)
-        peaks.append(peak / MIB)
+        m = run_measured(step, device, zero_grads)
+        times.append(m.seconds)
+        peaks.append(m.peak_bytes / MIB)
+        cpu.append(m.cpu_seconds)
     grads_mib = (x.hidden.numel() + x.weight.numel()) * x.hidden.element_size() / MIB
     return {
         "status": "ok",
@@ -138,6 +150,7 @@ def _case(spec: dict, shape_dict: dict, i: int) -> dict:
         "first_step_s": first,
         "time_s": summarise(times),
         "peak_mib": summarise(peaks),
+        "cpu_time_s": summarise(cpu) if None not in cpu else None,
         "grads_mib": grads_mib if case.loss is not None else 0.0,
     }
 
@@ -146,7 +159,8 @@ def main() -> None:
     """Runs every shape of the spec in this process, one result line per shape, in order."""
     spec = json.loads(sys.argv[1])
     try:
-        _limit_memory(spec.get("mem_limit_gib"))
+        if spec["device"] == "cpu":  # a GPU run's host memory is not what is being measured
+            _limit_memory(spec.get("mem_limit_gib"))
     except (OSError, ValueError) as exc:
         print(f"warning: memory cap not set: {exc}", file=sys.stderr)
     for i, shape in enumerate(spec["shapes"]):

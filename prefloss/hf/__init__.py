@@ -19,7 +19,14 @@ from prefloss.hf.model import (
     output_head,
     unwrap_model,
 )
-from prefloss.hf.trainer import LOSSES, PreferenceConfig, PreferenceTrainer, build_loss, score_pairs
+from prefloss.hf.trainer import (
+    LOSSES,
+    PreferenceConfig,
+    PreferenceTrainer,
+    build_loss,
+    loss_name,
+    score_pairs,
+)
 
 __all__ = [
     "LOGIT_TRANSFORMS",
@@ -32,6 +39,7 @@ __all__ = [
     "check_output_head",
     "decoder_hidden_states",
     "load_preferences",
+    "loss_name",
     "output_head",
     "score_pairs",
     "tokenize_preference_row",

@@ -47,8 +47,9 @@ class PreferenceCollator:
         missing = [c for c in TOKENIZED_COLUMNS if c not in features[0]]
         if missing:
             raise ValueError(
-                f"features are missing {missing}: expected tokenized pairs with keys {list(TOKENIZED_COLUMNS)} "
-                f"(see prefloss.hf.tokenize_preferences), got keys {sorted(features[0])}"
+                f"features are missing {missing}: expected tokenized pairs with keys "
+                f"{list(TOKENIZED_COLUMNS)} (see prefloss.hf.tokenize_preferences), "
+                f"got keys {sorted(features[0])}"
             )
         rows: list[list[int]] = []
         prompt_lengths: list[int] = []
@@ -74,7 +75,9 @@ class PreferenceCollator:
         has_ref = [all(c in f and f[c] is not None for c in REFERENCE_COLUMNS) for f in features]
         if any(has_ref):
             if not all(has_ref):
-                raise ValueError("precomputed reference log-probs are present for some pairs of the batch only")
+                raise ValueError(
+                    "precomputed reference log-probs are present for some pairs of the batch only"
+                )
             chosen = [float(f["ref_chosen_logps"]) for f in features]
             rejected = [float(f["ref_rejected_logps"]) for f in features]
             batch["ref_logps"] = torch.tensor(chosen + rejected, dtype=torch.float32)

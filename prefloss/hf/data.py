@@ -98,9 +98,7 @@ def _check_messages(value: Any, column: str, index: int) -> list[dict[str, Any]]
     return [dict(m) for m in value]
 
 
-def _render_conversation(
-    row: Mapping[str, Any], tokenizer: Any, index: int
-) -> tuple[str, str, str]:
+def _render_conversation(row: Mapping[str, Any], tokenizer: Any, index: int) -> tuple[str, str, str]:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             f"row {index} is conversational (lists of messages) but the tokenizer "
@@ -162,7 +160,9 @@ def tokenize_preference_row(
 
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     if eos is None:
-        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no EOS token; responses must end with one")
+        raise ValueError(
+            f"tokenizer {type(tokenizer).__name__} has no EOS token; responses must end with one"
+        )
 
     def encode(text: str) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])

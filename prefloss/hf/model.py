@@ -158,7 +158,9 @@ def decoder_hidden_states(
     inner = unwrap_model(model)
     get_decoder = getattr(inner, "get_decoder", None)
     if not callable(get_decoder):
-        raise TypeError(f"expected a Hugging Face PreTrainedModel with get_decoder(), got {type(inner).__name__}")
+        raise TypeError(
+            f"expected a Hugging Face PreTrainedModel with get_decoder(), got {type(inner).__name__}"
+        )
     decoder = get_decoder()
     if decoder is inner:
         raise ValueError(
@@ -230,10 +232,13 @@ def check_output_head(
     labels = input_ids[:, 1:]
     if attention_mask is not None:
         labels = labels.masked_fill(attention_mask[:, 1:] == 0, -100)
-    expected = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, labels.clamp(min=0)[..., None])
+    precision = torch.promote_types(logits.dtype, torch.float32)
+    expected = torch.log_softmax(logits[:, :-1].to(precision), dim=-1).gather(
+        -1, labels.clamp(min=0)[..., None]
+    )
     expected = expected.squeeze(-1).masked_fill(labels == -100, 0.0)
     got = fused_logprobs(hidden[:, :-1], head.weight, labels, **head.fused_kwargs()).policy
-    err = float((got.float() - expected).abs().max()) if labels.numel() else 0.0
+    err = float((got.to(precision) - expected).abs().max()) if labels.numel() else 0.0
     if not err <= atol:
         raise ValueError(
             f"model {type(inner).__name__} (model_type {getattr(inner.config, 'model_type', '?')!r}): "

@@ -42,6 +42,7 @@ __all__ = [
     "PreferenceConfig",
     "PreferenceTrainer",
     "build_loss",
+    "loss_name",
     "score_pairs",
 ]
 
@@ -87,11 +88,15 @@ class PreferenceConfig(TrainingArguments):
     max_length: int = field(default=512, metadata={"help": "Most tokens of prompt + response."})
     max_prompt_length: int | None = field(
         default=None,
-        metadata={"help": "Prompt tokens kept (its end) when a pair is too long; None: never cut the prompt."},
+        metadata={
+            "help": "Prompt tokens kept (its end) when a pair is too long; None: never cut the prompt."
+        },
     )
     precompute_ref_log_probs: bool = field(
         default=False,
-        metadata={"help": "Compute the reference log-probs once before training and drop the reference model."},
+        metadata={
+            "help": "Compute the reference log-probs once before training and drop the reference model."
+        },
     )
     check_output_head: bool = field(
         default=True,
@@ -108,7 +113,8 @@ class PreferenceConfig(TrainingArguments):
         for name in _HYPERPARAMETERS:
             if getattr(self, name) is not None and name not in takes:
                 raise ValueError(
-                    f"{name}={getattr(self, name)} does not apply to loss {self.loss!r}, which takes {list(takes)}"
+                    f"{name}={getattr(self, name)} does not apply to loss {self.loss!r}, "
+                    f"which takes {list(takes)}"
                 )
         if isinstance(self.loss_kwargs, str):
             self.loss_kwargs = json.loads(self.loss_kwargs)
@@ -125,7 +131,8 @@ class PreferenceConfig(TrainingArguments):
             )
         if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
             raise ValueError(
-                f"max_prompt_length must be in [1, max_length={self.max_length}), got {self.max_prompt_length}"
+                f"max_prompt_length must be in [1, max_length={self.max_length}), "
+                f"got {self.max_prompt_length}"
             )
         super().__post_init__()
 
@@ -155,6 +162,17 @@ def build_loss(
             raise ValueError(f"{key}={value} does not apply to loss {name!r}, which takes {list(takes)}")
     hyper = {k: v for k, v in given.items() if v is not None}
     return getattr(prefloss, class_name)(**hyper, **kwargs)
+
+
+def loss_name(loss_fn: nn.Module) -> str:
+    """The `LOSSES` name of a prefloss loss module (``TypeError`` for anything else)."""
+    import prefloss
+
+    for name, (class_name, _, _) in LOSSES.items():
+        if isinstance(loss_fn, getattr(prefloss, class_name)):
+            return name
+    expected = [c for c, _, _ in LOSSES.values()]
+    raise TypeError(f"loss_fn must be one of prefloss's {expected}, got {type(loss_fn).__name__}")
 
 
 @torch.no_grad()
@@ -226,7 +244,8 @@ class PreferenceTrainer(Trainer):
         train_dataset, eval_dataset: preference data (``datasets.Dataset``, JSONL path or list of dicts
             with ``prompt``/``chosen``/``rejected``), or data already tokenized by `tokenize_preferences`.
         processing_class: the tokenizer.
-        loss_fn: a ready loss module instead of the one `PreferenceConfig` describes.
+        loss_fn: a ready prefloss loss module; ``args.loss`` and the hyperparameters in ``args`` are
+            then ignored.
         Remaining arguments go to ``transformers.Trainer``.
     """
 
@@ -257,9 +276,26 @@ class PreferenceTrainer(Trainer):
         if processing_class is None:
             raise ValueError("processing_class (the tokenizer) is required")
         output_head(model)  # fails early, with a clear message, on a model without LM head
-        needs_reference = LOSSES[args.loss][2]
+        if loss_fn is None:
+            loss_fn = build_loss(
+                args.loss,
+                beta=args.beta,
+                gamma_beta_ratio=args.gamma_beta_ratio,
+                alpha=args.alpha,
+                epsilon=args.epsilon,
+                **(args.loss_kwargs or {}),
+            )
+        kind = loss_name(loss_fn)
+        needs_reference = LOSSES[kind][2]
         if not needs_reference and ref_model is not None:
-            raise ValueError(f"loss {args.loss!r} does not use a reference model, got ref_model={type(ref_model).__name__}")
+            raise ValueError(
+                f"loss {kind!r} does not use a reference model, got ref_model={type(ref_model).__name__}"
+            )
+        if kind == "epsilon_dpo" and args.precompute_ref_log_probs:
+            raise ValueError(
+                "precompute_ref_log_probs=True does not work with an ε-DPO loss: it needs the reference "
+                "model's per-token logits at every step"
+            )
 
         pad_id = processing_class.pad_token_id
         if pad_id is None:
@@ -283,15 +319,6 @@ class PreferenceTrainer(Trainer):
 
         train_dataset, eval_dataset = prepare(train_dataset), prepare(eval_dataset)
 
-        if loss_fn is None:
-            loss_fn = build_loss(
-                args.loss,
-                beta=args.beta,
-                gamma_beta_ratio=args.gamma_beta_ratio,
-                alpha=args.alpha,
-                epsilon=args.epsilon,
-                **(args.loss_kwargs or {}),
-            )
         self.loss_fn = loss_fn
 
         super().__init__(
@@ -306,7 +333,10 @@ class PreferenceTrainer(Trainer):
         # The loss is a per-micro-batch mean: let the Trainer divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         self.loss_fn.to(self.args.device)
-        self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
 
         self.ref_model: nn.Module | None = None
         if needs_reference:
@@ -314,7 +344,9 @@ class PreferenceTrainer(Trainer):
                 scorer = ref_model if ref_model is not None else self.model
                 self.train_dataset = self._add_reference_logps(self.train_dataset, scorer)
                 if isinstance(self.eval_dataset, dict):
-                    self.eval_dataset = {k: self._add_reference_logps(v, scorer) for k, v in self.eval_dataset.items()}
+                    self.eval_dataset = {
+                        k: self._add_reference_logps(v, scorer) for k, v in self.eval_dataset.items()
+                    }
                 else:
                     self.eval_dataset = self._add_reference_logps(self.eval_dataset, scorer)
             else:
@@ -334,7 +366,7 @@ class PreferenceTrainer(Trainer):
             check_output_head(self.model, ids)
             if ref_model is not None and self.ref_model is not None:
                 check_output_head(self.ref_model, ids)
-        if args.loss == "epsilon_dpo":
+        if hasattr(self.loss_fn, "update_beta"):
             self.add_callback(_BetaUpdate(self))
 
     # ----------------------------------------------------------------------------------------------
@@ -346,7 +378,11 @@ class PreferenceTrainer(Trainer):
         if "ref_chosen_logps" in dataset.column_names:
             return dataset
         scores = score_pairs(
-            scorer, dataset, self._collator, batch_size=self.args.per_device_eval_batch_size, device=self.args.device
+            scorer,
+            dataset,
+            self._collator,
+            batch_size=self.args.per_device_eval_batch_size,
+            device=self.args.device,
         )
         dataset = dataset.add_column("ref_chosen_logps", scores["chosen_logps"].tolist())
         return dataset.add_column("ref_rejected_logps", scores["rejected_logps"].tolist())
@@ -401,7 +437,9 @@ class PreferenceTrainer(Trainer):
         if not metrics:
             return
         names = sorted(metrics)
-        values = torch.stack([torch.as_tensor(metrics[n], dtype=torch.float32).detach().reshape(()) for n in names])
+        values = torch.stack(
+            [torch.as_tensor(metrics[n], dtype=torch.float32).detach().reshape(()) for n in names]
+        )
         if self.accelerator.num_processes > 1:
             values = self.accelerator.reduce(values.to(self.accelerator.device), reduction="mean")
         for name, value in zip(names, values.cpu(), strict=True):
@@ -446,4 +484,3 @@ class PreferenceTrainer(Trainer):
             state = torch.load(path, map_location=self.args.device, weights_only=True)
             self.loss_fn.load_state_dict(state)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-

@@ -1,0 +1,118 @@
+"""`prefloss bench` end to end on tiny shapes, and the float64 pieces its correctness gate uses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from prefloss import reference
+from prefloss.benchmark.authors import authors_loss
+from prefloss.benchmark.cases import HYPERPARAMS, LOSS_NAMES, select_cases
+from prefloss.benchmark.inputs import Shape, counted_tokens, make_inputs
+from prefloss.benchmark.oracle import expected_values
+from prefloss.cli import main
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES, ids=list(LOSS_NAMES))
+def test_oracle_and_authors_match_reference(name):
+    """The token-chunked oracle and the authors-style code (run in float64) equal
+    `prefloss.reference.preference_loss` and its autograd gradients, odd shapes and chunking."""
+    x = make_inputs(Shape(batch=2, seq_len=48, hidden=16, vocab=301), seed=3)
+    d = [t.detach().double() for t in x]
+    h, w = d[0].clone().requires_grad_(), d[1].clone().requires_grad_()
+    ref = reference.preference_loss(
+        name, h, w, x.labels, ref_hidden=d[3], ref_weight=d[4], **HYPERPARAMS[name]
+    )
+    ref_gh, ref_gw = torch.autograd.grad(ref, (h, w))
+
+    exp = expected_values(
+        {name: HYPERPARAMS[name]}, *x[:3], ref_hidden=x[3], ref_weight=x[4], chunk_tokens=37
+    )[name]
+    torch.testing.assert_close(exp.loss, ref.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(exp.grad_hidden, ref_gh, rtol=1e-9, atol=1e-14)
+    torch.testing.assert_close(exp.grad_weight, ref_gw, rtol=1e-9, atol=1e-14)
+
+    h2, w2 = d[0].clone().requires_grad_(), d[1].clone().requires_grad_()
+    ours = authors_loss(name, h2, w2, x.labels, ref_hidden=d[3], ref_weight=d[4], **HYPERPARAMS[name])
+    gh, gw = torch.autograd.grad(ours, (h2, w2))
+    torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gh, ref_gh, rtol=1e-9, atol=1e-14)
+    torch.testing.assert_close(gw, ref_gw, rtol=1e-9, atol=1e-14)
+
+
+def test_inputs_prompt_and_padding():
+    shape = Shape(batch=2, seq_len=64, hidden=8, vocab=50)
+    x = make_inputs(shape)
+    counted = (x.labels != -100).sum(-1).tolist()
+    assert counted == [56, 54, 52, 50]  # T - T/8 prompt - (i mod 8)·T/32 padding
+    assert sum(counted) == counted_tokens(shape)
+
+
+def test_unknown_case_lists_valid_names(capsys):
+    assert main(["bench", "--cases", "nope/dpo"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown case 'nope/dpo'" in err and "prefloss-torch/epsilon_dpo" in err and "liger/dpo" in err
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--seq-len", "12,x"], "--seq-len"),
+        (["--vocab", "0"], "--vocab"),
+        (["--repeats", "0"], "--repeats"),
+        (["--dtype", "float8"], "--dtype"),
+    ],
+    ids=["seq-len-not-int", "vocab-zero", "repeats-zero", "dtype"],
+)
+def test_bad_arguments(capsys, argv, fragment):
+    assert main(["bench", *argv]) == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_explicit_only_cases_need_their_name():
+    assert "selftest/wrong_dpo" not in [c.name for c in select_cases(None)]
+    assert "selftest/wrong_dpo" not in [c.name for c in select_cases(["*"])]
+    assert [c.name for c in select_cases(["selftest/wrong_dpo"])] == ["selftest/wrong_dpo"]
+
+
+def test_bench_cli_end_to_end(tmp_path):
+    """Every default case is checked and timed; the deliberately wrong case is reported, not timed.
+
+    Runs in a subprocess with cwd=tmp_path, so the repository's top-level ``kernels/`` folder is
+    never importable as a bare ``kernels``.
+    """
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "prefloss.cli", "bench", "--seq-len", "24,40", "--batch", "2"]
+    cmd += ["--hidden", "16", "--vocab", "203", "--repeats", "2", "--no-progress", "--json", str(out)]
+    cmd += ["--plot", str(tmp_path / "plots"), "--cases", "*", "--cases", "selftest/wrong_dpo"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # 1: the self-test case is wrong
+    doc = json.loads(out.read_text())
+    assert doc["machine"]["versions"]["torch"] == torch.__version__
+    assert doc["machine"]["cpu"]
+    rows = doc["results"]
+    assert {r["shape"]["seq_len"] for r in rows} == {24, 40}
+    for r in rows:
+        if r["method"] == "selftest":
+            assert r["status"] == "wrong", r
+            assert not r["check"]["passed"] and "time_s" not in r and "peak_mib" not in r
+        elif r["method"] == "prefloss-triton" and not torch.cuda.is_available():
+            assert r["status"] == "skipped" and "no GPU" in r["error"]
+        else:
+            assert r["status"] == "ok", r
+            assert r["check"]["passed"], r["check"]
+            assert r["time_s"]["median"] > 0 and r["time_s"]["n"] == 2
+            assert r["peak_mib"]["max"] >= 0 and len(r["peak_mib"]["samples"]) == 2
+            if r["method"] != "floor":
+                assert r["ratios"]["time_to_floor"] > 0
+                assert r["ratios"]["time_to_best_other"] > 0
+                assert "memory_to_best_other" in r["ratios"]
+    assert "WRONG (not timed)" in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "memory_vs_seq_len_batch2_hidden16_vocab203.png",
+        "time_vs_seq_len_batch2_hidden16_vocab203.png",
+    ]

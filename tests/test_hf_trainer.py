@@ -1,0 +1,264 @@
+"""`PreferenceTrainer` / `PreferenceConfig`: losses, reference handling, metrics, β timing, checkpoints.
+
+A tiny Llama (hidden 32) on the first pairs of the shipped synthetic data, a few steps each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from prefloss.data import synthetic_preferences_path
+from prefloss.hf.model import unwrap_model
+from prefloss.hf.tiny import byte_level_tokenizer, tiny_llama
+from prefloss.hf.trainer import LOSS_STATE_NAME, PreferenceConfig, PreferenceTrainer
+
+with open(synthetic_preferences_path("train")) as _f:
+    ROWS = [json.loads(next(_f)) for _ in range(32)]
+
+
+def config(tmp_path, **kwargs) -> PreferenceConfig:
+    defaults = dict(
+        output_dir=str(tmp_path),
+        loss="alpha_dpo",
+        max_steps=2,
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=4,
+        learning_rate=1e-3,
+        report_to=[],
+        use_cpu=True,
+        max_length=48,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+    )
+    defaults.update(kwargs)
+    return PreferenceConfig(**defaults)
+
+
+def make_trainer(tmp_path, *, model=None, **kwargs) -> PreferenceTrainer:
+    tok = byte_level_tokenizer()
+    if model is None:
+        model = tiny_llama(tok, hidden_size=32, intermediate_size=64, num_heads=2, seed=0)
+    ref_model = kwargs.pop("ref_model", None)
+    return PreferenceTrainer(
+        model,
+        ref_model=ref_model,
+        args=config(tmp_path, **kwargs),
+        train_dataset=ROWS,
+        eval_dataset=ROWS[:4],
+        processing_class=tok,
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (
+            dict(loss="ipo"),
+            r"unknown loss 'ipo': expected one of \['alpha_dpo', 'dpo', 'epsilon_dpo', 'simpo'\]",
+        ),
+        (
+            dict(loss="epsilon_dpo", precompute_ref_log_probs=True),
+            "precompute_ref_log_probs=True.*epsilon_dpo",
+        ),
+        (dict(loss="dpo", alpha=0.2), r"alpha=0.2 does not apply to loss 'dpo', which takes \['beta'\]"),
+        (dict(loss="simpo", epsilon=0.1), "epsilon=0.1 does not apply to loss 'simpo'"),
+        (dict(remove_unused_columns=True), "remove_unused_columns"),
+        (dict(max_length=16, max_prompt_length=16), "max_prompt_length"),
+    ],
+    ids=[
+        "unknown-loss",
+        "epsilon-precompute",
+        "alpha-for-dpo",
+        "epsilon-for-simpo",
+        "remove-columns",
+        "prompt-length",
+    ],
+)
+def test_bad_config_is_an_error(tmp_path, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        config(tmp_path, **kwargs)
+
+
+def test_simpo_with_reference_model_is_an_error(tmp_path) -> None:
+    tok = byte_level_tokenizer()
+    ref = tiny_llama(tok, hidden_size=32, intermediate_size=64, num_heads=2)
+    with pytest.raises(ValueError, match="'simpo' does not use a reference model"):
+        make_trainer(tmp_path, loss="simpo", ref_model=ref)
+
+
+def test_given_loss_module_decides_reference_and_beta_updates(tmp_path) -> None:
+    import prefloss
+    from prefloss.hf.trainer import _BetaUpdate
+
+    tok = byte_level_tokenizer()
+    model = tiny_llama(tok, hidden_size=32, intermediate_size=64, num_heads=2)
+    eps = prefloss.EpsilonDPOLoss(beta=0.1, epsilon=0.1)
+    args = config(tmp_path)
+    trainer = PreferenceTrainer(model, args=args, train_dataset=ROWS, processing_class=tok, loss_fn=eps)
+    assert trainer.loss_fn is eps and trainer.ref_model is not None
+    assert any(isinstance(cb, _BetaUpdate) for cb in trainer.callback_handler.callbacks)
+    with pytest.raises(ValueError, match="precompute_ref_log_probs=True does not work with an ε-DPO loss"):
+        PreferenceTrainer(
+            model,
+            args=config(tmp_path, precompute_ref_log_probs=True),
+            train_dataset=ROWS,
+            processing_class=tok,
+            loss_fn=eps,
+        )
+    with pytest.raises(TypeError, match="loss_fn must be one of prefloss's"):
+        PreferenceTrainer(
+            model, args=config(tmp_path), train_dataset=ROWS, processing_class=tok, loss_fn=torch.nn.MSELoss()
+        )
+
+
+def test_model_without_output_embedding_is_an_error(tmp_path) -> None:
+    tok = byte_level_tokenizer()
+    base = AutoModel.from_config(tiny_llama(tok, hidden_size=32, intermediate_size=64, num_heads=2).config)
+    with pytest.raises(ValueError, match="no output embedding"):
+        make_trainer(tmp_path, model=base)
+
+
+def test_bad_training_data_is_an_error(tmp_path) -> None:
+    tok = byte_level_tokenizer()
+    model = tiny_llama(tok, hidden_size=32, intermediate_size=64, num_heads=2)
+    rows = [dict(r) for r in ROWS[:4]]
+    rows[2]["rejected"] = ""
+    with pytest.raises(ValueError, match="row 2: 'rejected' is an empty response"):
+        PreferenceTrainer(model, args=config(tmp_path), train_dataset=rows, processing_class=tok)
+
+
+@pytest.mark.parametrize(
+    "loss", ["alpha_dpo", "epsilon_dpo", "dpo", "simpo"], ids=["alpha", "epsilon", "dpo", "simpo"]
+)
+def test_trains_and_logs_spec_metrics(tmp_path, loss: str) -> None:
+    trainer = make_trainer(tmp_path, loss=loss)
+    assert (trainer.ref_model is None) == (loss == "simpo")
+    if trainer.ref_model is not None:
+        assert not any(p.requires_grad for p in trainer.ref_model.parameters())
+        assert not trainer.ref_model.training
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2
+    for name in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "logps/chosen"):
+        assert name in logs[0], f"{name} not logged; got {sorted(logs[0])}"
+    if loss == "epsilon_dpo":
+        assert "kl/beta" in logs[0] and "kl/avg_steps" in logs[0]
+    metrics = trainer.evaluate()
+    assert "eval_rewards/accuracies" in metrics and "eval_loss" in metrics
+
+
+def test_epsilon_beta_updates_once_per_optimizer_step(tmp_path) -> None:
+    """With 3 micro-batches per step, β is updated after the 3rd, 6th, ... forward, never in between."""
+    trainer = make_trainer(
+        tmp_path, loss="epsilon_dpo", max_steps=3, gradient_accumulation_steps=3, epsilon=0.2
+    )
+    loss_fn = trainer.loss_fn
+    events: list[str] = []
+    forward, update = loss_fn.forward, loss_fn.update_beta
+
+    def counting_forward(*args, **kwargs):
+        events.append("f")
+        return forward(*args, **kwargs)
+
+    def counting_update():
+        events.append("u")
+        return update()
+
+    loss_fn.forward, loss_fn.update_beta = counting_forward, counting_update
+    betas = []
+    trainer.train()
+    assert "".join(events) == "fffu" * 3
+    betas = [h["kl/beta"] for h in trainer.state.log_history if "kl/beta" in h]
+    steps = [h["kl/avg_steps"] for h in trainer.state.log_history if "kl/avg_steps" in h]
+    expected = 0.01
+    for beta, s in zip(betas, steps, strict=True):
+        assert beta == pytest.approx(expected, rel=1e-6)
+        expected = expected / (1 + 0.2 * s)
+    assert float(loss_fn.beta) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["alpha_dpo", "dpo", "simpo"], ids=["alpha", "dpo", "simpo"])
+def test_precomputed_reference_matches_live_reference(tmp_path, loss: str) -> None:
+    live = make_trainer(tmp_path / "live", loss=loss, max_steps=3)
+    live.train()
+    pre = make_trainer(tmp_path / "pre", loss=loss, max_steps=3, precompute_ref_log_probs=True)
+    assert pre.ref_model is None
+    if loss != "simpo":
+        assert "ref_chosen_logps" in pre.train_dataset.column_names
+    pre.train()
+    a = [h["loss"] for h in live.state.log_history if "loss" in h]
+    b = [h["loss"] for h in pre.state.log_history if "loss" in h]
+    assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_loss_state_saved_and_restored_on_resume(tmp_path) -> None:
+    """ε-DPO's β and the weights after resuming from step 2 equal those of an uninterrupted 4-step run."""
+    kwargs = dict(loss="epsilon_dpo", epsilon=0.3, max_steps=4, save_strategy="steps", save_steps=2)
+    full = make_trainer(tmp_path / "full", **kwargs)
+    full.train()
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    state = torch.load(checkpoint / LOSS_STATE_NAME, weights_only=True)
+    assert "beta" in state
+    beta_at_2 = [h["kl/beta"] for h in full.state.log_history if "kl/beta" in h][2]
+    assert float(state["beta"]) == pytest.approx(beta_at_2, rel=1e-6)
+
+    resumed = make_trainer(tmp_path / "resumed", **kwargs)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert float(resumed.loss_fn.beta) == pytest.approx(float(full.loss_fn.beta), rel=1e-6)
+    for (name, a), b in zip(
+        unwrap_model(full.model).named_parameters(), unwrap_model(resumed.model).parameters(), strict=True
+    ):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_resume_from_checkpoint_without_loss_state_is_an_error(tmp_path) -> None:
+    trainer = make_trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
+    trainer.train()
+    os.remove(tmp_path / "checkpoint-1" / LOSS_STATE_NAME)
+    again = make_trainer(tmp_path, max_steps=2)
+    with pytest.raises(ValueError, match=f"has no {LOSS_STATE_NAME}"):
+        again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+
+
+def test_gemma2_softcap_model_with_conversational_data(tmp_path) -> None:
+    """Another family (soft-capped logits, tied embeddings) and chat-formatted rows, through the Trainer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = byte_level_tokenizer()
+    cfg = AutoConfig.for_model(
+        "gemma2",
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        final_logit_softcapping=2.0,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": r["prompt"]}],
+            "chosen": [{"role": "assistant", "content": r["chosen"]}],
+            "rejected": [{"role": "assistant", "content": r["rejected"]}],
+        }
+        for r in ROWS[:8]
+    ]
+    args = config(tmp_path, loss="dpo", max_length=96)
+    trainer = PreferenceTrainer(model, args=args, train_dataset=rows, processing_class=tok)
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)

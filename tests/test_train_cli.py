@@ -1,0 +1,164 @@
+"""``prefloss train`` end to end: learning on held-out pairs, resume == uninterrupted, options, errors.
+
+The default run (tiny Llama, shipped synthetic data, α-DPO) is shortened to 40 steps. A second run
+resumes from its step-20 checkpoint and must end with the same metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from prefloss import train
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+SHORT = ("--max-steps", "40", "--eval-steps", "20", "--save-steps", "20", "--quiet", "--no-plot")
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("default")
+    assert train.run(parse("--output-dir", str(out), *SHORT)) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_default_run_learns_the_preference(default_run, capsys) -> None:
+    metrics = json.loads((default_run / "metrics.json").read_text())
+    before, after = metrics["heldout"]["before"], metrics["heldout"]["after"]
+    assert before["implicit_reward_accuracy"] == 0.5  # π = π₀ at step 0: all ties
+    assert after["preference_accuracy"] >= before["preference_accuracy"] + 0.25, (before, after)
+    assert after["preference_accuracy"] >= 0.8
+    assert after["implicit_reward_accuracy"] >= 0.8
+    assert after["preference_margin"] > before["preference_margin"]
+    assert metrics["train"]["steps"] == 40
+    assert metrics["loss"] == "alpha_dpo"
+    assert "eval_rewards/accuracies" in metrics["final_eval"]
+    for name in ("loss", "rewards/accuracies", "rewards/margins"):
+        assert any(name in h for h in metrics["log_history"])
+    assert (default_run / "model.safetensors").exists()
+    assert (default_run / "prefloss_loss_state.pt").exists()
+
+
+@pytest.mark.slow
+def test_resume_from_checkpoint_gives_the_same_final_metrics(default_run, tmp_path) -> None:
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copytree(default_run / "checkpoint-20", out / "checkpoint-20")
+    assert train.run(parse("--output-dir", str(out), "--resume", *SHORT)) == 0
+    full = json.loads((default_run / "metrics.json").read_text())
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["train"]["steps"] == 40 and resumed["train"]["steps_this_run"] == 20
+    for key, value in full["heldout"]["after"].items():
+        assert resumed["heldout"]["after"][key] == pytest.approx(value, abs=1e-5), key
+    for key, value in full["final_eval"].items():
+        if key.startswith("eval_") and not key.endswith(("runtime", "per_second")):
+            assert resumed["final_eval"][key] == pytest.approx(value, abs=1e-5), key
+    full_log = {h["step"]: h["loss"] for h in full["log_history"] if "loss" in h}
+    resumed_log = {h["step"]: h["loss"] for h in resumed["log_history"] if "loss" in h}
+    for step in range(21, 41):
+        assert resumed_log[step] == pytest.approx(full_log[step], abs=1e-5), step
+
+
+def test_loss_names_match_the_trainer() -> None:
+    from prefloss.hf.trainer import LOSSES
+
+    assert sorted(train.LOSS_NAMES) == sorted(LOSSES)
+
+
+def test_unknown_loss_is_an_error(capsys) -> None:
+    with pytest.raises(SystemExit):
+        parse("--loss", "ipo")
+    assert "invalid choice: 'ipo'" in capsys.readouterr().err
+
+
+def test_data_missing_a_column_is_an_error(tmp_path) -> None:
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "chosen": "c"}) + "\n")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['rejected'\]"):
+        train.run(parse("--data", str(data), "--output-dir", str(tmp_path / "out"), "--quiet"))
+
+
+def test_model_path_must_be_a_directory(tmp_path) -> None:
+    with pytest.raises(ValueError, match="local Hugging Face model directory"):
+        train.run(
+            parse("--model", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "out"), "--quiet")
+        )
+
+
+@pytest.mark.slow
+def test_cli_with_local_model_and_data_epsilon_dpo(tmp_path) -> None:
+    """The console entry point in a subprocess (cwd=tmp_path): --model dir, --data JSONL, ε-DPO."""
+    from prefloss.hf.tiny import byte_level_tokenizer, tiny_llama
+
+    tok = byte_level_tokenizer()
+    model_dir = tmp_path / "model"
+    tiny_llama(tok, hidden_size=32, intermediate_size=64, num_heads=2).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    rows = [
+        {"prompt": f"say {w}\n", "chosen": w.upper(), "rejected": w}
+        for w in (
+            "apple",
+            "river",
+            "stone",
+            "cloud",
+            "grass",
+            "light",
+            "ocean",
+            "tiger",
+            "piano",
+            "lemon",
+            "robot",
+        )
+    ]
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "prefloss.cli", "train", "--model", str(model_dir), "--data", str(data)]
+    cmd += ["--loss", "epsilon_dpo", "--epsilon", "0.2", "--max-steps", "3", "--batch-size", "2"]
+    cmd += ["--grad-accum", "2", "--eval-steps", "2", "--save-steps", "2", "--output-dir", "out"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "held-out preference accuracy" in proc.stdout
+    assert "beta=" in proc.stderr  # the progress bar shows β
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["loss"] == "epsilon_dpo" and metrics["loss_hyperparameters"]["epsilon"] == 0.2
+    assert metrics["data"]["heldout_pairs"] == 2  # 10% of 11, rounded up by datasets
+    assert any("kl/beta" in h for h in metrics["log_history"])
+    assert (tmp_path / "out" / "curves.png").stat().st_size > 0
+
+
+def test_loss_memory_measurement_sees_the_logits() -> None:
+    """Full logits of 512 tokens x V=4096 in fp32 are 8 MiB; the chunked op stays far below."""
+    import torch
+
+    import prefloss
+
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(512, 32, generator=g), torch.randn(4096, 32, generator=g) * 0.1
+    labels = torch.randint(0, 4096, (512,), generator=g)
+
+    def full() -> None:
+        h = hidden.clone().requires_grad_(True)
+        torch.log_softmax(h @ weight.T, -1).gather(-1, labels[:, None]).sum().backward()
+
+    def fused() -> None:
+        h = hidden.clone().requires_grad_(True)
+        prefloss.fused_logprobs(h, weight, labels, chunk_size=64).policy.sum().backward()
+
+    full_bytes = train.measure_peak_memory(full, torch.device("cpu"))
+    fused_bytes = train.measure_peak_memory(fused, torch.device("cpu"))
+    assert full_bytes >= 8 * 2**20
+    assert fused_bytes < full_bytes / 4
