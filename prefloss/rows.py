@@ -1,8 +1,10 @@
-"""Per-row reductions over one chunk of logits, in PyTorch: the ``"torch"`` backend's row ops.
+"""Per-row reductions over a ``[C, V]`` chunk of logits, in PyTorch: the Triton kernels' contract.
 
-`prefloss.kernels` implements the same two functions as Triton kernels with the same signatures;
-`prefloss.ops` runs the chunk loop (the GEMMs) and hands each chunk's logit rows to one or the
-other. Everything here is fp32 whatever the input dtype
+`prefloss.kernels` implements these two functions as Triton kernels with the same signatures, and
+`prefloss.ops`' row-chunk loop (the Triton backend) hands each chunk's logit rows to them. This
+module states that contract in plain PyTorch; the kernel tests use it as the same-dtype baseline
+next to the float64 oracle. (The ``"torch"`` backend tiles the vocabulary instead, see
+`prefloss.torch_backend`, and shares only `transform_logits`.) Everything here is fp32 whatever the input dtype
 (float64 inputs stay float64).
 
 The logit transform the models use, applied identically to policy and reference rows:
