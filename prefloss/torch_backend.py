@@ -145,6 +145,10 @@ def backward(hidden, weight, bias, labels, lse, grad, opts, need, acc_dtype):
                 dz.mul_(chain)
             if opts.logit_scale is not None:
                 dz.mul_(opts.logit_scale)
+            if hidden.dtype != acc_dtype:
+                # Round ∂logits to the input dtype, as the Triton backend's in-place buffer and any
+                # bf16/fp16 implementation do: both backends then carry the same rounding.
+                dz = dz.to(hidden.dtype).to(acc_dtype)
             if need_h:
                 grad_h_acc.addmm_(dz, weight[v0:v1].to(acc_dtype))
             if need_w:

@@ -140,3 +140,18 @@ def test_unknown_logit_transform_is_caught(monkeypatch: pytest.MonkeyPatch) -> N
 def test_not_a_transformers_model_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="get_decoder"):
         decoder_hidden_states(torch.nn.Linear(2, 2), torch.zeros(1, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"], ids=["llama", "gpt2"])
+def test_no_full_logits_are_formed(model_type: str) -> None:
+    """The model's own forward runs with ``logits_to_keep=1``: its LM head sees one position per row."""
+    model = tiny(model_type)
+    shapes = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda m, args, out: shapes.append(out.shape))
+    try:
+        ids, mask = batch()
+        decoder_hidden_states(model, ids, mask)
+    finally:
+        handle.remove()
+    assert shapes == [(ids.shape[0], 1, VOCAB)]

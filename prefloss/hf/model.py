@@ -131,12 +131,17 @@ def output_head(model: nn.Module) -> OutputHead:
     return OutputHead(weight=weight, bias=bias, logit_scale=logit_scale, softcap=softcap)
 
 
-def _accepts(module: nn.Module, name: str) -> bool:
+def _logits_to_keep_kwarg(model: nn.Module) -> dict[str, int]:
+    """``{"logits_to_keep": 1}`` (or the pre-4.50 name) when the model's forward names it, else ``{}``."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model  # PEFT
     try:
-        params = inspect.signature(module.forward).parameters
+        params = inspect.signature(base.forward).parameters
     except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        return {}
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            return {name: 1}
+    return {}  # full logits are formed (and discarded): correct, only not memory-flat
 
 
 def decoder_hidden_states(
@@ -174,8 +179,7 @@ def decoder_hidden_states(
         captured.append(hidden if hidden is not None else output[0])
 
     kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
-    if _accepts(inner, "logits_to_keep"):
-        kwargs["logits_to_keep"] = 1
+    kwargs.update(_logits_to_keep_kwarg(inner))
     handle = decoder.register_forward_hook(hook)
     try:
         model(input_ids=input_ids, **kwargs)

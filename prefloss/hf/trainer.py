@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -45,8 +44,6 @@ __all__ = [
     "loss_name",
     "score_pairs",
 ]
-
-logger = logging.getLogger(__name__)
 
 LOSS_STATE_NAME = "prefloss_loss_state.pt"
 
