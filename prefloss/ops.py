@@ -159,7 +159,9 @@ def _row_chunk_backward(hidden, weight, bias, labels, lse, grad, opts, need, acc
         end = min(start + c, n)
         h = hidden[start:end]
         dlogits = torch.mm(h, weight.T, out=buf[: end - start])
-        rows.logprobs_bwd(dlogits, labels[start:end], lse[start:end], grad[start:end], bias=bias, **_row_kwargs(opts))
+        rows.logprobs_bwd(
+            dlogits, labels[start:end], lse[start:end], grad[start:end], bias=bias, **_row_kwargs(opts)
+        )
         if need_h:
             torch.mm(dlogits, weight, out=grad_h[start:end])
         if need_w:
@@ -176,7 +178,9 @@ class _FusedLogProbs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts: _Options):
         acc = _accumulate_dtype(hidden)
         run = torch_backend.forward if opts.backend == "torch" else _row_chunk_forward
-        logp, lse, ref, minus, plus = run(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts, acc)
+        logp, lse, ref, minus, plus = run(
+            hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts, acc
+        )
         ctx.opts = opts
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         extras = [x if x is not None else logp.new_empty(0) for x in (ref, minus, plus)]
@@ -190,7 +194,9 @@ class _FusedLogProbs(torch.autograd.Function):
         acc = _accumulate_dtype(hidden)
         grad = grad_logp.to(acc).contiguous()
         run = torch_backend.backward if opts.backend == "torch" else _row_chunk_backward
-        grad_h, grad_w, grad_b = run(hidden, weight, bias, labels, lse, grad, opts, ctx.needs_input_grad[:3], acc)
+        grad_h, grad_w, grad_b = run(
+            hidden, weight, bias, labels, lse, grad, opts, ctx.needs_input_grad[:3], acc
+        )
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
         return grad_h, grad_w, grad_b, None, None, None, None, None
@@ -234,15 +240,20 @@ def _check_head(prefix: str, hidden, weight, bias, lead_shape, device) -> None:
         )
     if hidden.dtype != weight.dtype:
         raise TypeError(
-            f"`{prefix}hidden` and `{prefix}weight` must have the same dtype, got {hidden.dtype} and {weight.dtype}."
+            f"`{prefix}hidden` and `{prefix}weight` must have the same dtype, "
+            f"got {hidden.dtype} and {weight.dtype}."
         )
     for name, t in ((f"{prefix}hidden", hidden), (f"{prefix}weight", weight), (f"{prefix}bias", bias)):
         if t is not None and t.device != device:
-            raise ValueError(f"all tensors must be on one device: `labels` is on {device}, `{name}` on {t.device}.")
+            raise ValueError(
+                f"all tensors must be on one device: `labels` is on {device}, `{name}` on {t.device}."
+            )
     if bias is not None:
         _check_tensor(f"{prefix}bias", bias)
         if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"`{prefix}bias` must be [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}.")
+            raise ValueError(
+                f"`{prefix}bias` must be [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}."
+            )
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -306,8 +317,9 @@ def fused_logprobs(
         backend: ``"torch"``, ``"triton"`` or ``"auto"`` (Triton on CUDA tensors, torch otherwise).
 
     Returns:
-        `TokenLogProbs` of ``[..., T]`` float32 tensors (float64 for float64 inputs), 0 at ignored tokens. ``policy`` is
-        differentiable w.r.t. ``hidden``, ``weight`` and ``bias``; the others carry no gradient.
+        `TokenLogProbs` of ``[..., T]`` float32 tensors (float64 for float64 inputs), 0 at ignored
+        tokens. ``policy`` is differentiable w.r.t. ``hidden``, ``weight`` and ``bias``; the others
+        carry no gradient.
 
     Non-finite values in counted rows of ``hidden`` propagate (NaN log-probs at those tokens, so a
     NaN loss), no check is made on the hot path; ignored rows never enter any computation.
@@ -320,8 +332,12 @@ def fused_logprobs(
     has_ref = ref_hidden is not None or ref_weight is not None
     if has_ref:
         if ref_hidden is None or ref_weight is None:
-            given, missing = ("ref_hidden", "ref_weight") if ref_weight is None else ("ref_weight", "ref_hidden")
-            raise ValueError(f"`{given}` was given without `{missing}`: pass both for the reference model, or neither.")
+            given, missing = (
+                ("ref_hidden", "ref_weight") if ref_weight is None else ("ref_weight", "ref_hidden")
+            )
+            raise ValueError(
+                f"`{given}` was given without `{missing}`: pass both for the reference model, or neither."
+            )
         _check_head("ref_", ref_hidden, ref_weight, ref_bias, labels.shape, device)
         if ref_weight.shape[0] != weight.shape[0]:
             raise ValueError(
@@ -381,7 +397,9 @@ def fused_logprobs(
     return TokenLogProbs(scatter(logp), out_ref, out_minus, out_plus, mask.reshape(labels.shape))
 
 
-def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, **kwargs) -> SequenceLogProbs:
+def sequence_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, **kwargs
+) -> SequenceLogProbs:
     """Per-row sums of `fused_logprobs` over the last (token) axis, plus counted-token lengths.
 
     Same arguments as `fused_logprobs`. Shapes: ``[..., T, H]`` → ``[...]`` float32 sums and
@@ -392,4 +410,6 @@ def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     def total(x):
         return None if x is None else x.sum(-1)
 
-    return SequenceLogProbs(total(tok.policy), total(tok.ref), total(tok.minus), total(tok.plus), tok.mask.sum(-1))
+    return SequenceLogProbs(
+        total(tok.policy), total(tok.ref), total(tok.minus), total(tok.plus), tok.mask.sum(-1)
+    )

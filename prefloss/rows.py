@@ -4,8 +4,8 @@
 `prefloss.ops`' row-chunk loop (the Triton backend) hands each chunk's logit rows to them. This
 module states that contract in plain PyTorch; the kernel tests use it as the same-dtype baseline
 next to the float64 oracle. (The ``"torch"`` backend tiles the vocabulary instead, see
-`prefloss.torch_backend`, and shares only `transform_logits`.) Everything here is fp32 whatever the input dtype
-(float64 inputs stay float64).
+`prefloss.torch_backend`, and shares only `transform_logits`.) Everything here is fp32 whatever
+the input dtype (float64 inputs stay float64).
 
 The logit transform the models use, applied identically to policy and reference rows:
 

@@ -131,7 +131,9 @@ def backward(hidden, weight, bias, labels, lse, grad, opts, need, acc_dtype):
         r1 = min(r0 + c, n)
         h, y, g = hidden[r0:r1], labels[r0:r1], grad[r0:r1]
         h_acc = h.to(acc_dtype)
-        grad_h_acc = torch.zeros((r1 - r0, hidden.shape[1]), dtype=acc_dtype, device=h.device) if need_h else None
+        grad_h_acc = (
+            torch.zeros((r1 - r0, hidden.shape[1]), dtype=acc_dtype, device=h.device) if need_h else None
+        )
         for v0 in range(0, vocab, width):
             v1 = min(v0 + width, vocab)
             picker = _LabelPicker(y, v0, v1 - v0)

@@ -31,8 +31,16 @@ BAD = {
     "label-negative": (dict(labels=torch.full((2, 5), -3)), ValueError, "got -3"),
     "weight-not-2d": (dict(weight=torch.randn(11, 8, 1)), ValueError, "`weight` must be [V, H]"),
     "dtype-mismatch": (dict(weight=torch.randn(11, 8, dtype=torch.float64)), TypeError, "same dtype"),
-    "ref-hidden-only": (dict(ref_hidden=torch.randn(2, 5, 8)), ValueError, "`ref_hidden` was given without `ref_weight`"),
-    "ref-weight-only": (dict(ref_weight=torch.randn(11, 8)), ValueError, "`ref_weight` was given without `ref_hidden`"),
+    "ref-hidden-only": (
+        dict(ref_hidden=torch.randn(2, 5, 8)),
+        ValueError,
+        "`ref_hidden` was given without `ref_weight`",
+    ),
+    "ref-weight-only": (
+        dict(ref_weight=torch.randn(11, 8)),
+        ValueError,
+        "`ref_weight` was given without `ref_hidden`",
+    ),
     "ref-vocab": (
         dict(ref_hidden=torch.randn(2, 5, 8), ref_weight=torch.randn(12, 8)),
         ValueError,
@@ -55,7 +63,11 @@ BAD = {
     "bias-shape": (dict(bias=torch.randn(10)), ValueError, "`bias` must be [V]"),
     "chunk-size-zero": (dict(chunk_size=0), ValueError, "`chunk_size` must be a positive int"),
     "hidden-not-tensor": (dict(hidden=[[1.0]]), TypeError, "`hidden` must be a torch.Tensor"),
-    "hidden-int": (dict(hidden=torch.ones(2, 5, 8, dtype=torch.int64)), TypeError, "`hidden` must be a floating"),
+    "hidden-int": (
+        dict(hidden=torch.ones(2, 5, 8, dtype=torch.int64)),
+        TypeError,
+        "`hidden` must be a floating",
+    ),
 }
 
 
@@ -94,4 +106,6 @@ def test_tensors_on_different_devices():
 def test_tensors_on_different_devices_meta():
     """Device mismatch is caught before any work (the meta device stands in for a GPU here)."""
     with pytest.raises(ValueError, match="one device"):
-        prefloss.fused_logprobs(torch.randn(2, 5, 8, device="meta"), torch.randn(11, 8), torch.randint(0, 11, (2, 5)))
+        prefloss.fused_logprobs(
+            torch.randn(2, 5, 8, device="meta"), torch.randn(11, 8), torch.randint(0, 11, (2, 5))
+        )

@@ -65,7 +65,9 @@ def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     scale = 3.0 if case.peaked else 0.5
     hidden = (torch.randn(case.rows, case.T, case.H, generator=g) * scale).to(dtype)
-    weight = (torch.randn(case.V, case.H, generator=g) / case.H**0.5 * (4.0 if case.peaked else 1.0)).to(dtype)
+    weight = (torch.randn(case.V, case.H, generator=g) / case.H**0.5 * (4.0 if case.peaked else 1.0)).to(
+        dtype
+    )
     labels = torch.randint(0, case.V, (case.rows, case.T), generator=g)
     labels[torch.rand(case.rows, case.T, generator=g) < case.ignore_frac] = -100
     if case.empty_row:
@@ -108,7 +110,9 @@ def test_forward_backward_against_float64(case_name, dtype_name):
         backend="torch",
         **opts,
     )
-    leaves64 = [x.detach().double().requires_grad_(x.requires_grad) if x is not None else None for x in leaves]
+    leaves64 = [
+        x.detach().double().requires_grad_(x.requires_grad) if x is not None else None for x in leaves
+    ]
     ref64 = reference.token_logprobs(
         leaves64[0],
         leaves64[1],
@@ -127,7 +131,9 @@ def test_forward_backward_against_float64(case_name, dtype_name):
     assert (out.policy[labels == -100] == 0).all()
     assert_close_to_reference(out.policy, ref64.policy, dtype=dtype, baseline=plain, name="policy")
     if case.ref:
-        plain_ref = plain_token_logprobs(ref_hidden, ref_weight, labels, logit_scale=case.logit_scale, softcap=case.softcap)
+        plain_ref = plain_token_logprobs(
+            ref_hidden, ref_weight, labels, logit_scale=case.logit_scale, softcap=case.softcap
+        )
         assert_close_to_reference(out.ref, ref64.ref, dtype=dtype, baseline=plain_ref, name="ref")
         assert not out.ref.requires_grad
     if case.epsilon is not None:
@@ -135,9 +141,9 @@ def test_forward_backward_against_float64(case_name, dtype_name):
         for name, sign in (("minus", 1.0), ("plus", -1.0)):
             zr = ref_hidden @ ref_weight.T  # the reference has no bias in this case
             z = hidden @ weight.T + bias
-            mix = (1 + sign * case.epsilon) * (case.softcap * torch.tanh(z / case.softcap)).float() - sign * case.epsilon * (
-                case.softcap * torch.tanh(zr / case.softcap)
-            ).float()
+            mix = (1 + sign * case.epsilon) * (
+                case.softcap * torch.tanh(z / case.softcap)
+            ).float() - sign * case.epsilon * (case.softcap * torch.tanh(zr / case.softcap)).float()
             lp = torch.log_softmax(mix, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
             lp = torch.where(labels != -100, lp, torch.zeros_like(lp))
             got = getattr(out, name)
@@ -150,7 +156,11 @@ def test_forward_backward_against_float64(case_name, dtype_name):
     got = _grads(out.policy, leaves, upstream)
     want = _grads(ref64.policy, leaves64, upstream.double())
     base = _grads(plain, leaves, upstream)
-    names = [n for n, x in zip(("hidden", "weight", "bias"), leaves, strict=True) if x is not None and x.requires_grad]
+    names = [
+        n
+        for n, x in zip(("hidden", "weight", "bias"), leaves, strict=True)
+        if x is not None and x.requires_grad
+    ]
     for name, a, e, b in zip(names, got, want, base, strict=True):
         assert a.dtype == dtype, f"grad {name} dtype {a.dtype}"
         scale = max(1.0, float(e.abs().max()))
@@ -168,7 +178,9 @@ def test_gradcheck_float64_all_options():
     labels[0, :2] = -100
 
     def fn(h, w, b):
-        out = prefloss.fused_logprobs(h, w, labels, bias=b, softcap=2.0, logit_scale=0.7, chunk_size=3, backend="torch")
+        out = prefloss.fused_logprobs(
+            h, w, labels, bias=b, softcap=2.0, logit_scale=0.7, chunk_size=3, backend="torch"
+        )
         return out.policy
 
     assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
@@ -176,7 +188,10 @@ def test_gradcheck_float64_all_options():
 
 def test_chunk_size_does_not_change_results():
     hidden, weight, labels, *_ = make_inputs(Case(rows=4, T=11, V=53), torch.float64)
-    outs = [prefloss.fused_logprobs(hidden, weight, labels, chunk_size=c, backend="torch").policy for c in (1, 3, 7, 1000)]
+    outs = [
+        prefloss.fused_logprobs(hidden, weight, labels, chunk_size=c, backend="torch").policy
+        for c in (1, 3, 7, 1000)
+    ]
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], rtol=0, atol=1e-12)
 
@@ -223,7 +238,9 @@ def test_non_finite_hidden_propagates_only_from_counted_rows():
 
 def test_int32_labels_and_leading_dims_are_flattened():
     hidden, weight, labels, *_ = make_inputs(Case(rows=4, T=5, V=23), torch.float64)
-    out = prefloss.fused_logprobs(hidden.reshape(2, 2, 5, -1), weight, labels.reshape(2, 2, 5).int(), backend="torch")
+    out = prefloss.fused_logprobs(
+        hidden.reshape(2, 2, 5, -1), weight, labels.reshape(2, 2, 5).int(), backend="torch"
+    )
     ref = reference.token_logprobs(hidden, weight, labels)
     torch.testing.assert_close(out.policy.reshape(4, 5), ref.policy, rtol=0, atol=1e-12)
 

@@ -167,7 +167,9 @@ class AlphaDPOLoss(nn.Module):
         reference as ``ref_hidden``/``ref_weight`` or precomputed per-row sums ``ref_logps [2B]``
         (normalised here by each row's counted-token count)."""
         if ref_logps is None and ref_hidden is None and ref_weight is None:
-            raise ValueError("AlphaDPOLoss needs the reference: pass `ref_hidden` and `ref_weight`, or `ref_logps`.")
+            raise ValueError(
+                "AlphaDPOLoss needs the reference: pass `ref_hidden` and `ref_weight`, or `ref_logps`."
+            )
         use_pre = ref_logps is not None
         seq = pair_sequences(
             hidden,
@@ -213,7 +215,9 @@ class AlphaDPOLoss(nn.Module):
                 "RATIO/ref_logratios": margin.mean(),
                 "RATIO/MIN_ref_logratios": margin.min(),
                 "RATIO/MAX_ref_logratios": margin.max(),
-                "RATIO/var_ref_logratios": margin.var() if margin.numel() > 1 else torch.zeros_like(margin[0]),
+                "RATIO/var_ref_logratios": margin.var()
+                if margin.numel() > 1
+                else torch.zeros_like(margin[0]),
                 "alpha/running_mean": mean.float(),
                 "alpha/running_std": std.float(),
             }

@@ -57,13 +57,16 @@ def check_pair_rows(hidden: torch.Tensor) -> None:
         raise ValueError(f"`hidden` must be [2B, T, H] for a pair loss, got shape {tuple(hidden.shape)}.")
     if hidden.shape[0] % 2 != 0 or hidden.shape[0] == 0:
         raise ValueError(
-            f"`hidden` must have an even, non-zero number of rows (chosen then rejected), got {hidden.shape[0]}."
+            "`hidden` must have an even, non-zero number of rows (chosen then rejected), "
+            f"got {hidden.shape[0]}."
         )
 
 
 def check_ref_logps(ref_logps: torch.Tensor, rows: int) -> torch.Tensor:
     if not isinstance(ref_logps, torch.Tensor) or not ref_logps.is_floating_point():
-        raise TypeError(f"`ref_logps` must be a floating tensor of per-row sums [2B], got {type(ref_logps).__name__}.")
+        raise TypeError(
+            f"`ref_logps` must be a floating tensor of per-row sums [2B], got {type(ref_logps).__name__}."
+        )
     if tuple(ref_logps.shape) != (rows,):
         raise ValueError(f"`ref_logps` must have shape [2B] = [{rows}], got {tuple(ref_logps.shape)}.")
     # bf16/fp16 sums are upcast to fp32; float64 ones stay float64 (no rounding of the oracle path)

@@ -93,7 +93,9 @@ class DPOLoss(nn.Module):
         """Args: hidden ``[2B, T, H]`` (rows ``[0, B)`` chosen), weight ``[V, H]``, labels ``[2B, T]``;
         the reference as ``ref_hidden``/``ref_weight`` or as precomputed sums ``ref_logps [2B]``."""
         if ref_logps is None and ref_hidden is None and ref_weight is None:
-            raise ValueError("DPOLoss needs the reference: pass `ref_hidden` and `ref_weight`, or `ref_logps`.")
+            raise ValueError(
+                "DPOLoss needs the reference: pass `ref_hidden` and `ref_weight`, or `ref_logps`."
+            )
         seq = pair_sequences(
             hidden,
             weight,

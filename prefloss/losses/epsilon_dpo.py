@@ -150,7 +150,9 @@ class EpsilonDPOLoss(nn.Module):
         super().__init__()
         check_beta(beta)
         check_label_smoothing(label_smoothing)
-        if compare_dtype is not None and not (isinstance(compare_dtype, torch.dtype) and compare_dtype.is_floating_point):
+        if compare_dtype is not None and not (
+            isinstance(compare_dtype, torch.dtype) and compare_dtype.is_floating_point
+        ):
             raise TypeError(f"`compare_dtype` must be a floating torch.dtype or None, got {compare_dtype!r}.")
         self.epsilon = _check_epsilon(epsilon)
         self.compare_dtype, self.label_smoothing = compare_dtype, float(label_smoothing)
@@ -182,7 +184,9 @@ class EpsilonDPOLoss(nn.Module):
                 "token by token, so it needs `ref_hidden` and `ref_weight`."
             )
         if ref_hidden is None or ref_weight is None:
-            raise ValueError("EpsilonDPOLoss needs the reference hidden states: pass `ref_hidden` and `ref_weight`.")
+            raise ValueError(
+                "EpsilonDPOLoss needs the reference hidden states: pass `ref_hidden` and `ref_weight`."
+            )
         seq = pair_sequences(
             hidden,
             weight,

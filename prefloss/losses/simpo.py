@@ -92,7 +92,11 @@ class SimPOLoss(nn.Module):
         ).mean()
         pc, pr = split_pairs(seq.policy)
         out = simpo_loss(
-            pc, pr, beta=self.beta, gamma_beta_ratio=self.gamma_beta_ratio, label_smoothing=self.label_smoothing
+            pc,
+            pr,
+            beta=self.beta,
+            gamma_beta_ratio=self.gamma_beta_ratio,
+            label_smoothing=self.label_smoothing,
         )
         metrics = reward_metrics(out.chosen_rewards, out.rejected_rewards)
         metrics.update({"logps/chosen": pc.detach().mean(), "logps/rejected": pr.detach().mean()})
