@@ -52,6 +52,14 @@ _ROUND_BF16_BY_HAND = tl.constexpr(INTERPRET)
 
 
 @triton.jit
+def _tanh(b_u):
+    """tanh(u) = sign(u)·(1 − e)/(1 + e), e = exp(−2|u|): no overflow, same code on every target."""
+    b_e = tl.exp(-2.0 * tl.abs(b_u))
+    b_t = (1.0 - b_e) / (1.0 + b_e)
+    return tl.where(b_u < 0, -b_t, b_t)
+
+
+@triton.jit
 def logprobs_fwd_kernel(
     logits_ptr,
     ref_ptr,
@@ -95,12 +103,7 @@ def logprobs_fwd_kernel(
     if HAS_SCALE:
         b_zy *= logit_scale
     if HAS_SOFTCAP:
-        # tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2|u|): no overflow, same code on every target.
-        # (Scalar names differ from the loop's block names: loop-carried types must not change.)
-        b_uy = b_zy / softcap
-        b_ey = tl.exp(-2.0 * tl.abs(b_uy))
-        b_ty = (1.0 - b_ey) / (1.0 + b_ey)
-        b_zy = softcap * tl.where(b_uy < 0, -b_ty, b_ty)
+        b_zy = softcap * _tanh(b_zy / softcap)
     b_zry = 0.0
     if HAS_REF:
         b_zry = tl.load(ref_ptr + o_ref_row + b_y).to(tl.float32)
@@ -109,10 +112,7 @@ def logprobs_fwd_kernel(
         if HAS_SCALE:
             b_zry *= logit_scale
         if HAS_SOFTCAP:
-            b_uy = b_zry / softcap
-            b_ey = tl.exp(-2.0 * tl.abs(b_uy))
-            b_ty = (1.0 - b_ey) / (1.0 + b_ey)
-            b_zry = softcap * tl.where(b_uy < 0, -b_ty, b_ty)
+            b_zry = softcap * _tanh(b_zry / softcap)
 
     # Running max and rescaled sum of exponentials, one pair per stream.
     b_m = float("-inf")
@@ -133,10 +133,7 @@ def logprobs_fwd_kernel(
         if HAS_SCALE:
             b_z *= logit_scale
         if HAS_SOFTCAP:
-            b_u = b_z / softcap
-            b_e = tl.exp(-2.0 * tl.abs(b_u))
-            b_t = (1.0 - b_e) / (1.0 + b_e)
-            b_z = softcap * tl.where(b_u < 0, -b_t, b_t)
+            b_z = softcap * _tanh(b_z / softcap)
         # Masked lanes become -inf only after any arithmetic that mixes streams (inf - inf = nan).
         b_zm = tl.where(m_col, b_z, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_zm, axis=0))
@@ -149,10 +146,7 @@ def logprobs_fwd_kernel(
             if HAS_SCALE:
                 b_zr *= logit_scale
             if HAS_SOFTCAP:
-                b_u = b_zr / softcap
-                b_e = tl.exp(-2.0 * tl.abs(b_u))
-                b_t = (1.0 - b_e) / (1.0 + b_e)
-                b_zr = softcap * tl.where(b_u < 0, -b_t, b_t)
+                b_zr = softcap * _tanh(b_zr / softcap)
             b_zrm = tl.where(m_col, b_zr, float("-inf"))
             b_m_new = tl.maximum(b_mr, tl.max(b_zrm, axis=0))
             b_sr = b_sr * tl.exp(b_mr - b_m_new) + tl.sum(tl.exp(b_zrm - b_m_new), axis=0)
@@ -212,10 +206,7 @@ def logprobs_bwd_kernel(
         if HAS_SCALE:
             b_z *= logit_scale
         if HAS_SOFTCAP:
-            b_u = b_z / softcap
-            b_e = tl.exp(-2.0 * tl.abs(b_u))
-            b_t = (1.0 - b_e) / (1.0 + b_e)
-            b_t = tl.where(b_u < 0, -b_t, b_t)
+            b_t = _tanh(b_z / softcap)
             b_z = softcap * b_t
         b_p = tl.exp(b_z - b_lse)
         b_d = b_grad * (tl.where(o_col == b_y, 1.0, 0.0) - b_p)
