@@ -25,7 +25,6 @@ from prefloss.losses.common import (
     LossOutput,
     check_beta,
     check_label_smoothing,
-    check_ref_logps,
     pair_sequences,
     reward_metrics,
     sigmoid_loss,
@@ -166,27 +165,23 @@ class AlphaDPOLoss(nn.Module):
         """hidden ``[2B, T, H]`` (rows ``[0, B)`` chosen), weight ``[V, H]``, labels ``[2B, T]``; the
         reference as ``ref_hidden``/``ref_weight`` or precomputed per-row sums ``ref_logps [2B]``
         (normalised here by each row's counted-token count)."""
-        if ref_logps is None and ref_hidden is None and ref_weight is None:
-            raise ValueError(
-                "AlphaDPOLoss needs the reference: pass `ref_hidden` and `ref_weight`, or `ref_logps`."
-            )
-        use_pre = ref_logps is not None
         seq = pair_sequences(
+            "AlphaDPOLoss",
             hidden,
             weight,
             labels,
+            reference="live_or_precomputed",
             bias=bias,
-            ref_hidden=None if use_pre else ref_hidden,
-            ref_weight=None if use_pre else ref_weight,
-            ref_bias=None if use_pre else ref_bias,
+            ref_hidden=ref_hidden,
+            ref_weight=ref_weight,
+            ref_bias=ref_bias,
+            ref_logps=ref_logps,
             logit_scale=logit_scale,
             softcap=softcap,
             ignore_index=ignore_index,
             chunk_size=self.chunk_size,
             backend=self.backend,
         )
-        if use_pre:
-            seq = seq._replace(ref=check_ref_logps(ref_logps, hidden.shape[0]))
         seq = seq.mean()
         pc, pr = split_pairs(seq.policy)
         rc, rr = split_pairs(seq.ref)

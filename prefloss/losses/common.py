@@ -73,15 +73,21 @@ def check_ref_logps(ref_logps: torch.Tensor, rows: int) -> torch.Tensor:
     return ref_logps.detach().to(torch.promote_types(ref_logps.dtype, torch.float32))
 
 
+REFERENCE_MODES = ("live_or_precomputed", "live", "none")
+
+
 def pair_sequences(
+    loss: str,
     hidden,
     weight,
     labels,
     *,
+    reference: str,
     bias=None,
     ref_hidden=None,
     ref_weight=None,
     ref_bias=None,
+    ref_logps=None,
     epsilon=None,
     logit_scale=None,
     softcap=None,
@@ -89,9 +95,38 @@ def pair_sequences(
     chunk_size=None,
     backend="auto",
 ) -> SequenceLogProbs:
-    """`prefloss.sequence_logprobs` after checking the ``[2B, T, H]`` pair layout."""
+    """`prefloss.sequence_logprobs` for a pair loss, after checking the ``[2B, T, H]`` layout and
+    how the loss takes its reference model.
+
+    Args:
+        loss: the loss's class name, for error messages.
+        reference: ``"live_or_precomputed"`` (DPO, α-DPO: ``ref_hidden``/``ref_weight`` or
+            precomputed per-row sums ``ref_logps [2B]``, which then replace ``.ref``), ``"live"``
+            (ε-DPO: hidden states only) or ``"none"`` (SimPO: reference arguments are ignored).
+        The rest: as `prefloss.fused_logprobs`.
+    """
     check_pair_rows(hidden)
-    return sequence_logprobs(
+    given_live = ref_hidden is not None or ref_weight is not None
+    if reference == "none":
+        ref_hidden = ref_weight = ref_bias = ref_logps = None
+    elif reference == "live":
+        if ref_logps is not None:
+            raise ValueError(
+                f"{loss} cannot use precomputed `ref_logps`: it mixes policy and reference logits "
+                "token by token, so it needs `ref_hidden` and `ref_weight`."
+            )
+        if ref_hidden is None or ref_weight is None:
+            raise ValueError(f"{loss} needs the reference hidden states: pass `ref_hidden` and `ref_weight`.")
+    elif reference == "live_or_precomputed":
+        if ref_logps is None and not given_live:
+            raise ValueError(
+                f"{loss} needs the reference: pass `ref_hidden` and `ref_weight`, or `ref_logps`."
+            )
+        if ref_logps is not None:
+            ref_hidden = ref_weight = ref_bias = None
+    else:
+        raise ValueError(f"`reference` must be one of {REFERENCE_MODES}, got {reference!r}.")
+    seq = sequence_logprobs(
         hidden,
         weight,
         labels,
@@ -106,6 +141,9 @@ def pair_sequences(
         chunk_size=chunk_size,
         backend=backend,
     )
+    if ref_logps is not None:
+        seq = seq._replace(ref=check_ref_logps(ref_logps, hidden.shape[0]))
+    return seq
 
 
 def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -15,7 +15,6 @@ from prefloss.losses.common import (
     LossOutput,
     check_beta,
     check_label_smoothing,
-    check_ref_logps,
     pair_sequences,
     reward_metrics,
     sigmoid_loss,
@@ -92,27 +91,25 @@ class DPOLoss(nn.Module):
     ) -> LossOutput:
         """Args: hidden ``[2B, T, H]`` (rows ``[0, B)`` chosen), weight ``[V, H]``, labels ``[2B, T]``;
         the reference as ``ref_hidden``/``ref_weight`` or as precomputed sums ``ref_logps [2B]``."""
-        if ref_logps is None and ref_hidden is None and ref_weight is None:
-            raise ValueError(
-                "DPOLoss needs the reference: pass `ref_hidden` and `ref_weight`, or `ref_logps`."
-            )
         seq = pair_sequences(
+            "DPOLoss",
             hidden,
             weight,
             labels,
+            reference="live_or_precomputed",
             bias=bias,
-            ref_hidden=None if ref_logps is not None else ref_hidden,
-            ref_weight=None if ref_logps is not None else ref_weight,
-            ref_bias=None if ref_logps is not None else ref_bias,
+            ref_hidden=ref_hidden,
+            ref_weight=ref_weight,
+            ref_bias=ref_bias,
+            ref_logps=ref_logps,
             logit_scale=logit_scale,
             softcap=softcap,
             ignore_index=ignore_index,
             chunk_size=self.chunk_size,
             backend=self.backend,
         )
-        ref = check_ref_logps(ref_logps, hidden.shape[0]) if ref_logps is not None else seq.ref
         pc, pr = split_pairs(seq.policy)
-        rc, rr = split_pairs(ref)
+        rc, rr = split_pairs(seq.ref)
         out = dpo_loss(pc, pr, rc, rr, beta=self.beta, label_smoothing=self.label_smoothing)
         metrics = reward_metrics(out.chosen_rewards, out.rejected_rewards)
         metrics.update({"logps/chosen": pc.detach().mean(), "logps/rejected": pr.detach().mean()})

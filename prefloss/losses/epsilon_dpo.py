@@ -178,23 +178,17 @@ class EpsilonDPOLoss(nn.Module):
     ) -> LossOutput:
         """hidden ``[2B, T, H]`` (rows ``[0, B)`` chosen), weight ``[V, H]``, labels ``[2B, T]``,
         ``ref_hidden [2B, T, H_ref]``, ``ref_weight [V, H_ref]`` (required)."""
-        if ref_logps is not None:
-            raise ValueError(
-                "EpsilonDPOLoss cannot use precomputed `ref_logps`: it mixes policy and reference logits "
-                "token by token, so it needs `ref_hidden` and `ref_weight`."
-            )
-        if ref_hidden is None or ref_weight is None:
-            raise ValueError(
-                "EpsilonDPOLoss needs the reference hidden states: pass `ref_hidden` and `ref_weight`."
-            )
         seq = pair_sequences(
+            "EpsilonDPOLoss",
             hidden,
             weight,
             labels,
+            reference="live",
             bias=bias,
             ref_hidden=ref_hidden,
             ref_weight=ref_weight,
             ref_bias=ref_bias,
+            ref_logps=ref_logps,
             epsilon=self.epsilon,
             logit_scale=logit_scale,
             softcap=softcap,

@@ -80,10 +80,16 @@ class SimPOLoss(nn.Module):
     ) -> LossOutput:
         """hidden ``[2B, T, H]``, weight ``[V, H]``, labels ``[2B, T]``; reference arguments are ignored."""
         seq = pair_sequences(
+            "SimPOLoss",
             hidden,
             weight,
             labels,
+            reference="none",
             bias=bias,
+            ref_hidden=ref_hidden,
+            ref_weight=ref_weight,
+            ref_bias=ref_bias,
+            ref_logps=ref_logps,
             logit_scale=logit_scale,
             softcap=softcap,
             ignore_index=ignore_index,
