@@ -166,12 +166,15 @@ def add_ratios(results: list[dict]) -> None:
         ok = [r for r in rows if r["status"] == "ok"]
         floor = next((r for r in ok if r["method"] == "floor"), None)
         for r in ok:
+            r["peak_beyond_grads_mib"] = r["peak_mib"]["max"] - r.get("grads_mib", 0.0)
             ratios = {}
             t = r["time_s"]["median"]
             if floor is not None and r is not floor:
                 ratios["time_to_floor"] = t / floor["time_s"]["median"]
                 # fastest repeat over fastest repeat: the least disturbed by other processes
                 ratios["min_time_to_floor"] = r["time_s"]["min"] / floor["time_s"]["min"]
+                if r.get("cpu_time_s") and floor.get("cpu_time_s"):
+                    ratios["cpu_time_to_floor"] = r["cpu_time_s"]["median"] / floor["cpu_time_s"]["median"]
             others = [
                 o
                 for o in ok

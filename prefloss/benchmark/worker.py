@@ -155,6 +155,12 @@ def _case(spec: dict, shape_dict: dict, i: int) -> dict:
     }
 
 
+def _digest() -> str:
+    from prefloss.benchmark.machine import source_digest
+
+    return source_digest()
+
+
 def main() -> None:
     """Runs every shape of the spec in this process, one result line per shape, in order."""
     spec = json.loads(sys.argv[1])
@@ -175,6 +181,7 @@ def main() -> None:
             if status == "error":
                 result["traceback"] = traceback.format_exc()[-4000:]
         gc.collect()
+        result["prefloss_source_sha256"] = _digest()
         print(RESULT_MARK + json.dumps({"index": i, **result}), flush=True)
 
 
