@@ -33,7 +33,8 @@ from typing import NamedTuple
 
 import torch
 
-from prefloss import torch_backend
+from prefloss import torch_backend, triton_backend
+from prefloss.chunks import CountedRows
 
 BACKENDS = ("auto", "torch", "triton")
 # Triton backend: elements of one [C, V] row-chunk buffer (GPU GEMMs want tall chunks).
@@ -89,99 +90,28 @@ class _Options:
     backend: str  # "torch" | "triton"
 
 
-def _row_ops(backend: str):
-    """The row reductions of the row-chunk loop: the Triton kernels (imported lazily, because
-    TRITON_INTERPRET must be decided before `prefloss.kernels` is imported)."""
-    from prefloss import kernels
-
-    return kernels
-
-
 def _accumulate_dtype(x: torch.Tensor) -> torch.dtype:
     """fp32 for fp32/bf16/fp16 inputs; float64 inputs stay float64 (gradcheck, oracles)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _row_kwargs(opts: _Options) -> dict:
-    return {"logit_scale": opts.logit_scale, "softcap": opts.softcap}
-
-
-def _row_chunk_forward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts, acc):
-    """Triton backend forward: ``[C, V]`` row chunks, row reductions in `prefloss.kernels`."""
-    rows = _row_ops(opts.backend)
-    n, vocab = hidden.shape[0], weight.shape[0]
-    has_ref = ref_hidden is not None
-    want_mix = has_ref and opts.epsilon is not None
-    new = {"dtype": acc, "device": hidden.device}
-    logp, lse = torch.empty(n, **new), torch.empty(n, **new)
-    ref = torch.empty(n, **new) if has_ref else None
-    minus = torch.empty(n, **new) if want_mix else None
-    plus = torch.empty(n, **new) if want_mix else None
-    c = max(1, min(opts.chunk_size, n))
-    buf = hidden.new_empty((c, vocab))
-    ref_buf = ref_hidden.new_empty((c, vocab)) if has_ref else None
-    for start in range(0, n, c):
-        end = min(start + c, n)
-        logits = torch.mm(hidden[start:end], weight.T, out=buf[: end - start])
-        ref_logits = None
-        if has_ref:
-            ref_logits = torch.mm(ref_hidden[start:end], ref_weight.T, out=ref_buf[: end - start])
-        stats = rows.logprobs_fwd(
-            logits,
-            labels[start:end],
-            bias=bias,
-            ref_logits=ref_logits,
-            ref_bias=ref_bias,
-            epsilon=opts.epsilon if want_mix else None,
-            **_row_kwargs(opts),
-        )
-        logp[start:end] = stats.logp
-        lse[start:end] = stats.lse
-        if has_ref:
-            ref[start:end] = stats.ref
-        if want_mix:
-            minus[start:end] = stats.minus
-            plus[start:end] = stats.plus
-    return logp, lse, ref, minus, plus
-
-
-def _row_chunk_backward(hidden, weight, bias, labels, lse, grad, opts, need, acc):
-    """Triton backend backward: recompute each ``[C, V]`` chunk, gradient written in place."""
-    rows = _row_ops(opts.backend)
-    need_h, need_w, need_b = need
-    n, vocab = hidden.shape[0], weight.shape[0]
-    grad_h = torch.empty_like(hidden) if need_h else None
-    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-    grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if need_b else None
-    c = max(1, min(opts.chunk_size, n))
-    buf = hidden.new_empty((c, vocab))
-    for start in range(0, n, c):
-        end = min(start + c, n)
-        h = hidden[start:end]
-        dlogits = torch.mm(h, weight.T, out=buf[: end - start])
-        rows.logprobs_bwd(
-            dlogits, labels[start:end], lse[start:end], grad[start:end], bias=bias, **_row_kwargs(opts)
-        )
-        if need_h:
-            torch.mm(dlogits, weight, out=grad_h[start:end])
-        if need_w:
-            grad_w.addmm_(dlogits.T.to(acc), h.to(acc))
-        if need_b:
-            grad_b += dlogits.to(acc).sum(0)
-    return grad_h, grad_w, grad_b
+_BACKENDS = {"torch": torch_backend, "triton": triton_backend}
 
 
 class _FusedLogProbs(torch.autograd.Function):
-    """Forward/backward over counted rows only (``hidden`` is ``[n, H]``, ``labels`` ``[n]``)."""
+    """``hidden``/``ref_hidden`` are the full ``[N, H]`` inputs, ``labels`` the ``[n]`` counted
+    labels; ``rows`` (in ``opts``' companion argument) says which rows they belong to."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts: _Options):
+    def forward(
+        ctx, hidden, weight, bias, labels, rows: CountedRows, ref_hidden, ref_weight, ref_bias, opts: _Options
+    ):
         acc = _accumulate_dtype(hidden)
-        run = torch_backend.forward if opts.backend == "torch" else _row_chunk_forward
-        logp, lse, ref, minus, plus = run(
-            hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts, acc
+        backend = _BACKENDS[opts.backend]
+        logp, lse, ref, minus, plus = backend.forward(
+            hidden, weight, bias, labels, rows, ref_hidden, ref_weight, ref_bias, opts, acc
         )
-        ctx.opts = opts
+        ctx.opts, ctx.rows = opts, rows
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         extras = [x if x is not None else logp.new_empty(0) for x in (ref, minus, plus)]
         ctx.mark_non_differentiable(*extras)
@@ -190,16 +120,16 @@ class _FusedLogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, *_unused):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
-        opts: _Options = ctx.opts
         acc = _accumulate_dtype(hidden)
         grad = grad_logp.to(acc).contiguous()
-        run = torch_backend.backward if opts.backend == "torch" else _row_chunk_backward
-        grad_h, grad_w, grad_b = run(
-            hidden, weight, bias, labels, lse, grad, opts, ctx.needs_input_grad[:3], acc
+        need = ctx.needs_input_grad[:3]
+        backend = _BACKENDS[ctx.opts.backend]
+        grad_h, grad_w, grad_b = backend.backward(
+            hidden, weight, bias, labels, ctx.rows, lse, grad, ctx.opts, need, acc
         )
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
-        return grad_h, grad_w, grad_b, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
 # --- input checks -------------------------------------------------------------------------------
@@ -373,15 +303,14 @@ def fused_logprobs(
         raise ValueError(
             f"`labels` must be in [0, {vocab}) (V) or equal `ignore_index` = {ignore_index}, got {first}."
         )
-    hidden2d = hidden.reshape(-1, hidden.shape[-1])
     all_counted = idx.numel() == flat_labels.numel()
-    h = hidden2d.contiguous() if all_counted else hidden2d.index_select(0, idx)
-    rh = None
-    if has_ref:
-        ref2d = ref_hidden.reshape(-1, ref_hidden.shape[-1])
-        rh = ref2d.contiguous() if all_counted else ref2d.index_select(0, idx)
+    rows = CountedRows(None if all_counted else idx, idx.numel())
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    ref2d = ref_hidden.reshape(-1, ref_hidden.shape[-1]) if has_ref else None
     opts = _Options(epsilon, logit_scale, softcap, chunk_size, resolved)
-    logp, ref, minus, plus = _FusedLogProbs.apply(h, weight, bias, counted, rh, ref_weight, ref_bias, opts)
+    logp, ref, minus, plus = _FusedLogProbs.apply(
+        hidden2d, weight, bias, counted, rows, ref2d, ref_weight, ref_bias, opts
+    )
 
     def scatter(values):
         if values is None or (values.numel() == 0 and idx.numel() != 0):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from prefloss.chunks import CountedRows
 from prefloss.rows import transform_logits
 
 VOCAB_TILE = 4096  # columns per tile; module-level so tests can shrink it
@@ -65,13 +66,15 @@ def _tile(h, weight, bias, start, stop, buf, opts) -> torch.Tensor:
     return transform_logits(raw, tile_bias, opts.logit_scale, opts.softcap)
 
 
-def forward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts, acc_dtype):
-    """Per-row log-probs of ``labels`` (``[n]`` each) and the policy ``lse`` for backward.
+def forward(
+    hidden, weight, bias, labels, rows: CountedRows, ref_hidden, ref_weight, ref_bias, opts, acc_dtype
+):
+    """Per-row log-probs ``(logp, lse, ref, minus, plus)``, each ``[n]`` (``None`` when not asked for).
 
-    Args as in ``prefloss.ops._FusedLogProbs.forward`` (counted rows only).
-    Returns ``(logp, lse, ref, minus, plus)``; the last three ``None`` when not asked for.
+    ``hidden``/``ref_hidden`` are the full ``[N, H]`` inputs; ``labels`` ``[n]`` are the counted
+    rows' labels, in the order of ``rows``.
     """
-    n, vocab = hidden.shape[0], weight.shape[0]
+    n, vocab = rows.count, weight.shape[0]
     has_ref, eps = ref_hidden is not None, opts.epsilon
     want_mix = has_ref and eps is not None
     out = {k: torch.empty(n, dtype=acc_dtype, device=hidden.device) for k in ("logp", "lse")}
@@ -83,9 +86,9 @@ def forward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts
     ref_buf = ref_hidden.new_empty((c, width)) if has_ref else None
     mix = torch.empty((c, width), dtype=acc_dtype, device=hidden.device) if want_mix else None
     scratch = torch.empty((c, width), dtype=acc_dtype, device=hidden.device)
-    for r0 in range(0, n, c):
-        r1 = min(r0 + c, n)
-        h, y = hidden[r0:r1], labels[r0:r1]
+    for r0, r1 in rows.chunks(c):
+        h, y = rows.take(hidden, r0, r1), labels[r0:r1]
+        ref_h = rows.take(ref_hidden, r0, r1) if has_ref else None
         names = ["logp"] + (["ref"] if has_ref else []) + (["minus", "plus"] if want_mix else [])
         target = {k: torch.zeros(r1 - r0, dtype=acc_dtype, device=h.device) for k in names}
         lse = {k: _OnlineLSE(r1 - r0, target[k]) for k in names}
@@ -95,7 +98,7 @@ def forward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts
             z = _tile(h, weight, bias, v0, v1, buf, opts)
             picker.pick_(target["logp"], z)
             if has_ref:
-                zr = _tile(ref_hidden[r0:r1], ref_weight, ref_bias, v0, v1, ref_buf, opts)
+                zr = _tile(ref_h, ref_weight, ref_bias, v0, v1, ref_buf, opts)
                 picker.pick_(target["ref"], zr)
                 if want_mix:
                     # (1+ε) z − ε z_ref = lerp(z, z_ref, −ε);  (1−ε) z + ε z_ref = lerp(z, z_ref, ε)
@@ -113,23 +116,21 @@ def forward(hidden, weight, bias, labels, ref_hidden, ref_weight, ref_bias, opts
     return out["logp"], out["lse"], out["ref"], out["minus"], out["plus"]
 
 
-def backward(hidden, weight, bias, labels, lse, grad, opts, need, acc_dtype):
-    """Gradients of ``Σ_t grad[t]·logp[t]``: ``(∂hidden, ∂weight, ∂bias)``, ``None`` where not needed.
-
-    ``need`` is ``(hidden, weight, bias)`` booleans. ∂weight and ∂bias are accumulated in
-    ``acc_dtype`` and returned in it; ∂hidden is returned in ``hidden``'s dtype.
+def backward(hidden, weight, bias, labels, rows: CountedRows, lse, grad, opts, need, acc_dtype):
+    """Gradients of ``Σ_t grad[t]·logp[t]``: ``(∂hidden [N, H], ∂weight, ∂bias)``, ``None`` where
+    ``need`` (three booleans) says so. ∂weight and ∂bias are accumulated and returned in
+    ``acc_dtype``; ∂hidden is in ``hidden``'s dtype, 0 at ignored rows.
     """
     need_h, need_w, need_b = need
-    n, vocab = hidden.shape[0], weight.shape[0]
-    grad_h = torch.empty_like(hidden) if need_h else None
+    n, vocab = rows.count, weight.shape[0]
+    grad_h = rows.new_grad(hidden) if need_h else None
     grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
     grad_b = torch.zeros(vocab, dtype=acc_dtype, device=weight.device) if need_b else None
     c = max(1, min(opts.chunk_size, n))
     width = min(VOCAB_TILE, vocab)
     buf = hidden.new_empty((c, width))
-    for r0 in range(0, n, c):
-        r1 = min(r0 + c, n)
-        h, y, g = hidden[r0:r1], labels[r0:r1], grad[r0:r1]
+    for r0, r1 in rows.chunks(c):
+        h, y, g = rows.take(hidden, r0, r1), labels[r0:r1], grad[r0:r1]
         h_acc = h.to(acc_dtype)
         grad_h_acc = (
             torch.zeros((r1 - r0, hidden.shape[1]), dtype=acc_dtype, device=h.device) if need_h else None
@@ -158,5 +159,5 @@ def backward(hidden, weight, bias, labels, lse, grad, opts, need, acc_dtype):
             if need_b:
                 grad_b[v0:v1] += dz.sum(0)
         if need_h:
-            grad_h[r0:r1] = grad_h_acc
+            rows.put_(grad_h, r0, r1, grad_h_acc)
     return grad_h, grad_w, grad_b

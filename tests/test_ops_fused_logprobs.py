@@ -248,7 +248,7 @@ def test_int32_labels_and_leading_dims_are_flattened():
 def test_auto_backend_uses_torch_on_cpu(monkeypatch):
     import prefloss.ops as ops
 
-    monkeypatch.setattr(ops, "_row_ops", lambda backend: pytest.fail(f"row-chunk loop used ({backend})"))
+    monkeypatch.setattr(ops.triton_backend, "_kernels", lambda: pytest.fail("Triton backend used on CPU"))
     hidden, weight, labels, *_ = make_inputs(Case(rows=2, T=3, V=7), torch.float32)
     out = prefloss.fused_logprobs(hidden, weight, labels)
     torch.testing.assert_close(out.policy, plain_token_logprobs(hidden, weight, labels))

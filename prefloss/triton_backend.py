@@ -1,0 +1,102 @@
+"""The ``"triton"`` backend: ``[C, V]`` row chunks, GEMMs in torch, row reductions in Triton.
+
+For each chunk of ``C`` counted rows, one GEMM per model (cuBLAS on a GPU) writes the chunk's raw
+logit rows into a reused ``[C, V]`` buffer, and `prefloss.kernels.logprobs_fwd` reduces them in one
+pass (policy, reference and the two ε-mixtures from the same loads). Backward recomputes the policy
+rows, `prefloss.kernels.logprobs_bwd` overwrites them in place with ``∂/∂raw``, then
+``∂h = G @ W`` and ``∂W += Gᵀ @ h`` (fp32 accumulation). Matmul work per step, in units of one
+``N·H·V`` GEMM: forward 1 (+1 reference), backward 3 (2 when the head is frozen). Peak extra
+memory: one ``[C, V]`` buffer per model, O(C·V), independent of batch size and sequence length.
+The kernels are imported on first use: ``TRITON_INTERPRET`` must be decided before that import.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prefloss.chunks import CountedRows
+
+
+def _kernels():
+    from prefloss import kernels
+
+    return kernels
+
+
+def forward(
+    hidden, weight, bias, labels, rows: CountedRows, ref_hidden, ref_weight, ref_bias, opts, acc_dtype
+):
+    """Per-row log-probs ``(logp, lse, ref, minus, plus)``, each ``[n]`` (``None`` when not asked for).
+
+    ``hidden``/``ref_hidden`` are the full ``[N, H]`` inputs; ``labels`` ``[n]`` are the counted
+    rows' labels, in the order of ``rows``.
+    """
+    kernels = _kernels()
+    n, vocab = rows.count, weight.shape[0]
+    has_ref = ref_hidden is not None
+    want_mix = has_ref and opts.epsilon is not None
+
+    def new(wanted=True):
+        return torch.empty(n, dtype=acc_dtype, device=hidden.device) if wanted else None
+
+    logp, lse, ref, minus, plus = new(), new(), new(has_ref), new(want_mix), new(want_mix)
+    c = max(1, min(opts.chunk_size, n))
+    buf = hidden.new_empty((c, vocab))
+    ref_buf = ref_hidden.new_empty((c, vocab)) if has_ref else None
+    for r0, r1 in rows.chunks(c):
+        logits = torch.mm(rows.take(hidden, r0, r1), weight.T, out=buf[: r1 - r0])
+        ref_logits = None
+        if has_ref:
+            ref_logits = torch.mm(rows.take(ref_hidden, r0, r1), ref_weight.T, out=ref_buf[: r1 - r0])
+        stats = kernels.logprobs_fwd(
+            logits,
+            labels[r0:r1],
+            bias=bias,
+            ref_logits=ref_logits,
+            ref_bias=ref_bias,
+            epsilon=opts.epsilon if want_mix else None,
+            logit_scale=opts.logit_scale,
+            softcap=opts.softcap,
+        )
+        for out, value in (
+            (logp, stats.logp),
+            (lse, stats.lse),
+            (ref, stats.ref),
+            (minus, stats.minus),
+            (plus, stats.plus),
+        ):
+            if out is not None:
+                out[r0:r1] = value
+    return logp, lse, ref, minus, plus
+
+
+def backward(hidden, weight, bias, labels, rows: CountedRows, lse, grad, opts, need, acc_dtype):
+    """Gradients of ``Σ_t grad[t]·logp[t]``: ``(∂hidden [N, H], ∂weight, ∂bias)``, ``None`` where
+    ``need`` (three booleans) says so; ∂weight and ∂bias in ``acc_dtype``."""
+    kernels = _kernels()
+    need_h, need_w, need_b = need
+    n, vocab = rows.count, weight.shape[0]
+    grad_h = rows.new_grad(hidden) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
+    grad_b = torch.zeros(vocab, dtype=acc_dtype, device=weight.device) if need_b else None
+    c = max(1, min(opts.chunk_size, n))
+    buf = hidden.new_empty((c, vocab))
+    for r0, r1 in rows.chunks(c):
+        h = rows.take(hidden, r0, r1)
+        dlogits = torch.mm(h, weight.T, out=buf[: r1 - r0])
+        kernels.logprobs_bwd(
+            dlogits,
+            labels[r0:r1],
+            lse[r0:r1],
+            grad[r0:r1],
+            bias=bias,
+            logit_scale=opts.logit_scale,
+            softcap=opts.softcap,
+        )
+        if need_h:
+            rows.put_(grad_h, r0, r1, dlogits @ weight)
+        if need_w:
+            grad_w.addmm_(dlogits.T.to(acc_dtype), h.to(acc_dtype))
+        if need_b:
+            grad_b += dlogits.to(acc_dtype).sum(0)
+    return grad_h, grad_w, grad_b
