@@ -40,7 +40,7 @@ BACKENDS = ("auto", "torch", "triton")
 # Triton backend: elements of one [C, V] row-chunk buffer (GPU GEMMs want tall chunks).
 _TRITON_CHUNK_ELEMENTS = 1 << 26
 # Torch backend: rows per chunk; each GEMM is [C, H] x [H, VOCAB_TILE] (prefloss.torch_backend).
-_TORCH_CHUNK_ROWS = 1024
+_TORCH_CHUNK_ROWS = 2048
 
 
 class TokenLogProbs(NamedTuple):
@@ -200,7 +200,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def default_chunk_size(vocab: int, backend: str) -> int:
-    """Rows per chunk: 1024 for the torch backend (``[C, 4096]`` tiles); for Triton, ``[C, V]``
+    """Rows per chunk: 2048 for the torch backend (``[C, 2048]`` tiles); for Triton, ``[C, V]``
     buffers of about 64M elements (C = 512 at V = 128k), a multiple of 16."""
     if backend == "torch":
         return _TORCH_CHUNK_ROWS
@@ -242,7 +242,7 @@ def fused_logprobs(
         logit_scale: multiply logits by this (Cohere ``logit_scale``; Granite ``1/logits_scaling``).
         softcap: Gemma-2 ``final_logit_softcapping`` ``c``: logits become ``c·tanh(z/c)``.
         ignore_index: label value of tokens that do not count (default -100).
-        chunk_size: counted rows per chunk (default: 1024 for the torch backend, which also tiles
+        chunk_size: counted rows per chunk (default: 2048 for the torch backend, which also tiles
             the vocabulary; about 64M logits per ``[C, V]`` chunk for Triton).
         backend: ``"torch"``, ``"triton"`` or ``"auto"`` (Triton on CUDA tensors, torch otherwise).
 
