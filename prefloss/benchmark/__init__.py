@@ -3,7 +3,8 @@
 Every case (prefloss's losses, the authors-style full-logits implementation, Liger-Kernel's
 chunked losses, the matmul floor) runs on identical inputs, each in a fresh process. Before
 anything is timed, the case's loss and gradients are checked against the float64 reference
-(`prefloss.reference`); a case that disagrees is reported WRONG and not timed. See notes/bench.md.
+(`prefloss.reference`); a case that disagrees is reported WRONG and not timed. See
+CONTRIBUTING.md ("Benchmarks").
 """
 
 from __future__ import annotations
