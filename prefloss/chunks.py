@@ -46,3 +46,13 @@ class CountedRows:
     def new_grad(self, like: torch.Tensor) -> torch.Tensor:
         """The ``[N, ...]`` gradient buffer: zeros where rows are ignored, filled by `put_`."""
         return torch.empty_like(like) if self.index is None else torch.zeros_like(like)
+
+
+def new_grads(hidden, weight, rows: CountedRows, need, acc_dtype):
+    """The backward's outputs, ``(∂hidden [N, H], ∂weight [V, H], ∂bias [V])``, ``None`` where
+    ``need`` (three booleans) says so; ∂weight and ∂bias in ``acc_dtype`` (they accumulate)."""
+    need_h, need_w, need_b = need
+    grad_h = rows.new_grad(hidden) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
+    grad_b = torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if need_b else None
+    return grad_h, grad_w, grad_b

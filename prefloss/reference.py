@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from prefloss.ops import TokenLogProbs
 
 
-def _logits64(hidden, weight, bias, logit_scale, softcap):
-    z = hidden.double() @ weight.double().T
+def transform_logits(raw: torch.Tensor, bias, logit_scale, softcap) -> torch.Tensor:
+    """Float64 ``softcap·tanh((raw + bias)·logit_scale / softcap)`` (each step only when given)."""
+    z = raw.double()
     if bias is not None:
         z = z + bias.double()
     if logit_scale is not None:
@@ -25,6 +26,10 @@ def _logits64(hidden, weight, bias, logit_scale, softcap):
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     return z
+
+
+def _logits64(hidden, weight, bias, logit_scale, softcap):
+    return transform_logits(hidden.double() @ weight.double().T, bias, logit_scale, softcap)
 
 
 def _gather_logp(z: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from prefloss.chunks import CountedRows
+from prefloss.chunks import CountedRows, new_grads
 from prefloss.rows import transform_logits
 
 VOCAB_TILE = 2048  # columns per tile; module-level so tests can shrink it
@@ -134,9 +134,7 @@ def backward(hidden, weight, bias, labels, rows: CountedRows, lse, grad, opts, n
     """
     need_h, need_w, need_b = need
     n, vocab = rows.count, weight.shape[0]
-    grad_h = rows.new_grad(hidden) if need_h else None
-    grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
-    grad_b = torch.zeros(vocab, dtype=acc_dtype, device=weight.device) if need_b else None
+    grad_h, grad_w, grad_b = new_grads(hidden, weight, rows, need, acc_dtype)
     c = max(1, min(opts.chunk_size, n))
     width = min(VOCAB_TILE, vocab)
     buf = hidden.new_empty((c, width))

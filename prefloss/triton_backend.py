@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from prefloss.chunks import CountedRows
+from prefloss.chunks import CountedRows, new_grads
 
 
 def _kernels():
@@ -76,9 +76,7 @@ def backward(hidden, weight, bias, labels, rows: CountedRows, lse, grad, opts, n
     kernels = _kernels()
     need_h, need_w, need_b = need
     n, vocab = rows.count, weight.shape[0]
-    grad_h = rows.new_grad(hidden) if need_h else None
-    grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
-    grad_b = torch.zeros(vocab, dtype=acc_dtype, device=weight.device) if need_b else None
+    grad_h, grad_w, grad_b = new_grads(hidden, weight, rows, need, acc_dtype)
     c = max(1, min(opts.chunk_size, n))
     buf = hidden.new_empty((c, vocab))
     for r0, r1 in rows.chunks(c):

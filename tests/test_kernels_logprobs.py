@@ -66,17 +66,6 @@ def _make_rows(n, V, dtype, opts, seed=0):
     return cast(raw), labels, cast(ref), cast(bias), cast(ref_bias)
 
 
-def _transform64(raw, bias, logit_scale, softcap):
-    z = raw.double()
-    if bias is not None:
-        z = z + bias.double()
-    if logit_scale is not None:
-        z = z * logit_scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return z
-
-
 def _logp64(z, labels):
     return torch.log_softmax(z, dim=1).gather(1, labels[:, None]).squeeze(1)
 
@@ -92,10 +81,10 @@ def test_logprobs_rows_fwd_bwd(case, dtype):
 
     # float64 truth from the same rounded inputs; the policy side is differentiated by autograd.
     raw64 = raw.double().requires_grad_()
-    z = _transform64(raw64, bias, scale, cap)
+    z = reference.transform_logits(raw64, bias, scale, cap)
     expected = {"logp": _logp64(z, labels), "lse": torch.logsumexp(z, dim=1)}
     if ref_raw is not None:
-        zr = _transform64(ref_raw, ref_bias, scale, cap)
+        zr = reference.transform_logits(ref_raw, ref_bias, scale, cap)
         expected["ref"] = _logp64(zr, labels)
         if eps is not None:
             expected["minus"] = _logp64((1 + eps) * z - eps * zr, labels)
