@@ -81,7 +81,7 @@ class SequenceLogProbs(NamedTuple):
 
 @dataclass(frozen=True)
 class _Options:
-    """Non-tensor arguments of the autograd Function (one object, so backward returns one None)."""
+    """Non-tensor options of the autograd Function, travelling as one frozen object."""
 
     epsilon: float | None
     logit_scale: float | None
@@ -100,7 +100,7 @@ _BACKENDS = {"torch": torch_backend, "triton": triton_backend}
 
 class _FusedLogProbs(torch.autograd.Function):
     """``hidden``/``ref_hidden`` are the full ``[N, H]`` inputs, ``labels`` the ``[n]`` counted
-    labels; ``rows`` (in ``opts``' companion argument) says which rows they belong to."""
+    labels, and ``rows`` (`CountedRows`) says which rows of ``hidden`` they belong to."""
 
     @staticmethod
     def forward(

@@ -219,8 +219,3 @@ def preference_loss(
         steps = epsilon_steps(pc.detach(), pr.detach(), mc, mr, plc, plr)
         losses = epsilon_dpo_losses(pc, pr, rc, rr, steps, label_smoothing=label_smoothing, **hp)
     return losses.mean()
-
-
-def logsigmoid_reference(x: torch.Tensor) -> torch.Tensor:
-    """``log σ(x)`` in float64 without cancellation (used by hand-derived loss tests)."""
-    return F.logsigmoid(x.double())
