@@ -515,7 +515,7 @@ def run(args: argparse.Namespace) -> int:
     result = {
         "loss": args.loss,
         "loss_hyperparameters": {
-            k: _float_or_none(getattr(trainer.loss_fn, k, None)) for k in LOSSES[args.loss][1]
+            k: _float_or_none(getattr(trainer.loss_fn, k, None)) for k in LOSSES[args.loss].takes
         },
         "model": {"name": model_name, "parameters": sum(p.numel() for p in trainer.model.parameters())},
         "data": {

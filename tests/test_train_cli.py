@@ -74,8 +74,9 @@ def test_resume_from_checkpoint_gives_the_same_final_metrics(default_run, tmp_pa
 
 def test_loss_names_match_the_trainer() -> None:
     from prefloss.hf.trainer import LOSSES
+    from prefloss.losses import LOSSES as LOSS_CLASSES
 
-    assert sorted(train.LOSS_NAMES) == sorted(LOSSES)
+    assert sorted(train.LOSS_NAMES) == sorted(LOSSES) == sorted(LOSS_CLASSES)
 
 
 def test_unknown_loss_is_an_error(capsys) -> None:

@@ -24,7 +24,7 @@ import json
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -34,6 +34,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from prefloss.hf.collator import PreferenceCollator
 from prefloss.hf.data import load_preferences, tokenize_preferences
 from prefloss.hf.model import check_output_head, decoder_hidden_states, output_head, unwrap_model
+from prefloss.losses import LOSSES as LOSS_CLASSES
 
 __all__ = [
     "LOSSES",
@@ -47,12 +48,20 @@ __all__ = [
 
 LOSS_STATE_NAME = "prefloss_loss_state.pt"
 
-# loss name -> (class name in prefloss, hyperparameters it takes, needs a reference model)
-LOSSES: dict[str, tuple[str, tuple[str, ...], bool]] = {
-    "alpha_dpo": ("AlphaDPOLoss", ("beta", "gamma_beta_ratio", "alpha"), True),
-    "epsilon_dpo": ("EpsilonDPOLoss", ("beta", "epsilon"), True),
-    "dpo": ("DPOLoss", ("beta",), True),
-    "simpo": ("SimPOLoss", ("beta", "gamma_beta_ratio"), False),
+
+class LossSpec(NamedTuple):
+    """What the trainer needs to know of a loss beyond its class (`prefloss.losses.LOSSES`)."""
+
+    takes: tuple[str, ...]  # the hyperparameters it accepts
+    needs_reference: bool
+
+
+# Same names as `prefloss.losses.LOSSES` (a test checks).
+LOSSES: dict[str, LossSpec] = {
+    "alpha_dpo": LossSpec(("beta", "gamma_beta_ratio", "alpha"), True),
+    "epsilon_dpo": LossSpec(("beta", "epsilon"), True),
+    "dpo": LossSpec(("beta",), True),
+    "simpo": LossSpec(("beta", "gamma_beta_ratio"), False),
 }
 _HYPERPARAMETERS = ("beta", "gamma_beta_ratio", "alpha", "epsilon")
 
@@ -106,7 +115,7 @@ class PreferenceConfig(TrainingArguments):
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}: expected one of {sorted(LOSSES)}")
-        takes = LOSSES[self.loss][1]
+        takes = LOSSES[self.loss].takes
         for name in _HYPERPARAMETERS:
             if getattr(self, name) is not None and name not in takes:
                 raise ValueError(
@@ -148,27 +157,23 @@ def build_loss(
     Raises:
         ValueError: unknown ``name``, or a hyperparameter that ``name`` does not take.
     """
-    import prefloss
-
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}: expected one of {sorted(LOSSES)}")
-    class_name, takes, _ = LOSSES[name]
+    takes = LOSSES[name].takes
     given = {"beta": beta, "gamma_beta_ratio": gamma_beta_ratio, "alpha": alpha, "epsilon": epsilon}
     for key, value in given.items():
         if value is not None and key not in takes:
             raise ValueError(f"{key}={value} does not apply to loss {name!r}, which takes {list(takes)}")
     hyper = {k: v for k, v in given.items() if v is not None}
-    return getattr(prefloss, class_name)(**hyper, **kwargs)
+    return LOSS_CLASSES[name](**hyper, **kwargs)
 
 
 def loss_name(loss_fn: nn.Module) -> str:
     """The `LOSSES` name of a prefloss loss module (``TypeError`` for anything else)."""
-    import prefloss
-
-    for name, (class_name, _, _) in LOSSES.items():
-        if isinstance(loss_fn, getattr(prefloss, class_name)):
+    for name, cls in LOSS_CLASSES.items():
+        if isinstance(loss_fn, cls):
             return name
-    expected = [c for c, _, _ in LOSSES.values()]
+    expected = [cls.__name__ for cls in LOSS_CLASSES.values()]
     raise TypeError(f"loss_fn must be one of prefloss's {expected}, got {type(loss_fn).__name__}")
 
 
@@ -283,7 +288,7 @@ class PreferenceTrainer(Trainer):
                 **(args.loss_kwargs or {}),
             )
         kind = loss_name(loss_fn)
-        needs_reference = LOSSES[kind][2]
+        needs_reference = LOSSES[kind].needs_reference
         if not needs_reference and ref_model is not None:
             raise ValueError(
                 f"loss {kind!r} does not use a reference model, got ref_model={type(ref_model).__name__}"
