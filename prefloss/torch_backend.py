@@ -20,39 +20,11 @@ from __future__ import annotations
 
 import torch
 
+from prefloss import tile_math
 from prefloss.chunks import CountedRows, new_grads
 from prefloss.rows import transform_logits
 
 VOCAB_TILE = 2048  # columns per tile; module-level so tests can shrink it
-
-
-class _OnlineLSE:
-    """Running per-row log-sum-exp, folded one tile at a time.
-
-    The per-row state is float64 (it is only ``[rows]`` values): combining a dozen tile results
-    in fp32 rounded at the scale of the lse at every fold and biased each row's sum (measured:
-    2.6× plain PyTorch's error on a row's mean log-prob at T=512, V=32000).
-    """
-
-    def __init__(self, rows: int, like: torch.Tensor):
-        self.value = torch.full((rows,), float("-inf"), dtype=torch.float64, device=like.device)
-
-    def fold(self, tile: torch.Tensor, scratch: torch.Tensor) -> None:
-        """Fold the ``[rows, V_t]`` ``tile`` in (``tile`` is left intact; ``scratch`` is overwritten).
-
-        The tile's own lse comes from one fused log-softmax pass (read, read, write), about half
-        the memory traffic of max / subtract / exp / sum, read off at the row's arg-max column:
-        ``lse = x_j − log_softmax(x)_j`` with ``log_softmax(x)_j ∈ [−log V_t, 0]``, so it rounds
-        at the scale of ``log V_t`` (a fixed column rounds at ``|x_0 − lse|``; measured on a row's
-        mean log-prob: 1.2e-8 against plain PyTorch's 1.7e-8, 2.0e-8 with column 0).
-        """
-        log_probs = torch.ops.aten._log_softmax.out(tile, 1, False, out=_scratch(scratch, *tile.shape))
-        best, column = log_probs.max(1, keepdim=True)
-        tile_lse = tile.gather(1, column).squeeze(1).double() - best.squeeze(1).double()
-        self.value = torch.logaddexp(self.value, tile_lse)
-
-    def lse(self) -> torch.Tensor:
-        return self.value
 
 
 class _LabelPicker:
@@ -66,13 +38,8 @@ class _LabelPicker:
         target.copy_(torch.where(self.inside, tile.gather(1, self.column).squeeze(1), target))
 
 
-def _scratch(buf: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """A contiguous ``[rows, cols]`` view at the start of ``buf``'s storage (``rows·cols ≤ buf.numel()``)."""
-    return buf.view(-1)[: rows * cols].view(rows, cols)
-
-
 def _tile(h, weight, bias, start, stop, buf, opts) -> torch.Tensor:
-    raw = torch.mm(h, weight[start:stop].T, out=_scratch(buf, h.shape[0], stop - start))
+    raw = torch.mm(h, weight[start:stop].T, out=tile_math.scratch_view(buf, h.shape[0], stop - start))
     tile_bias = None if bias is None else bias[start:stop]
     return transform_logits(raw, tile_bias, opts.logit_scale, opts.softcap)
 
@@ -88,43 +55,40 @@ def forward(
     n, vocab = rows.count, weight.shape[0]
     has_ref, eps = ref_hidden is not None, opts.epsilon
     want_mix = has_ref and eps is not None
-    out = {k: torch.empty(n, dtype=acc_dtype, device=hidden.device) for k in ("logp", "lse")}
-    for k, wanted in (("ref", has_ref), ("minus", want_mix), ("plus", want_mix)):
-        out[k] = torch.empty(n, dtype=acc_dtype, device=hidden.device) if wanted else None
+    names = ["logp"] + (["ref"] if has_ref else []) + (["minus", "plus"] if want_mix else [])
+    out = {k: torch.empty(n, dtype=acc_dtype, device=hidden.device) for k in names + ["lse"]}
     c = max(1, min(opts.chunk_size, n))
     width = min(VOCAB_TILE, vocab)
+    log_sum_exps, _ = tile_math.tile_functions(
+        n * vocab, (c, width), hidden.dtype, hidden.device, eps if want_mix else None
+    )
     buf = hidden.new_empty((c, width))
     ref_buf = ref_hidden.new_empty((c, width)) if has_ref else None
-    mix = torch.empty((c, width), dtype=acc_dtype, device=hidden.device) if want_mix else None
-    scratch = torch.empty((c, width), dtype=acc_dtype, device=hidden.device)
     for r0, r1 in rows.chunks(c):
         h, y = rows.take(hidden, r0, r1), labels[r0:r1]
         ref_h = rows.take(ref_hidden, r0, r1) if has_ref else None
-        names = ["logp"] + (["ref"] if has_ref else []) + (["minus", "plus"] if want_mix else [])
-        target = {k: torch.zeros(r1 - r0, dtype=acc_dtype, device=h.device) for k in names}
-        lse = {k: _OnlineLSE(r1 - r0, target[k]) for k in names}
+        # Running per-row log-sum-exps, float64: folding a dozen tile results in float32 biased each
+        # row's sum (measured: 2.6× plain PyTorch's error on a row's mean log-prob, T=512, V=32000).
+        lse = torch.full((len(names), r1 - r0), float("-inf"), dtype=torch.float64, device=h.device)
+        label_logit = torch.zeros((2, r1 - r0), dtype=acc_dtype, device=h.device)
         for v0 in range(0, vocab, width):
             v1 = min(v0 + width, vocab)
             picker = _LabelPicker(y, v0, v1 - v0)
             z = _tile(h, weight, bias, v0, v1, buf, opts)
-            picker.pick_(target["logp"], z)
+            picker.pick_(label_logit[0], z)
+            z_ref = None
             if has_ref:
-                zr = _tile(ref_h, ref_weight, ref_bias, v0, v1, ref_buf, opts)
-                picker.pick_(target["ref"], zr)
-                if want_mix:
-                    # (1+ε) z − ε z_ref = lerp(z, z_ref, −ε);  (1−ε) z + ε z_ref = lerp(z, z_ref, ε)
-                    for name, weight_ in (("minus", -eps), ("plus", eps)):
-                        m = torch.lerp(z, zr, weight_, out=_scratch(mix, r1 - r0, v1 - v0))
-                        picker.pick_(target[name], m)
-                        lse[name].fold(m, scratch)
-                lse["ref"].fold(zr, scratch)
-            lse["logp"].fold(z, scratch)
-        for k in names:
-            row_lse = lse[k].lse()
-            out[k][r0:r1] = target[k].double() - row_lse
-            if k == "logp":
-                out["lse"][r0:r1] = row_lse
-    return out["logp"], out["lse"], out["ref"], out["minus"], out["plus"]
+                z_ref = _tile(ref_h, ref_weight, ref_bias, v0, v1, ref_buf, opts)
+                picker.pick_(label_logit[1], z_ref)
+            torch.logaddexp(lse, torch.stack(log_sum_exps(z, z_ref)), out=lse)
+        picked = label_logit.double()
+        if want_mix:  # the mixtures' label logits, from the two picked ones
+            step = eps * (picked[1] - picked[0])
+            picked = torch.cat([picked, (picked[0] - step)[None], (picked[0] + step)[None]])
+        for i, k in enumerate(names):
+            out[k][r0:r1] = picked[i] - lse[i]
+        out["lse"][r0:r1] = lse[0]
+    return tuple(out.get(k) for k in ("logp", "lse", "ref", "minus", "plus"))
 
 
 def backward(hidden, weight, bias, labels, rows: CountedRows, lse, grad, opts, need, acc_dtype):
@@ -137,6 +101,7 @@ def backward(hidden, weight, bias, labels, rows: CountedRows, lse, grad, opts, n
     grad_h, grad_w, grad_b = new_grads(hidden, weight, rows, need, acc_dtype)
     c = max(1, min(opts.chunk_size, n))
     width = min(VOCAB_TILE, vocab)
+    _, neg_softmax_times_ = tile_math.tile_functions(n * vocab, (c, width), hidden.dtype, hidden.device, None)
     buf = hidden.new_empty((c, width))
     for r0, r1 in rows.chunks(c):
         h, y, g = rows.take(hidden, r0, r1), labels[r0:r1], grad[r0:r1]
@@ -151,7 +116,7 @@ def backward(hidden, weight, bias, labels, rows: CountedRows, lse, grad, opts, n
             chain = None
             if opts.softcap is not None:  # d(c·tanh(u/c))/du = 1 − (z/c)²
                 chain = torch.div(z, opts.softcap).square_().neg_().add_(1.0)
-            dz = z.sub_(lse[r0:r1, None]).exp_().mul_(-g[:, None])
+            dz = neg_softmax_times_(z, lse[r0:r1], g)
             dz.scatter_add_(1, picker.column, torch.where(picker.inside, g, torch.zeros_like(g))[:, None])
             if chain is not None:
                 dz.mul_(chain)

@@ -1,7 +1,8 @@
 """`prefloss.fused_logprobs` (torch backend) against the float64 reference.
 
 Criterion (`prefloss.testing`): err(fused) <= err(plain PyTorch at the same dtype) + tol[dtype],
-forward and backward with a random upstream gradient.
+forward and backward with a random upstream gradient. The main test runs the torch backend's tile
+arithmetic both ways (`prefloss.tile_math`): eagerly and compiled by torch.compile.
 """
 
 from __future__ import annotations
@@ -87,9 +88,16 @@ def _grads(out, inputs, upstream):
     return torch.autograd.grad((out.float() * upstream).sum(), needed)
 
 
+@pytest.fixture(params=["eager", "compiled"])
+def tile_arithmetic(request, monkeypatch):
+    """Runs the test with the tile arithmetic eager (``never``) and compiled (``always``)."""
+    monkeypatch.setenv("PREFLOSS_COMPILE", {"eager": "never", "compiled": "always"}[request.param])
+    return request.param
+
+
 @pytest.mark.parametrize("dtype_name", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("case_name", list(CASES), ids=list(CASES))
-def test_forward_backward_against_float64(case_name, dtype_name):
+def test_forward_backward_against_float64(case_name, dtype_name, tile_arithmetic):
     case, dtype = CASES[case_name], DTYPES[dtype_name]
     hidden, weight, labels, bias, ref_hidden, ref_weight = make_inputs(case, dtype)
     leaves = [hidden, weight, bias]
@@ -169,7 +177,7 @@ def test_forward_backward_against_float64(case_name, dtype_name):
         assert weight.grad is None
 
 
-def test_gradcheck_float64_all_options():
+def test_gradcheck_float64_all_options(tile_arithmetic):
     torch.manual_seed(0)
     hidden = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
@@ -186,7 +194,7 @@ def test_gradcheck_float64_all_options():
     assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
 
 
-def test_chunk_size_does_not_change_results():
+def test_chunk_size_does_not_change_results(tile_arithmetic):
     hidden, weight, labels, *_ = make_inputs(Case(rows=4, T=11, V=53), torch.float64)
     outs = [
         prefloss.fused_logprobs(hidden, weight, labels, chunk_size=c, backend="torch").policy
