@@ -1,19 +1,23 @@
 """The ``"torch"`` backend: token chunks × vocabulary tiles with an online log-sum-exp.
 
 For each chunk of ``C`` counted rows and each tile of ``VOCAB_TILE`` vocabulary columns, one GEMM
-produces the ``[C, V_t]`` logit tile, which is transformed (bias, ``logit_scale``, softcap) and
-folded into running per-row (max, Σexp) pairs for the policy, the reference and the two
-ε-mixtures; the label's logit is picked from the tile that holds it. Tiles instead of whole
-``[C, V]`` rows keep every GEMM tall (``C`` rows) and its output cache-sized: the weight tile is
-packed once per ``C`` rows instead of once per short row chunk, which on CPUs is what makes a
+produces the ``[C, V_t]`` logit tile, which is transformed (bias, ``logit_scale``, softcap); its
+row log-sum-exps (policy, reference, the two ε-mixtures: `prefloss.tile_math`) are folded into
+running float64 per-row values with ``logaddexp``, and the label's logit is picked from the tile
+that holds it (the mixtures' label logits are formed from the two picked ones). Tiles instead of
+whole ``[C, V]`` rows keep every GEMM tall (``C`` rows) and its output cache-sized: the weight tile
+is packed once per ``C`` rows instead of once per short row chunk, which on CPUs is what makes a
 row-chunked loop slow (measured: 64-row chunks cost 1.9× one full GEMM, 1024 × 4096 tiles 0.8×;
-2048 × 2048 tiles, the default, did as well or slightly better in the ε-DPO step).
+2048 × 2048 tiles, the default, did as well or better in the ε-DPO step).
 
 Backward recomputes each tile and writes ``g·(onehot − softmax)·dz/draw`` over it, then
 ``∂h[chunk] += G @ W_t`` and ``∂W[tile] += Gᵀ @ h[chunk]`` (fp32 accumulation; upcast operands).
 Matmul work per step, in units of one ``N·H·V`` GEMM: forward 1 (+1 reference), backward 3
-(recompute, ∂h, ∂W; 2 when the head is frozen). Peak extra memory: four ``[C, V_t]`` fp32 tiles
+(recompute, ∂h, ∂W; 2 when the head is frozen). Peak extra memory: a few ``[C, V_t]`` fp32 tiles
 plus ``[C, H]`` accumulators, independent of batch size and sequence length.
+
+The per-tile arithmetic (`prefloss.tile_math`) is compiled by ``torch.compile`` on CPU for large
+calls; see there for when and why.
 """
 
 from __future__ import annotations
