@@ -91,8 +91,12 @@ def _grads(out, inputs, upstream):
 @pytest.fixture(params=["eager", "compiled"])
 def tile_arithmetic(request, monkeypatch):
     """Runs the test with the tile arithmetic eager (``never``) and compiled (``always``)."""
+    from prefloss import tile_math
+
     monkeypatch.setenv("PREFLOSS_COMPILE", {"eager": "never", "compiled": "always"}[request.param])
-    return request.param
+    yield request.param
+    # A compile failure falls back to eager with a warning; here it must not pass as a compiled run.
+    assert tile_math._Fused.failed is None, f"torch.compile failed: {tile_math._Fused.failed}"
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES), ids=list(DTYPES))
