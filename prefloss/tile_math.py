@@ -135,6 +135,11 @@ _LOG_SUM_EXPS = _Fused(log_sum_exps)
 _NEG_SOFTMAX_TIMES = _Fused(neg_softmax_times_)
 
 
+def used_compiled() -> bool:
+    """Whether this process has run the compiled tile functions (and compiling has not failed)."""
+    return _Fused.failed is None and any(f._compiled is not None for f in (_LOG_SUM_EXPS, _NEG_SOFTMAX_TIMES))
+
+
 def should_compile(elements: int, device: torch.device) -> bool:
     """Whether a call doing ``elements`` (counted rows × vocabulary) of tile work on ``device`` runs
     the compiled functions (see the module docstring)."""

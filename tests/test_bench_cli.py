@@ -107,11 +107,20 @@ def test_bench_cli_end_to_end(tmp_path):
             assert r["check"]["passed"], r["check"]
             assert r["time_s"]["median"] > 0 and r["time_s"]["n"] == 2
             assert r["peak_mib"]["max"] >= 0 and len(r["peak_mib"]["samples"]) == 2
+            if r["method"].startswith("prefloss"):  # timed alternately with the floor in-process
+                pairs = r["interleaved_floor"]
+                assert len(pairs["ratios"]) == 2 and pairs["floor_s"]["median"] > 0
+                assert r["ratios"]["time_to_floor"] == pairs["ratio_median"]
+                assert r["ratios"]["time_to_floor_method"] == "interleaved"
+                assert r["tile_arithmetic"] == "eager"  # 40 rows x 203 columns: far below the threshold
+            elif r["method"] != "floor":
+                assert r["ratios"]["time_to_floor_method"] == "separate"
             if r["method"] != "floor":
                 assert r["ratios"]["time_to_floor"] > 0
                 assert r["ratios"]["time_to_best_other"] > 0
                 assert "memory_to_best_other" in r["ratios"]
     assert "WRONG (not timed)" in proc.stdout
+    assert "prefloss-torch/epsilon_dpo  ok, eager" in proc.stdout
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
         "memory_vs_seq_len_batch2_hidden16_vocab203.png",
         "time_vs_seq_len_batch2_hidden16_vocab203.png",

@@ -71,6 +71,8 @@ def test_neg_softmax_times_in_place(dtype, mode, monkeypatch):
     _, grad = tile_math.tile_functions(10**8, tuple(z.shape), dtype, z.device, None)
     out = grad(z, lse, g)
     assert out.data_ptr() == z.data_ptr() and out.dtype == dtype
+    if mode == "always":
+        assert tile_math.used_compiled()
     assert (out.double() - want).abs().max() <= TOL[dtype] * 10
 
 
@@ -119,6 +121,7 @@ def test_compile_failure_warns_once_and_runs_eagerly(monkeypatch, fresh_fused):
     for a, e in zip(got, _expected_lses(z, z_ref, 0.3), strict=True):
         assert (a - e).abs().max() < 2e-5
     assert not tile_math.should_compile(10**8, z.device)  # later calls go straight to the eager path
+    assert not tile_math.used_compiled()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lse2, _ = tile_math.tile_functions(10**8, tuple(z.shape), torch.float32, z.device, 0.3)

@@ -66,16 +66,20 @@ def table(document: dict) -> str:
         peak = r["peak_mib"]["max"]
         cpu = r.get("cpu_time_s")
         cpu_text = f"{cpu['median']:.2f}" if cpu else "-"
+        status = "ok" + (f", {r['tile_arithmetic']}" if r.get("tile_arithmetic") else "")
         lines.append(
-            f"{name:<28}{'ok':<19}{t['median']:>10.3f}{spread:>17}{cpu_text:>8}"
+            f"{name:<28}{status:<19}{t['median']:>10.3f}{spread:>17}{cpu_text:>8}"
             f"{_fmt_ratio(ratios.get('time_to_floor')):>9}{_fmt_ratio(ratios.get('time_to_best_other')):>8}"
             f"{peak:>10.1f}{r.get('peak_beyond_grads_mib', peak):>8.1f}"
             f"{_fmt_ratio(ratios.get('memory_to_best_other')):>11}"
         )
     lines.append("")
     lines.append(
-        "x floor: median time / the 4 GEMMs over counted tokens; x best: / the fastest (memory: smallest) "
-        "other method for the same loss. cpu s: process CPU time of the step (both threads), median. "
+        "x floor: time / the 4 GEMMs over counted tokens; for prefloss cases the median of step/floor "
+        "ratios timed alternately in the case's own process, for the others median / median of separate "
+        "processes. x best: / the fastest (memory: smallest) "
+        "other method for the same loss. compiled/eager: how prefloss-torch's tile arithmetic ran "
+        "(torch.compile, PREFLOSS_COMPILE). cpu s: process CPU time of the step (both threads), median. "
         "Peak MiB includes the gradients dh and dW themselves; -grads: peak minus their size."
     )
     return "\n".join(lines)

@@ -169,8 +169,16 @@ def add_ratios(results: list[dict]) -> None:
             r["peak_beyond_grads_mib"] = r["peak_mib"]["max"] - r.get("grads_mib", 0.0)
             ratios = {}
             t = r["time_s"]["median"]
-            if floor is not None and r is not floor:
+            if r.get("interleaved_floor"):
+                # timed alternately with the floor in the case's own process (see worker)
+                ratios["time_to_floor"] = r["interleaved_floor"]["ratio_median"]
+                ratios["time_to_floor_method"] = "interleaved"
+                if floor is not None:
+                    ratios["time_to_floor_separate"] = t / floor["time_s"]["median"]
+            elif floor is not None and r is not floor:
                 ratios["time_to_floor"] = t / floor["time_s"]["median"]
+                ratios["time_to_floor_method"] = "separate"
+            if floor is not None and r is not floor:
                 # fastest repeat over fastest repeat: the least disturbed by other processes
                 ratios["min_time_to_floor"] = r["time_s"]["min"] / floor["time_s"]["min"]
                 if r.get("cpu_time_s") and floor.get("cpu_time_s"):
