@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 
 from prefloss.benchmark.machine import one_line
 
@@ -145,9 +146,8 @@ def write_plots(document: dict, directory: str) -> list[str]:
                     ax.grid(True, which="both", alpha=0.3)
                     ax.legend(fontsize=7)
                 axes[0][0].set_ylabel(ylabel)
-                fig.suptitle(
-                    f"{fname} vs {axis} ({suffix}) - {one_line(document['machine'])[:110]}", fontsize=8
-                )
+                title = f"{fname} vs {axis} ({suffix}) - {one_line(document['machine'])}"
+                fig.suptitle("\n".join(textwrap.wrap(title, width=40 * len(losses))), fontsize=8)
                 fig.tight_layout()
                 path = os.path.join(directory, f"{fname}_vs_{axis}_{suffix}.png")
                 fig.savefig(path, dpi=110)
