@@ -13,7 +13,9 @@ from prefloss import reference
 from prefloss.benchmark.authors import authors_loss
 from prefloss.benchmark.cases import HYPERPARAMS, LOSS_NAMES, select_cases
 from prefloss.benchmark.inputs import Shape, counted_tokens, make_inputs
+from prefloss.benchmark.machine import describe
 from prefloss.benchmark.oracle import expected_values
+from prefloss.benchmark.report import plot_title
 from prefloss.cli import main
 
 
@@ -77,6 +79,16 @@ def test_explicit_only_cases_need_their_name():
     assert "selftest/wrong_dpo" not in [c.name for c in select_cases(None)]
     assert "selftest/wrong_dpo" not in [c.name for c in select_cases(["*"])]
     assert [c.name for c in select_cases(["selftest/wrong_dpo"])] == ["selftest/wrong_dpo"]
+
+
+def test_plot_title_keeps_every_version():
+    """Plot titles wrap the machine line rather than cutting it: the last version must survive."""
+    machine = describe("cpu")
+    title = plot_title("time vs seq_len (batch2_hidden512_vocab32000)", machine, panels=4)
+    for package, version in machine["versions"].items():
+        if package != "prefloss_source_sha256":
+            assert f"{package} {version}" in title.replace("\n", " "), (package, title)
+    assert max(len(line) for line in title.splitlines()) <= 160
 
 
 def test_bench_cli_end_to_end(tmp_path):

@@ -104,6 +104,11 @@ def _draw(ax, metric: str, method: str, pts: list) -> None:
     ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=method, color=COLORS.get(method))
 
 
+def plot_title(what: str, machine: dict, panels: int) -> str:
+    """``what`` and the whole machine line (versions included), wrapped to the figure's width."""
+    return "\n".join(textwrap.wrap(f"{what} - {one_line(machine)}", width=40 * panels))
+
+
 def write_plots(document: dict, directory: str) -> list[str]:
     """Memory and time against each swept axis (T, V or B), one panel per loss; returns the files."""
     import matplotlib
@@ -146,8 +151,9 @@ def write_plots(document: dict, directory: str) -> list[str]:
                     ax.grid(True, which="both", alpha=0.3)
                     ax.legend(fontsize=7)
                 axes[0][0].set_ylabel(ylabel)
-                title = f"{fname} vs {axis} ({suffix}) - {one_line(document['machine'])}"
-                fig.suptitle("\n".join(textwrap.wrap(title, width=40 * len(losses))), fontsize=8)
+                fig.suptitle(
+                    plot_title(f"{fname} vs {axis} ({suffix})", document["machine"], len(losses)), fontsize=8
+                )
                 fig.tight_layout()
                 path = os.path.join(directory, f"{fname}_vs_{axis}_{suffix}.png")
                 fig.savefig(path, dpi=110)
