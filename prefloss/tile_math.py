@@ -188,15 +188,13 @@ def _eager_neg_softmax_times_(z: torch.Tensor, lse: torch.Tensor, g: torch.Tenso
     return z.sub_(lse[:, None]).exp_().mul_(-g[:, None])
 
 
-def tile_functions(
+def log_sum_exps_for(
     elements: int, tile: tuple[int, int], dtype: torch.dtype, device: torch.device, epsilon: float | None
-) -> tuple[Callable, Callable]:
-    """``(log_sum_exps(z, z_ref) -> list, neg_softmax_times_(z, lse, g) -> z)`` for one call of the
-    torch backend: compiled (see `should_compile`) or eager over scratch for tiles up to ``tile``
-    (``[C, V_t]``) of ``dtype``, with the mixtures at ``epsilon`` (``None``: no mixtures).
-
-    The same quantities as `log_sum_exps` / `neg_softmax_times_` either way (eagerly, the mixtures
-    are formed in the tile's dtype and the softmax gradient computed in it).
+) -> Callable:
+    """``log_sum_exps(z, z_ref) -> list`` for one forward call of the torch backend: compiled (see
+    `should_compile`) or eager over scratch for tiles up to ``tile`` (``[C, V_t]``) of ``dtype``, with
+    the mixtures at ``epsilon`` (``None``: no mixtures). The same quantities as `log_sum_exps`
+    either way (eagerly, the mixtures are formed in the tile's dtype).
     """
     if should_compile(elements, device):
         eps = None if epsilon is None else torch.tensor(epsilon, dtype=torch.float64, device=device)
@@ -204,6 +202,11 @@ def tile_functions(
         def fused_log_sum_exps(z, z_ref):
             return _LOG_SUM_EXPS.compiled(z, z_ref, eps)
 
-        return fused_log_sum_exps, _NEG_SOFTMAX_TIMES.compiled
-    eager = _EagerTiles(tile, dtype, device, epsilon)
-    return eager.log_sum_exps, _eager_neg_softmax_times_
+        return fused_log_sum_exps
+    return _EagerTiles(tile, dtype, device, epsilon).log_sum_exps
+
+
+def neg_softmax_times_for(elements: int, device: torch.device) -> Callable:
+    """``neg_softmax_times_(z, lse, g) -> z`` for one backward call: compiled (see `should_compile`)
+    or eager in the tile's dtype; in place either way, so it needs no scratch."""
+    return _NEG_SOFTMAX_TIMES.compiled if should_compile(elements, device) else _eager_neg_softmax_times_

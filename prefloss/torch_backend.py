@@ -63,7 +63,7 @@ def forward(
     out = {k: torch.empty(n, dtype=acc_dtype, device=hidden.device) for k in names + ["lse"]}
     c = max(1, min(opts.chunk_size, n))
     width = min(VOCAB_TILE, vocab)
-    log_sum_exps, _ = tile_math.tile_functions(
+    log_sum_exps = tile_math.log_sum_exps_for(
         n * vocab, (c, width), hidden.dtype, hidden.device, eps if want_mix else None
     )
     buf = hidden.new_empty((c, width))
@@ -105,7 +105,7 @@ def backward(hidden, weight, bias, labels, rows: CountedRows, lse, grad, opts, n
     grad_h, grad_w, grad_b = new_grads(hidden, weight, rows, need, acc_dtype)
     c = max(1, min(opts.chunk_size, n))
     width = min(VOCAB_TILE, vocab)
-    _, neg_softmax_times_ = tile_math.tile_functions(n * vocab, (c, width), hidden.dtype, hidden.device, None)
+    neg_softmax_times_ = tile_math.neg_softmax_times_for(n * vocab, hidden.device)
     buf = hidden.new_empty((c, width))
     for r0, r1 in rows.chunks(c):
         h, y, g = rows.take(hidden, r0, r1), labels[r0:r1], grad[r0:r1]

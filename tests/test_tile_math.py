@@ -39,14 +39,14 @@ def test_log_sum_exps_against_float64(dtype, mode, monkeypatch):
     monkeypatch.setenv("PREFLOSS_COMPILE", mode)
     z, z_ref = _tiles(dtype)
     eps = 0.3
-    lse, _ = tile_math.tile_functions(z.numel(), tuple(z.shape), dtype, z.device, eps)
+    lse = tile_math.log_sum_exps_for(z.numel(), tuple(z.shape), dtype, z.device, eps)
     got = lse(z, z_ref)
     want = _expected_lses(z, z_ref, eps)
     assert len(got) == 4
     for i, (a, e) in enumerate(zip(got, want, strict=True)):
         assert a.dtype == torch.float64 and a.shape == (5,)
         assert (a - e).abs().max() <= TOL[dtype] * 10, f"lse {i}: {(a - e).abs().max():.2e}"
-    policy_only, _ = tile_math.tile_functions(z.numel(), tuple(z.shape), dtype, z.device, None)
+    policy_only = tile_math.log_sum_exps_for(z.numel(), tuple(z.shape), dtype, z.device, None)
     torch.testing.assert_close(policy_only(z, None)[0], want[0], rtol=0, atol=TOL[dtype] * 10)
 
 
@@ -54,7 +54,7 @@ def test_log_sum_exps_against_float64(dtype, mode, monkeypatch):
 def test_log_sum_exps_on_a_smaller_tile_than_the_scratch(mode, monkeypatch):
     """The last chunk / last vocabulary tile is smaller than the scratch the functions were set up for."""
     monkeypatch.setenv("PREFLOSS_COMPILE", mode)
-    lse, _ = tile_math.tile_functions(10**8, (8, 64), torch.float32, torch.device("cpu"), 0.1)
+    lse = tile_math.log_sum_exps_for(10**8, (8, 64), torch.float32, torch.device("cpu"), 0.1)
     z, z_ref = _tiles(torch.float32, rows=3, cols=17)
     for a, e in zip(lse(z, z_ref), _expected_lses(z, z_ref, 0.1), strict=True):
         assert (a - e).abs().max() < 2e-5
@@ -68,7 +68,7 @@ def test_neg_softmax_times_in_place(dtype, mode, monkeypatch):
     lse = torch.logsumexp(z.double(), 1).to(dtype)
     g = torch.tensor([0.5, -2.0, 0.0, 1.0, 3.0], dtype=dtype)
     want = -g.double()[:, None] * torch.softmax(z.double(), 1)
-    _, grad = tile_math.tile_functions(10**8, tuple(z.shape), dtype, z.device, None)
+    grad = tile_math.neg_softmax_times_for(10**8, z.device)
     out = grad(z, lse, g)
     assert out.data_ptr() == z.data_ptr() and out.dtype == dtype
     if mode == "always":
@@ -113,7 +113,7 @@ def test_compile_failure_warns_once_and_runs_eagerly(monkeypatch, fresh_fused):
     monkeypatch.setattr(torch, "compile", broken_compile)
     monkeypatch.setenv("PREFLOSS_COMPILE", "always")
     z, z_ref = _tiles(torch.float32)
-    lse, _ = tile_math.tile_functions(10**8, tuple(z.shape), torch.float32, z.device, 0.3)
+    lse = tile_math.log_sum_exps_for(10**8, tuple(z.shape), torch.float32, z.device, 0.3)
     with pytest.warns(
         RuntimeWarning, match=r"failed \(RuntimeError: no C\+\+ compiler found\); running it eagerly"
     ):
@@ -124,5 +124,5 @@ def test_compile_failure_warns_once_and_runs_eagerly(monkeypatch, fresh_fused):
     assert not tile_math.used_compiled()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        lse2, _ = tile_math.tile_functions(10**8, tuple(z.shape), torch.float32, z.device, 0.3)
+        lse2 = tile_math.log_sum_exps_for(10**8, tuple(z.shape), torch.float32, z.device, 0.3)
         lse2(z, z_ref)
