@@ -113,8 +113,11 @@ def output_head(model: nn.Module) -> OutputHead:
             "not a bare AutoModel"
         )
     weight = getattr(head, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        got = "no weight" if weight is None else f"weight of shape {tuple(getattr(weight, 'shape', ()))}"
+    # A ZeRO-3 parameter outside a gather is a [0] placeholder: judge its full shape (`ds_shape`).
+    # An FSDP2 shard is a DTensor, whose shape is already the full one.
+    shape = tuple(getattr(weight, "ds_shape", getattr(weight, "shape", ())))
+    if not isinstance(weight, torch.Tensor) or len(shape) != 2:
+        got = "no weight" if weight is None else f"weight of shape {shape}"
         raise ValueError(
             f"model {name}: the output embedding {type(head).__name__} must be a linear map with a "
             f"[vocab, hidden] weight, got {got}"
@@ -151,9 +154,17 @@ def decoder_hidden_states(
 ) -> torch.Tensor:
     """``[B, T, H]`` last hidden states of a causal LM (post final norm), without full logits.
 
-    Runs ``model(input_ids, attention_mask, logits_to_keep=1)`` -- through ``model`` itself, so a
-    DDP wrapper still synchronises gradients -- and captures ``get_decoder()``'s output with a forward
-    hook. ``logits = transform(hidden @ W.T + b)`` with `output_head`'s values.
+    Runs ``model(input_ids, attention_mask, logits_to_keep=1)`` through ``model`` itself, so that a
+    DDP wrapper synchronises gradients and FSDP2 / DeepSpeed run their hooks.
+    ``logits = transform(hidden @ W.T + b)`` with `output_head`'s values.
+
+    With gradients enabled the hidden states are taken from the model's *output*
+    (``output_hidden_states=True``, the last entry): an engine registers its pre-backward hooks on
+    the outputs of the wrapped forward, so FSDP2 gathers the final norm again before its backward
+    (a tensor caught inside the forward would reach a norm whose unsharded weight FSDP already
+    freed). The other entries are the layers' inputs, which autograd keeps for the backward anyway.
+    Without gradients (reference model, scoring) a forward hook on ``get_decoder()`` catches the
+    decoder's output instead, so the per-layer states are never held at once.
 
     Args:
         model: causal LM, possibly wrapped (DDP, accelerate).
@@ -180,6 +191,15 @@ def decoder_hidden_states(
 
     kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
     kwargs.update(_logits_to_keep_kwarg(inner))
+    if torch.is_grad_enabled():
+        out = model(input_ids=input_ids, output_hidden_states=True, **kwargs)
+        states = getattr(out, "hidden_states", None)
+        if not states:
+            raise RuntimeError(
+                f"model {type(inner).__name__}: output_hidden_states=True returned no hidden states; "
+                "expected a Hugging Face causal LM"
+            )
+        return states[-1]
     handle = decoder.register_forward_hook(hook)
     try:
         model(input_ids=input_ids, **kwargs)
@@ -220,28 +240,40 @@ def check_output_head(
     Raises:
         ValueError: the difference exceeds ``atol``.
     """
+    from prefloss.hf.engines import gathered_heads
     from prefloss.ops import fused_logprobs
 
     inner = unwrap_model(model)
-    head = output_head(inner)
-    if atol is None:
-        atol = 1e-3 if head.weight.dtype in (torch.float32, torch.float64) else 0.15
     was_training = inner.training
     inner.eval()
     try:
         logits = inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         hidden = decoder_hidden_states(inner, input_ids, attention_mask)
+        with torch.enable_grad():  # the training path reads the hidden states off the output
+            from_output = decoder_hidden_states(inner, input_ids, attention_mask).detach()
     finally:
         inner.train(was_training)
+    same = 1e-5 if hidden.dtype in (torch.float32, torch.float64) else 1e-2  # two runs of one forward
+    if not torch.allclose(from_output, hidden, rtol=same, atol=same):
+        raise ValueError(
+            f"model {type(inner).__name__}: the last entry of output_hidden_states differs from its "
+            f"decoder's output (max abs {float((from_output - hidden).abs().max()):.3g}); prefloss reads "
+            "the training hidden states from output_hidden_states, so it cannot train this model family"
+        )
     labels = input_ids[:, 1:]
     if attention_mask is not None:
         labels = labels.masked_fill(attention_mask[:, 1:] == 0, -100)
+    with gathered_heads(inner) as heads:
+        head = heads.policy
+        got = fused_logprobs(hidden[:, :-1], head.weight, labels, **head.fused_kwargs()).policy
+        weight_dtype = head.weight.dtype
+    if atol is None:
+        atol = 1e-3 if weight_dtype in (torch.float32, torch.float64) else 0.15
     precision = torch.promote_types(logits.dtype, torch.float32)
     expected = torch.log_softmax(logits[:, :-1].to(precision), dim=-1).gather(
         -1, labels.clamp(min=0)[..., None]
     )
     expected = expected.squeeze(-1).masked_fill(labels == -100, 0.0)
-    got = fused_logprobs(hidden[:, :-1], head.weight, labels, **head.fused_kwargs()).policy
     err = float((got.to(precision) - expected).abs().max()) if labels.numel() else 0.0
     if not err <= atol:
         raise ValueError(

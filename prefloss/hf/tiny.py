@@ -49,12 +49,14 @@ def tiny_llama(
     num_heads: int = 4,
     intermediate_size: int = 256,
     max_position_embeddings: int = 256,
+    tie_word_embeddings: bool = False,
     seed: int = 0,
 ) -> Any:
     """A randomly initialised ``LlamaForCausalLM`` sized for ``tokenizer`` (~0.4 M parameters by default).
 
     Args:
         tokenizer: gives the vocabulary size and the BOS/EOS/PAD ids.
+        tie_word_embeddings: share the input embedding with the LM head.
         seed: initialisation seed (the same seed gives the same weights).
     """
     import torch
@@ -72,7 +74,7 @@ def tiny_llama(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

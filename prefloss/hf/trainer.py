@@ -10,6 +10,10 @@ One training micro-batch (B pairs, the `PreferenceCollator` layout, chosen rows 
 3. the loss module (`prefloss.AlphaDPOLoss`, ...) takes hidden states, the output head
    (weight, bias, logit scale, soft-cap) and the shifted labels and returns the loss and its metrics.
 
+Steps 1-3 are `prefloss.hf.step.preference_loss`, which gathers the output heads the way the engine
+holds them (DDP, FSDP2, DeepSpeed ZeRO-3: `prefloss.hf.engines`). The reference is prepared by the
+policy's engine before its first use.
+
 The micro-batch loss is the mean over its pairs; the Trainer divides it by the number of
 micro-batches of the optimizer step and DDP averages over ranks, so a step's gradient is the mean over
 all its pairs. Loss state (α-DPO's running statistics, ε-DPO's β) lives in the loss module's buffers:
@@ -33,7 +37,9 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from prefloss.hf.collator import PreferenceCollator
 from prefloss.hf.data import load_preferences, tokenize_preferences
+from prefloss.hf.engines import gathered_heads, prepare_reference
 from prefloss.hf.model import check_output_head, decoder_hidden_states, output_head, unwrap_model
+from prefloss.hf.step import preference_loss
 from prefloss.losses import LOSSES as LOSS_CLASSES
 
 __all__ = [
@@ -202,17 +208,21 @@ def score_pairs(
     inner.eval()
     parts: dict[str, list[torch.Tensor]] = defaultdict(list)
     try:
-        head = output_head(inner)
         for start in range(0, len(dataset), batch_size):
             rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             batch = collator(rows)
             ids = batch["input_ids"].to(device)
             mask = batch["attention_mask"].to(device)
             labels = batch["shift_labels"].to(device)
-            hidden = decoder_hidden_states(inner, ids, mask)
-            seq = sequence_logprobs(
-                hidden, head.weight, labels, ignore_index=collator.ignore_index, **head.fused_kwargs()
-            )
+            hidden = decoder_hidden_states(model, ids, mask)
+            with gathered_heads(model) as heads:
+                seq = sequence_logprobs(
+                    hidden,
+                    heads.policy.weight,
+                    labels,
+                    ignore_index=collator.ignore_index,
+                    **heads.policy.fused_kwargs(),
+                )
             b = len(rows)
             parts["chosen_logps"].append(seq.policy[:b].float().cpu())
             parts["rejected_logps"].append(seq.policy[b:].float().cpu())
@@ -240,8 +250,10 @@ class PreferenceTrainer(Trainer):
     Args:
         model: an ``AutoModelForCausalLM`` (or a path to one).
         ref_model: the reference model; ``None`` makes a frozen copy of ``model`` when the loss needs
-            one (SimPO needs none). With ``precompute_ref_log_probs`` the reference (or ``model`` itself,
-            before training) scores the data once and is then dropped.
+            one (SimPO needs none). Before its first use it is prepared by the policy's engine
+            (`prefloss.hf.prepare_reference`: sharded by DeepSpeed ZeRO-3 or FSDP2 like the policy,
+            computing in the policy's dtype). With ``precompute_ref_log_probs`` the reference (or
+            ``model`` itself, before training) scores the data once and is then dropped.
         args: a `PreferenceConfig`.
         train_dataset, eval_dataset: preference data (``datasets.Dataset``, JSONL path or list of dicts
             with ``prompt``/``chosen``/``rejected``), or data already tokenized by `tokenize_preferences`.
@@ -341,6 +353,7 @@ class PreferenceTrainer(Trainer):
         }
 
         self.ref_model: nn.Module | None = None
+        self._ref_prepared = False
         if needs_reference:
             if args.precompute_ref_log_probs:
                 scorer = ref_model if ref_model is not None else self.model
@@ -352,9 +365,8 @@ class PreferenceTrainer(Trainer):
                 else:
                     self.eval_dataset = self._add_reference_logps(self.eval_dataset, scorer)
             else:
-                ref = ref_model if ref_model is not None else copy.deepcopy(unwrap_model(self.model))
-                ref.eval().requires_grad_(False)
-                self.ref_model = ref.to(self.args.device)
+                self.ref_model = ref_model if ref_model is not None else self._copy_policy()
+                self.ref_model.eval().requires_grad_(False)
                 policy_head, ref_head = output_head(self.model), output_head(self.ref_model)
                 if (policy_head.logit_scale, policy_head.softcap) != (ref_head.logit_scale, ref_head.softcap):
                     raise ValueError(
@@ -362,17 +374,43 @@ class PreferenceTrainer(Trainer):
                         f"logit_scale/softcap {policy_head.logit_scale}/{policy_head.softcap} vs "
                         f"{ref_head.logit_scale}/{ref_head.softcap}"
                     )
-        if args.check_output_head and self.train_dataset is not None and len(self.train_dataset) > 0:
-            sample = data_collator([self.train_dataset[0]])
-            ids = sample["input_ids"][:1, :32].to(self.args.device)
-            check_output_head(self.model, ids)
-            if ref_model is not None and self.ref_model is not None:
-                check_output_head(self.ref_model, ids)
+        # Checked at the first loss, once the engine holds the models (a ZeRO-3 or FSDP2 model can
+        # run its forward only then).
+        self._output_head_unchecked = bool(args.check_output_head)
         if hasattr(self.loss_fn, "update_beta"):
             self.add_callback(_BetaUpdate(self))
 
     # ----------------------------------------------------------------------------------------------
-    # Reference log-probs
+    # Reference model and log-probs
+
+    def _copy_policy(self) -> nn.Module:
+        policy = unwrap_model(self.model)
+        if any(hasattr(p, "ds_id") for p in policy.parameters()):
+            raise ValueError(
+                "DeepSpeed ZeRO-3: the model's parameters are already partitioned (it was created under "
+                "deepspeed.zero.Init, e.g. from_pretrained after TrainingArguments(deepspeed=...)), so "
+                "PreferenceTrainer cannot copy it into a reference model. Pass ref_model=<the reference "
+                "loaded the same way> (it is prepared by DeepSpeed like the policy), or create the policy "
+                "before TrainingArguments."
+            )
+        return copy.deepcopy(policy)
+
+    def _reference(self) -> nn.Module | None:
+        """The reference, prepared by the policy's engine on first use (`prepare_reference`)."""
+        if self.ref_model is not None and not self._ref_prepared:
+            ds_config = None
+            if getattr(self, "is_deepspeed_enabled", False):
+                ds_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            self.ref_model = prepare_reference(self.ref_model, self.model_wrapped, deepspeed_config=ds_config)
+            self._ref_prepared = True
+        return self.ref_model
+
+    def _check_output_heads(self, model: nn.Module, ids: torch.Tensor) -> None:
+        self._output_head_unchecked = False
+        sample = ids[:1, :32]
+        check_output_head(model, sample)
+        if self.ref_model is not None:
+            check_output_head(self.ref_model, sample)
 
     def _add_reference_logps(self, dataset: Any, scorer: nn.Module) -> Any:
         if dataset is None:
@@ -395,18 +433,19 @@ class PreferenceTrainer(Trainer):
     def _loss_output(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
         self.loss_fn.train(model.training)
         ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["shift_labels"]
-        hidden = decoder_hidden_states(model, ids, mask)
-        head = output_head(model)
-        kwargs: dict[str, Any] = head.fused_kwargs()
-        if "ref_logps" in inputs:
-            kwargs["ref_logps"] = inputs["ref_logps"]
-        elif self.ref_model is not None:
-            with torch.no_grad():
-                ref_hidden = decoder_hidden_states(self.ref_model, ids, mask)
-            ref_head = output_head(self.ref_model)
-            kwargs.update(ref_hidden=ref_hidden, ref_weight=ref_head.weight, ref_bias=ref_head.bias)
-        ignore = getattr(self._collator, "ignore_index", -100)
-        return self.loss_fn(hidden, head.weight, labels, ignore_index=ignore, **kwargs)
+        ref_model = self._reference()
+        if self._output_head_unchecked:
+            self._check_output_heads(model, ids)
+        return preference_loss(
+            self.loss_fn,
+            model,
+            ids,
+            mask,
+            labels,
+            ref_model=ref_model,
+            ref_logps=inputs.get("ref_logps"),
+            ignore_index=getattr(self._collator, "ignore_index", -100),
+        )
 
     def compute_loss(
         self,

@@ -1,0 +1,77 @@
+"""One micro-batch's preference loss from Hugging Face causal LMs, under any engine.
+
+`preference_loss` is what `PreferenceTrainer` (and any custom loop) calls: the policy's and the
+reference's last hidden states from their own (engine-wrapped) forwards, the output heads gathered by
+`prefloss.hf.engines.gathered_heads` once for the fused forward and once for its backward, and the
+prefloss loss module on top. Works unchanged under DDP, FSDP2 and DeepSpeed ZeRO-3.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from prefloss.hf.engines import gathered_heads
+from prefloss.hf.model import decoder_hidden_states
+from prefloss.losses.common import LossOutput
+
+__all__ = ["preference_loss"]
+
+
+def preference_loss(
+    loss_fn: nn.Module,
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    ref_model: nn.Module | None = None,
+    ref_logps: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> LossOutput:
+    """The loss of one micro-batch of ``B`` pairs (rows ``[0, B)`` chosen, ``[B, 2B)`` rejected).
+
+    Equivalent to ``loss_fn(h, W, labels, ref_hidden=h_ref, ref_weight=W_ref, ...)`` with ``h`` the
+    policy's ``[2B, T, H]`` last hidden states and ``W`` its ``[V, H]`` output head (likewise for
+    the reference), where each head is the engine's whole parameter while the fused op uses it.
+
+    Args:
+        loss_fn: a prefloss loss module (`prefloss.AlphaDPOLoss`, ...).
+        model: the policy (plain, DDP-wrapped, a DeepSpeed engine, or ``fully_shard``-ed).
+        input_ids, attention_mask: ``[2B, T]``.
+        labels: ``[2B, T]``; ``labels[:, t]`` is predicted from position ``t`` (already shifted),
+            ``ignore_index`` for prompt and padding.
+        ref_model: the reference model (prepared by the same engine: `prefloss.hf.prepare_reference`),
+            run under ``no_grad``; ``None`` with ``ref_logps`` or for SimPO.
+        ref_logps: ``[2B]`` precomputed reference log-prob sums (replaces ``ref_model``).
+        ignore_index: label of tokens that do not count.
+
+    Returns:
+        The loss module's `LossOutput`; ``loss`` back-propagates through the gathered heads.
+    """
+    hidden = decoder_hidden_states(model, input_ids, attention_mask)
+    ref_hidden = None
+    if ref_logps is None and ref_model is not None:
+        with torch.no_grad():
+            ref_hidden = decoder_hidden_states(ref_model, input_ids, attention_mask)
+    with gathered_heads(model, ref_model if ref_hidden is not None else None) as heads:
+        kwargs = heads.policy.fused_kwargs()
+        if ref_logps is not None:
+            kwargs["ref_logps"] = ref_logps
+        elif ref_hidden is not None:
+            if (heads.ref.logit_scale, heads.ref.softcap) != (heads.policy.logit_scale, heads.policy.softcap):
+                raise ValueError(
+                    "policy and reference must share the logit transform, got logit_scale/softcap "
+                    f"{heads.policy.logit_scale}/{heads.policy.softcap} vs "
+                    f"{heads.ref.logit_scale}/{heads.ref.softcap}"
+                )
+            kwargs.update(ref_hidden=ref_hidden, ref_weight=heads.ref.weight, ref_bias=heads.ref.bias)
+        out = loss_fn(
+            heads.release_after_backward(hidden),
+            heads.policy.weight,
+            labels,
+            ignore_index=ignore_index,
+            **kwargs,
+        )
+        out.loss = heads.gather_before_backward(out.loss)
+    return out

@@ -1,0 +1,273 @@
+"""Worker for tests/test_hf_engines.py: trains the tiny Llama under one engine, saves what it saw.
+
+    python engines_worker.py FAMILY OUT_DIR PORT
+
+FAMILY: ``single`` (one process, no engine: the baselines), ``ddp``, ``fsdp2`` or ``zero3`` (two
+gloo processes). Each configuration of the family trains α-DPO, ε-DPO and DPO for 2 optimizer
+steps of 2 micro-batches (plain SGD), with ``prefloss.hf.preference_loss`` and a reference prepared
+by ``prefloss.hf.prepare_reference``. Rank r holds pairs ``[rB, (r+1)B)`` of each micro-batch; the
+single process holds all ``2B`` (chosen rows first, then rejected), so the mean of the ranks' losses
+and the reduced gradients equal the single process's. The policy starts equal to the reference, so
+at the first micro-batch every reward must be exactly 0.
+
+Saved (rank 0, ``OUT_DIR/FAMILY.pt``): per configuration and loss, the 4 micro-batch losses (mean
+over ranks), whether the first micro-batch's rewards were all exactly 0, the full (gathered)
+gradients at both optimizer steps, the loss state after each step, and how often prefloss gathered
+a sharded head in forward and in backward. Run with cwd outside the repository, so its top-level
+``kernels/`` folder is never on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import prefloss  # noqa: E402
+from prefloss.hf import engines  # noqa: E402
+from prefloss.hf.step import preference_loss  # noqa: E402
+from prefloss.hf.tiny import byte_level_tokenizer, tiny_llama  # noqa: E402
+
+PAIRS_PER_RANK, WORLD, T, GAS, STEPS, LR = 2, 2, 16, 2, 2, 0.5
+CHUNK = 8  # rows per chunk of the fused op: many chunks, so a per-chunk gather would show
+CONFIGS = {
+    "single": ["fp32", "fp32-tied", "bf16-params", "bf16-module"],
+    "ddp": ["ddp"],
+    "fsdp2": [
+        "fsdp2-root",
+        "fsdp2-root-raf",
+        "fsdp2-head",
+        "fsdp2-head-keep",
+        "fsdp2-tied-raf",
+        "fsdp2-root-raf-bf16",
+        "fsdp2-head-bf16",
+    ],
+    "zero3": ["zero3", "zero3-tied", "zero3-bf16"],
+}
+
+
+def make_losses() -> dict[str, torch.nn.Module]:
+    return {
+        "alpha_dpo": prefloss.AlphaDPOLoss(chunk_size=CHUNK),
+        "epsilon_dpo": prefloss.EpsilonDPOLoss(beta=0.5, epsilon=0.3, compare_dtype=None, chunk_size=CHUNK),
+        "dpo": prefloss.DPOLoss(beta=0.5, chunk_size=CHUNK),
+    }
+
+
+def make_batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``STEPS * GAS`` micro-batches of ``WORLD * PAIRS_PER_RANK`` pairs, merged layout."""
+    g = torch.Generator().manual_seed(1234)
+    pairs = WORLD * PAIRS_PER_RANK
+    batches = []
+    for _ in range(STEPS * GAS):
+        ids = torch.randint(0, 256, (2 * pairs, T), generator=g)
+        lengths = torch.randint(T - 5, T + 1, (2 * pairs,), generator=g)
+        mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
+        prompt = torch.randint(2, 6, (pairs,), generator=g).repeat(2)  # a pair shares its prompt
+        labels = torch.cat([ids[:, 1:], torch.full((2 * pairs, 1), -100)], dim=1)
+        labels[torch.arange(T)[None, :] < prompt[:, None] - 1] = -100
+        next_is_padding = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1).eq(0)
+        labels[next_is_padding] = -100
+        ids = ids.masked_fill(mask.eq(0), 258)
+        batches.append((ids, mask, labels))
+    return batches
+
+
+def rank_rows(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Rows of rank ``rank``: its chosen rows, then its rejected rows."""
+    pairs = x.shape[0] // 2
+    per = pairs // world
+    chosen, rejected = x[:pairs], x[pairs:]
+    return torch.cat([chosen[rank * per : (rank + 1) * per], rejected[rank * per : (rank + 1) * per]])
+
+
+def build_model(config: str) -> torch.nn.Module:
+    tok = byte_level_tokenizer()
+    return tiny_llama(
+        tok, hidden_size=32, intermediate_size=64, num_heads=2, seed=0, tie_word_embeddings="tied" in config
+    )
+
+
+def deepspeed_config(config: str) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": PAIRS_PER_RANK,
+        "gradient_accumulation_steps": GAS,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "bf16": {"enabled": "bf16" in config},
+        "gradient_clipping": 0.0,  # DeepSpeed 0.19 clips at 1.0 unless told otherwise
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+
+
+def setup(config: str, model: torch.nn.Module, ref: torch.nn.Module):
+    """(policy as the engine holds it, prepared reference, optimizer or DeepSpeed engine)."""
+    if config.startswith("fsdp2"):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if config.endswith("bf16"):
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        else:
+            mp = MixedPrecisionPolicy()
+        for layer in model.model.layers:
+            fully_shard(layer, mp_policy=mp)
+        if "-head" in config:
+            fully_shard(model.lm_head, mp_policy=mp, reshard_after_forward="keep" not in config)
+        fully_shard(model, mp_policy=mp, reshard_after_forward="raf" in config)
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        return model, engines.prepare_reference(ref, model), opt
+    if config.startswith("zero3"):
+        import deepspeed
+
+        cfg = deepspeed_config(config)
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=cfg
+        )
+        return engine, engines.prepare_reference(ref, engine), engine
+    if config == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        policy = DistributedDataParallel(model)
+        return policy, engines.prepare_reference(ref, policy), torch.optim.SGD(model.parameters(), lr=LR)
+    if config == "bf16-params":  # what FSDP2's bf16 MixedPrecisionPolicy computes with: params only
+        for m in (model, ref):
+            for p in m.parameters():
+                p.data = p.data.to(torch.bfloat16)
+    elif config == "bf16-module":  # what DeepSpeed's bf16 computes with: module.bfloat16()
+        model, ref = model.bfloat16(), ref.bfloat16()
+    return model, engines.prepare_reference(ref, model), torch.optim.SGD(model.parameters(), lr=LR)
+
+
+def full_grads(config: str, policy: torch.nn.Module) -> dict[str, torch.Tensor]:
+    inner = engines.unwrap_model(policy)
+    grads = {}
+    for name, p in inner.named_parameters():
+        if config.startswith("zero3"):
+            from deepspeed.utils import safe_get_full_grad
+
+            g = safe_get_full_grad(p)
+        elif config.startswith("fsdp2"):
+            g = p.grad.full_tensor() if p.grad is not None else None
+        else:
+            g = p.grad
+        if g is not None:
+            grads[name] = g.detach().float().clone()
+    return grads
+
+
+def full_params(config: str, policy: torch.nn.Module) -> dict[str, torch.Tensor]:
+    inner = engines.unwrap_model(policy)
+    params = {}
+    for name, p in inner.named_parameters():
+        if config.startswith("zero3"):
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            value = safe_get_full_fp32_param(p)
+        elif config.startswith("fsdp2"):
+            value = p.full_tensor()
+        else:
+            value = p
+        params[name] = value.detach().float().clone()
+    return params
+
+
+class GatherCounter:
+    """Counts prefloss's gathers of a sharded head, split into forward and backward."""
+
+    def __init__(self) -> None:
+        self.forward = self.backward = 0
+        for cls in (engines.FSDP2Head, engines.DeepSpeedHead):
+            original = cls.gather
+
+            def counted(access, _original=original):
+                if torch._C._current_graph_task_id() != -1:  # inside a backward pass
+                    self.backward += 1
+                else:
+                    self.forward += 1
+                return _original(access)
+
+            cls.gather = counted
+
+
+def run_config(config: str, rank: int, world: int, counter: GatherCounter) -> dict:
+    batches = make_batches()
+    result = {}
+    for loss_name, loss_fn in make_losses().items():
+        model = build_model(config)
+        ref = copy.deepcopy(model)
+        policy, ref, opt = setup(config, model, ref)
+        losses, grads, states, params, zero_rewards = [], [], [], [], None
+        counter.forward = counter.backward = 0
+        for step in range(STEPS):
+            for micro in range(GAS):
+                ids, mask, labels = (rank_rows(x, rank, world) for x in batches[step * GAS + micro])
+                out = preference_loss(loss_fn, policy, ids, mask, labels, ref_model=ref)
+                if zero_rewards is None:
+                    zero_rewards = bool(out.chosen_rewards.eq(0).all() and out.rejected_rewards.eq(0).all())
+                if config.startswith("zero3"):
+                    policy.backward(out.loss)  # scales by 1/GAS itself
+                    if micro < GAS - 1:
+                        policy.step()  # DeepSpeed counts micro-steps here; it updates only at the boundary
+                else:
+                    (out.loss / GAS).backward()
+                value = out.loss.detach().float().clone()
+                if world > 1:
+                    dist.all_reduce(value)
+                    value /= world
+                losses.append(value)
+            grads.append(full_grads(config, policy))
+            opt.step()
+            if not config.startswith("zero3"):
+                opt.zero_grad()
+            if hasattr(loss_fn, "update_beta"):
+                loss_fn.update_beta()
+            states.append({k: v.detach().clone() for k, v in loss_fn.state_dict().items()})
+            params.append(full_params(config, policy))
+        result[loss_name] = {
+            "losses": torch.stack(losses),
+            "zero_rewards_at_start": zero_rewards,
+            "grads": grads,
+            "states": states,
+            "params": params,
+            "gathers": (counter.forward, counter.backward),
+        }
+    return result
+
+
+def main(rank: int, world: int, family: str, out_dir: str, port: int) -> None:
+    torch.set_num_threads(1)
+    if world > 1:
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_WORLD_SIZE=str(world),
+        )
+        if family == "zero3":
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend="gloo")
+        else:
+            dist.init_process_group("gloo", rank=rank, world_size=world)
+    counter = GatherCounter()
+    results = {config: run_config(config, rank, world, counter) for config in CONFIGS[family]}
+    if rank == 0:
+        torch.save(results, os.path.join(out_dir, f"{family}.pt"))
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    family, out_dir, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    if family == "single":
+        main(0, 1, family, out_dir, port)
+    else:
+        torch.multiprocessing.spawn(main, args=(WORLD, family, out_dir, port), nprocs=WORLD)

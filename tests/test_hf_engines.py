@@ -1,0 +1,174 @@
+"""DDP, FSDP2 and DeepSpeed ZeRO-3 on 2 CPU processes (gloo) == one unsharded process, merged batch.
+
+`engines_worker.py` (beside this file) trains α-DPO, ε-DPO and DPO for 2 optimizer steps of 2
+micro-batches through `prefloss.hf.preference_loss`, under each engine configuration:
+
+* DDP;
+* FSDP2: the head in the root unit (root ``reshard_after_forward`` False, the default, or True), the
+  head in its own unit (resharded after forward or kept), tied embeddings, bf16
+  ``MixedPrecisionPolicy`` (fp32 reduction);
+* DeepSpeed ZeRO-3: fp32, tied embeddings, bf16;
+
+against one process without any engine on the merged batch: fp32 for the fp32 runs; for the bf16
+runs, the same computation in bf16 (params cast as FSDP2 casts them, or the whole module as DeepSpeed
+does). fp32 runs must agree to float round-off; bf16 runs must be as close to the fp32 baseline as the
+one-process bf16 computation is (bf16 rounding of per-rank gradients is allowed, nothing more).
+
+Also checked: the policy starts equal to the reference (prepared by the engine, in the policy's
+compute dtype), so the first micro-batch's DPO/ε-DPO rewards are exactly 0 and α-DPO's statistics
+stay exactly 0 after the first step; prefloss gathers a sharded head at most twice per forward
+(policy and reference, never per chunk: the loss runs 8-row chunks) and at most once per backward,
+and does gather where the engine resharded it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("engines_worker.py")
+LOSSES = ("alpha_dpo", "epsilon_dpo", "dpo")
+MICRO_BATCHES = 4
+# prefloss's own gathers of a sharded head over the 4 micro-batches, (forward, backward). The
+# reference is resharded after every forward, so it is gathered once per micro-batch everywhere but
+# DDP; the policy's head once in forward and once in backward where the engine resharded it, never
+# where the engine keeps it whole after the forward. (Tied embeddings under ZeRO-3: DeepSpeed keeps
+# the shared weight available at times, so only the upper bound holds.)
+EXPECTED_GATHERS = {
+    "ddp": (0, 0),
+    "fsdp2-root": (4, 0),
+    "fsdp2-head-keep": (4, 0),
+    **dict.fromkeys(
+        ["fsdp2-root-raf", "fsdp2-head", "fsdp2-tied-raf", "fsdp2-root-raf-bf16", "fsdp2-head-bf16"], (8, 4)
+    ),
+    "zero3": (8, 4),
+    "zero3-bf16": (8, 4),
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(family: str, out_dir: Path) -> dict:
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu")
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), family, str(out_dir), str(_free_port())],
+        cwd=out_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"{family} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return torch.load(out_dir / f"{family}.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> dict:
+    return _run("single", tmp_path_factory.mktemp("single"))
+
+
+def _baseline(config: str) -> str:
+    if "bf16" in config:
+        return "bf16-params" if config.startswith("fsdp2") else "bf16-module"
+    return "fp32-tied" if "tied" in config else "fp32"
+
+
+def _grad_errors(run: dict, base: dict, key: str) -> dict[str, float]:
+    """Per parameter, the largest relative (norm) error over the steps."""
+    errors = {}
+    for step, expected in enumerate(base[key]):
+        got = run[key][step]
+        assert got.keys() == expected.keys(), f"{key}: parameters differ: {got.keys() ^ expected.keys()}"
+        for name, e in expected.items():
+            err = float((got[name] - e).norm() / e.norm().clamp(min=1e-30))
+            errors[name] = max(errors.get(name, 0.0), err)
+    return errors
+
+
+def _state_error(run: dict, base: dict) -> float:
+    return max(
+        (
+            float((got[k].double() - exp[k].double()).abs().max())
+            for got, exp in zip(run["states"], base["states"], strict=True)
+            for k in exp
+        ),
+        default=0.0,
+    )
+
+
+def _check_fp32(config: str, loss: str, run: dict, base: dict) -> None:
+    torch.testing.assert_close(
+        run["losses"], base["losses"], rtol=2e-5, atol=2e-6, msg=f"{config}/{loss} loss"
+    )
+    for key, bound in (("grads", 2e-5), ("params", 1e-5)):
+        worst = max(_grad_errors(run, base, key).items(), key=lambda kv: kv[1])
+        assert worst[1] <= bound, f"{config}/{loss}: {key} of {worst[0]} off by {worst[1]:.3g} (rel)"
+    assert _state_error(run, base) <= 1e-6, f"{config}/{loss}: loss state differs"
+
+
+def _check_bf16(config: str, loss: str, run: dict, base: dict, fp32: dict) -> None:
+    """As close to the fp32 baseline as the one-process bf16 computation, and close to the latter."""
+    budget = float((base["losses"] - fp32["losses"]).abs().max())
+    err = float((run["losses"] - fp32["losses"]).abs().max())
+    assert err <= 1.5 * budget + 1e-3, (
+        f"{config}/{loss}: loss off fp32 by {err:.3g}, bf16 itself {budget:.3g}"
+    )
+    for key in ("grads", "params"):
+        budget = max(_grad_errors(base, fp32, key).values())
+        worst = max(_grad_errors(run, fp32, key).items(), key=lambda kv: kv[1])
+        assert worst[1] <= 1.5 * budget + 1e-3, (
+            f"{config}/{loss}: {key} of {worst[0]} off fp32 by {worst[1]:.3g} (rel), bf16 itself {budget:.3g}"
+        )
+        near = max(_grad_errors(run, base, key).values())
+        assert near <= 3e-2, f"{config}/{loss}: {key} off the one-process bf16 run by {near:.3g}"
+    budget = _state_error(base, fp32)
+    assert _state_error(run, fp32) <= 1.5 * budget + 1e-4, f"{config}/{loss}: loss state off"
+
+
+def test_baselines_are_informative(single) -> None:
+    """The comparisons below can fail: the states move, bf16 is measurably not fp32."""
+    fp32 = single["fp32"]
+    assert float(fp32["epsilon_dpo"]["states"][-1]["beta"]) != 0.5, "ε-DPO's β never moved"
+    assert float(fp32["alpha_dpo"]["states"][-1]["running_std"]) > 0, "α-DPO's statistics never moved"
+    assert fp32["dpo"]["losses"][-1] != fp32["dpo"]["losses"][0], "training did not move the policy"
+    for bf16 in ("bf16-params", "bf16-module"):
+        assert max(_grad_errors(single[bf16]["dpo"], fp32["dpo"], "grads").values()) > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["ddp", "fsdp2", "zero3"], ids=["ddp", "fsdp2", "zero3"])
+def test_two_ranks_match_one_process(family, single, tmp_path) -> None:
+    results = _run(family, tmp_path)
+    for config, per_loss in results.items():
+        for loss in LOSSES:
+            run, base = per_loss[loss], single[_baseline(config)][loss]
+            if "bf16" in config:
+                _check_bf16(config, loss, run, base, single["fp32"][loss])
+            else:
+                _check_fp32(config, loss, run, base)
+            # Policy == reference at the start, computed by the same engine in the same dtype.
+            if loss == "alpha_dpo":
+                state = run["states"][0]
+                assert float(state["running_mean"]) == 0.0 and float(state["running_std"]) == 0.0, config
+            else:
+                assert run["zero_rewards_at_start"], f"{config}/{loss}: policy == reference, rewards ≠ 0"
+            forward, backward = run["gathers"]
+            assert forward <= 2 * MICRO_BATCHES and backward <= MICRO_BATCHES, (
+                f"{config}/{loss}: {forward} forward / {backward} backward gathers in {MICRO_BATCHES} "
+                "micro-batches"
+            )
+            if config in EXPECTED_GATHERS:
+                assert (forward, backward) == EXPECTED_GATHERS[config], f"{config}/{loss}: gathers"
