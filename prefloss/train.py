@@ -207,29 +207,30 @@ def _loss_memory(trainer: Any) -> dict[str, Any]:
     """Peak memory of one loss forward+backward on a training batch: fused vs full logits."""
     import torch
 
-    from prefloss.hf.model import decoder_hidden_states, output_head
+    from prefloss.hf.engines import gathered_heads
+    from prefloss.hf.model import decoder_hidden_states
 
     n = min(trainer.args.per_device_train_batch_size, len(trainer.train_dataset))
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
     device = trainer.args.device
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     labels = batch["shift_labels"].to(device)
+    ref_model = trainer.ref_model
     with torch.no_grad():
         hidden = decoder_hidden_states(trainer.model, ids, mask).detach()
-        ref_hidden = (
-            decoder_hidden_states(trainer.ref_model, ids, mask).detach()
-            if trainer.ref_model is not None
-            else None
-        )
-    head = output_head(trainer.model)
-    weight = head.weight.detach().clone().requires_grad_(True)
+        ref_hidden = decoder_hidden_states(ref_model, ids, mask).detach() if ref_model is not None else None
+        # Whole copies of the heads (gathered under ZeRO-3/FSDP2): the measurement is of the op alone.
+        with gathered_heads(trainer.model, ref_model) as heads:
+            head = heads.policy
+            weight = head.weight.detach().clone().requires_grad_(True)
+            ref_head = heads.ref
+            ref_weight = ref_head.weight.detach().clone() if ref_head is not None else None
     loss_fn = copy.deepcopy(trainer.loss_fn)
     kwargs: dict[str, Any] = head.fused_kwargs()
     if "ref_logps" in batch:
         kwargs["ref_logps"] = batch["ref_logps"].to(device)
     elif ref_hidden is not None:
-        ref_head = output_head(trainer.ref_model)
-        kwargs.update(ref_hidden=ref_hidden, ref_weight=ref_head.weight.detach(), ref_bias=ref_head.bias)
+        kwargs.update(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_head.bias)
 
     def fused() -> None:
         h = hidden.clone().requires_grad_(True)

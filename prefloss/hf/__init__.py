@@ -7,10 +7,15 @@ Needs the ``hf`` extra (transformers, datasets, accelerate). Typical use::
     args = PreferenceConfig(output_dir="out", loss="alpha_dpo", beta=2.5, max_length=1024)
     trainer = PreferenceTrainer(model, args=args, train_dataset=ds, processing_class=tokenizer)
     trainer.train()
+
+Under DDP, FSDP2 and DeepSpeed ZeRO-3 alike (`prefloss.hf.engines`); in a custom loop, one
+micro-batch's loss is `preference_loss(loss_fn, model, input_ids, attention_mask, labels,
+ref_model=prepare_reference(ref, model))`.
 """
 
 from prefloss.hf.collator import PreferenceCollator
 from prefloss.hf.data import load_preferences, tokenize_preference_row, tokenize_preferences
+from prefloss.hf.engines import engine_name, gathered_heads, head_access, prepare_reference
 from prefloss.hf.model import (
     LOGIT_TRANSFORMS,
     OutputHead,
@@ -19,6 +24,7 @@ from prefloss.hf.model import (
     output_head,
     unwrap_model,
 )
+from prefloss.hf.step import preference_loss
 from prefloss.hf.trainer import (
     LOSSES,
     PreferenceConfig,
@@ -38,9 +44,14 @@ __all__ = [
     "build_loss",
     "check_output_head",
     "decoder_hidden_states",
+    "engine_name",
+    "gathered_heads",
+    "head_access",
     "load_preferences",
     "loss_name",
     "output_head",
+    "preference_loss",
+    "prepare_reference",
     "score_pairs",
     "tokenize_preference_row",
     "tokenize_preferences",

@@ -522,6 +522,6 @@ class PreferenceTrainer(Trainer):
                     f"checkpoint {resume_from_checkpoint!r} has no {LOSS_STATE_NAME}: expected a checkpoint "
                     "written by PreferenceTrainer (the loss state, e.g. ε-DPO's β, would be lost)"
                 )
-            state = torch.load(path, map_location=self.args.device, weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)  # load_state_dict copies
             self.loss_fn.load_state_dict(state)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)

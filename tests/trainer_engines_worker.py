@@ -1,0 +1,179 @@
+"""Worker for tests/test_hf_trainer_engines.py: `PreferenceTrainer` under DDP, ZeRO-3 or FSDP2.
+
+    python trainer_engines_worker.py ENGINE OUT_DIR PORT
+
+ENGINE: ``ddp``, ``zero3`` or ``fsdp2``; two gloo processes on CPU. For α-DPO and ε-DPO: train
+4 optimizer steps of 2 micro-batches (2 pairs per rank each, plain SGD, a checkpoint every 2 steps),
+then train again from ``checkpoint-2`` in a new trainer. Rank 0 saves the logged losses and reward
+accuracies of both runs, the final loss state of both, and what the engine did (the policy's head
+type after training, the reference's type) to ``OUT_DIR/ENGINE.pt``.
+
+How each engine is reached on CPU (accelerate 1.16):
+* ZeRO-3: ``TrainingArguments(deepspeed=..., use_cpu=True)`` runs real ZeRO-3 over gloo as it is.
+  The model is built before the arguments: ``TrainingArguments(deepspeed=...)`` switches
+  ``from_config`` to ``deepspeed.zero.Init``, which would read a world size of 1 here.
+* FSDP2: accelerate runs FSDP settings as DDP on CPU (its state only turns to FSDP for GPU-type
+  devices). The worker sets the state accelerate would have set -- ``fsdp_plugin``, distributed type
+  FSDP -- after building the trainer, so that accelerate's own FSDP2 preparation shards the model
+  (``fully_shard`` per decoder layer, then the root) when training starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+LOSSES = {
+    "alpha_dpo": {},
+    "epsilon_dpo": {"beta": 0.5, "epsilon": 0.3, "loss_kwargs": {"compare_dtype": None}},
+}
+PAIRS, GAS, STEPS = 2, 2, 4
+
+
+def engine_arguments(engine: str) -> dict:
+    if engine == "zero3":
+        return {
+            "deepspeed": {
+                "zero_optimization": {
+                    "stage": 3,
+                    "stage3_param_persistence_threshold": 0,
+                    "stage3_gather_16bit_weights_on_model_save": True,
+                },
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "train_batch_size": "auto",
+                "gradient_clipping": "auto",
+                "zero_allow_untested_optimizer": True,
+            }
+        }
+    if engine == "fsdp2":
+        return {
+            "fsdp": "full_shard",
+            "fsdp_config": {
+                "fsdp_version": 2,
+                "reshard_after_forward": True,
+                "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                "state_dict_type": "SHARDED_STATE_DICT",
+                "cpu_ram_efficient_loading": False,
+            },
+        }
+    return {}
+
+
+def force_fsdp_on_cpu(trainer, args) -> None:
+    """What accelerate does on GPUs, done by hand: its CPU path ignores the FSDP settings."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    state.distributed_type = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True
+
+
+class StateLog(TrainerCallback):
+    """The loss state when training (re)starts and after every optimizer step of this run (the
+    callback runs after PreferenceTrainer's own, which updates ε-DPO's β)."""
+
+    def __init__(self, trainer) -> None:
+        self.trainer, self.at_start, self.after_step = trainer, None, {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.at_start = snapshot(self.trainer.loss_fn)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.after_step[state.global_step] = snapshot(self.trainer.loss_fn)
+
+
+def snapshot(module) -> dict:
+    return {k: v.detach().clone().cpu() for k, v in module.state_dict().items()}
+
+
+def train(engine: str, loss: str, out_dir: str, resume: str | None) -> dict:
+    import transformers
+
+    from prefloss.data import synthetic_preferences_path
+    from prefloss.hf import PreferenceConfig, PreferenceTrainer
+    from prefloss.hf.tiny import byte_level_tokenizer, tiny_llama
+
+    transformers.logging.set_verbosity_error()
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # the previous run's arguments would put from_config under zero.Init
+    rows = [json.loads(line) for line in open(synthetic_preferences_path("train"))][:32]
+    tok = byte_level_tokenizer()
+    model = tiny_llama(tok, hidden_size=32, intermediate_size=64, num_heads=2, seed=0)  # before the args
+    args = PreferenceConfig(
+        output_dir=out_dir,
+        loss=loss,
+        max_steps=STEPS,
+        gradient_accumulation_steps=GAS,
+        per_device_train_batch_size=PAIRS,
+        learning_rate=0.1,
+        optim="sgd",
+        report_to=[],
+        use_cpu=True,
+        ddp_backend="gloo",
+        max_length=48,
+        save_strategy="steps",
+        save_steps=2,
+        logging_steps=1,
+        disable_tqdm=True,
+        train_sampling_strategy="sequential",
+        seed=0,
+        **LOSSES[loss],
+        **engine_arguments(engine),
+    )
+    trainer = PreferenceTrainer(model, args=args, train_dataset=rows, processing_class=tok)
+    states = StateLog(trainer)
+    trainer.add_callback(states)
+    if engine == "fsdp2":
+        force_fsdp_on_cpu(trainer, args)
+    trainer.train(resume_from_checkpoint=resume)
+    assert trainer.accelerator.num_processes == 2, trainer.accelerator.num_processes
+    logs = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
+    from prefloss.hf.engines import unwrap_model
+
+    head = unwrap_model(trainer.model_wrapped).get_output_embeddings().weight
+    return {
+        "steps": [h["step"] for h in logs],
+        "loss": torch.tensor([h["loss"] for h in logs]),
+        "accuracy": torch.tensor([h["rewards/accuracies"] for h in logs]),
+        "state": {k: v.detach().clone().cpu() for k, v in trainer.loss_fn.state_dict().items()},
+        "head": type(head).__name__ + (f" ds_numel={head.ds_numel}" if hasattr(head, "ds_id") else ""),
+        "head_shape": tuple(getattr(head, "_local_tensor", head).shape),
+        "reference": type(trainer.ref_model).__name__,
+        "state_at_start": states.at_start,
+        "state_after_step": states.after_step,  # {global step: loss state}
+    }
+
+
+def main(rank: int, engine: str, out_dir: str, port: int) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+    )
+    torch.set_num_threads(1)
+    results = {}
+    for loss in LOSSES:
+        run_dir = os.path.join(out_dir, loss)
+        full = train(engine, loss, run_dir, None)
+        resumed = train(engine, loss, run_dir, os.path.join(run_dir, "checkpoint-2"))
+        results[loss] = {"full": full, "resumed": resumed}
+    if rank == 0:
+        torch.save(results, os.path.join(out_dir, f"{engine}.pt"))
+
+
+if __name__ == "__main__":
+    engine, out_dir, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    torch.multiprocessing.spawn(main, args=(engine, out_dir, port), nprocs=2)
