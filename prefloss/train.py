@@ -414,6 +414,8 @@ def _summary(result: dict[str, Any]) -> str:
         f"loss {result['loss']} | {t['steps_this_run']} steps in {t['runtime_s']:.1f} s "
         f"({t['steps_per_second']:.2f} steps/s, held-out evals and checkpoints included) "
         f"on {result['machine']['device']}",
+        f"engine: {result['engine']['name']}, {result['engine']['processes']} process(es) x "
+        f"{result['engine']['per_device_train_batch_size']} pairs per micro-batch",
         f"loss peak memory (forward+backward), batch {mem['batch_shape']}, V={mem['vocab_size']}: fused "
         f"{_fmt_bytes(mem['fused_loss_bytes'])} vs full-logits log-softmax "
         f"{_fmt_bytes(mem['full_logits_logprobs_bytes'])} ({mem['method']}; one fp32 logits tensor here is "
@@ -513,8 +515,15 @@ def run(args: argparse.Namespace) -> int:
         score_pairs(trainer.model, heldout, collator, batch_size=64, device=config.device), initial
     )
     steps_this_run = trainer.state.global_step - progress.start_step
+    from prefloss.hf.engines import engine_name
+
     result = {
         "loss": args.loss,
+        "engine": {
+            "name": engine_name(trainer.model_wrapped),
+            "processes": trainer.accelerator.num_processes,
+            "per_device_train_batch_size": args.batch_size,
+        },
         "loss_hyperparameters": {
             k: _float_or_none(getattr(trainer.loss_fn, k, None)) for k in LOSSES[args.loss].takes
         },
@@ -558,6 +567,8 @@ def run(args: argparse.Namespace) -> int:
         },
         "log_history": trainer.state.log_history,
     }
+    if not trainer.is_world_process_zero():  # every rank computed the same held-out scores
+        return 0
     (output_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
     if not args.no_plot:
         _plot(trainer.state.log_history, before, after, trainer.state.global_step, output_dir / "curves.png")

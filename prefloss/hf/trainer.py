@@ -510,7 +510,25 @@ class PreferenceTrainer(Trainer):
             os.makedirs(output_dir, exist_ok=True)
             torch.save(self.loss_fn.state_dict(), os.path.join(output_dir, LOSS_STATE_NAME))
 
+    def _check_engine(self) -> None:
+        """Refuse FSDP settings that accelerate did not turn into FSDP2 (never train silently unsharded)."""
+        fsdp_asked = bool(getattr(self.args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP") == "true"
+        if fsdp_asked and not getattr(self, "is_fsdp_enabled", False):
+            raise ValueError(
+                "FSDP was requested (TrainingArguments.fsdp or an accelerate FSDP config) but accelerate "
+                f"runs {self.accelerator.distributed_type} instead: accelerate (1.16) ignores FSDP settings "
+                "on CPU and would train with DDP, unsharded. Run on GPUs, or use DeepSpeed ZeRO-3 on CPU "
+                "(configs/accelerate/zero3.yaml), or drop the FSDP settings to train with DDP knowingly."
+            )
+        if getattr(self, "is_fsdp_enabled", False) and not getattr(self.accelerator, "is_fsdp2", True):
+            raise ValueError(
+                "FSDP version 1 is not supported by prefloss (its flat parameters give the LM head no "
+                "per-parameter gather): set fsdp_version: 2 in the accelerate config "
+                "(fsdp_config={'fsdp_version': 2} in TrainingArguments)"
+            )
+
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        self._check_engine()
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
