@@ -82,6 +82,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--save-steps", type=int, default=50, help="checkpoint every N steps (default: %(default)s)"
     )
     g.add_argument("--seed", type=int, default=0, help="model init, data order (default: 0)")
+    g.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bf16 mixed precision (the Trainer's bf16; under DeepSpeed, 'auto' in its config follows it)",
+    )
     g.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help="(default: %(default)s)")
     g.add_argument(
         "--resume", nargs="?", const="last", default=None, help="resume from a checkpoint (default: the last)"
@@ -482,6 +487,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         data_seed=args.seed,
         use_cpu=use_cpu,
+        bf16=args.bf16,
         disable_tqdm=False,
         dataloader_num_workers=0,
     )

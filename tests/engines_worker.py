@@ -135,12 +135,34 @@ def setup(config: str, model: torch.nn.Module, ref: torch.nn.Module):
         policy = DistributedDataParallel(model)
         return policy, engines.prepare_reference(ref, policy), torch.optim.SGD(model.parameters(), lr=LR)
     if config == "bf16-params":  # what FSDP2's bf16 MixedPrecisionPolicy computes with: params only
+        opt = MasterWeightsSGD(model)
         for m in (model, ref):
             for p in m.parameters():
                 p.data = p.data.to(torch.bfloat16)
-    elif config == "bf16-module":  # what DeepSpeed's bf16 computes with: module.bfloat16()
+        return model, engines.prepare_reference(ref, model), opt
+    if config == "bf16-module":  # what DeepSpeed's bf16 computes with: module.bfloat16()
+        opt = MasterWeightsSGD(model)
         model, ref = model.bfloat16(), ref.bfloat16()
+        return model, engines.prepare_reference(ref, model), opt
     return model, engines.prepare_reference(ref, model), torch.optim.SGD(model.parameters(), lr=LR)
+
+
+class MasterWeightsSGD:
+    """SGD on fp32 master copies of 16-bit parameters, as both engines' bf16 modes do."""
+
+    def __init__(self, model: torch.nn.Module) -> None:  # called while the parameters are fp32
+        self.pairs = [(p, p.detach().clone()) for p in model.parameters()]
+
+    def step(self) -> None:
+        with torch.no_grad():
+            for p, master in self.pairs:
+                if p.grad is not None:
+                    master.add_(p.grad.float(), alpha=-LR)
+                    p.copy_(master)
+
+    def zero_grad(self) -> None:
+        for p, _ in self.pairs:
+            p.grad = None
 
 
 def full_grads(config: str, policy: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -9,7 +9,8 @@ Checked here:
   shard of half the rows, and the reference was prepared by the same engine (a ``DeepSpeedEngine``
   / a ``fully_shard``-ed model), never an unsharded copy;
 * ZeRO-3 and FSDP2 log the same losses and reward accuracies as DDP, and reach the same loss state
-  (α-DPO's running statistics, ε-DPO's β);
+  (α-DPO's running statistics, ε-DPO's β), for α-DPO, ε-DPO, DPO, and DPO with precomputed reference
+  log-probs (which equal the live reference's under DDP);
 * the resumed run starts from the loss state saved at step 2 (not the initial one), runs only steps
   3-4, and ends where the uninterrupted run ended.
 
@@ -74,33 +75,47 @@ def _assert_states_close(got: dict, expected: dict, msg: str) -> None:
         )
 
 
+def test_precomputed_reference_equals_the_live_one(ddp) -> None:
+    """DPO with precomputed reference log-probs (scored once by the initial policy) trains as with the
+    live reference; the engines reproduce DDP's precomputed run in the test below."""
+    live, precomputed = ddp["dpo"]["full"], ddp["dpo_precomputed"]["full"]
+    assert precomputed["reference"] == "NoneType" and live["reference"] != "NoneType"
+    torch.testing.assert_close(precomputed["loss"], live["loss"], atol=1e-5, rtol=1e-5)
+    assert live["loss"][-1] != live["loss"][0]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["zero3", "fsdp2"], ids=["zero3", "fsdp2"])
 def test_trainer_under_engine_matches_ddp_and_resumes(engine, ddp, tmp_path) -> None:
     results = _run(engine, tmp_path)
-    for loss, runs in results.items():
-        full, resumed, base = runs["full"], runs["resumed"], ddp[loss]["full"]
+    assert results.keys() == ddp.keys()
+    for run, runs in results.items():
+        full, base = runs["full"], ddp[run]["full"]
         if engine == "zero3":
             assert full["head"].startswith("Parameter ds_numel=") and full["head_shape"] == (0,), full["head"]
-            assert full["reference"] == "DeepSpeedEngine", full["reference"]
+            reference = "DeepSpeedEngine"
         else:
             assert full["head"] == "DTensor" and full["head_shape"][0] < base["head_shape"][0], full
-            assert full["reference"].startswith("FSDP"), full["reference"]
+            reference = "FSDPLlamaForCausalLM"
+        assert full["reference"] == ("NoneType" if run == "dpo_precomputed" else reference), full["reference"]
         assert full["steps"] == [1, 2, 3, 4], full["steps"]
-        torch.testing.assert_close(full["loss"], base["loss"], atol=2e-5, rtol=2e-5, msg=f"{engine}/{loss}")
-        torch.testing.assert_close(full["accuracy"], base["accuracy"], msg=f"{engine}/{loss} accuracy")
+        torch.testing.assert_close(full["loss"], base["loss"], atol=2e-5, rtol=2e-5, msg=f"{engine}/{run}")
+        torch.testing.assert_close(full["accuracy"], base["accuracy"], msg=f"{engine}/{run} accuracy")
         _assert_states_close(
-            full["state_after_step"][4], base["state_after_step"][4], f"{engine}/{loss} state"
+            full["state_after_step"][4], base["state_after_step"][4], f"{engine}/{run} state"
         )
+        if "resumed" not in runs:
+            continue
 
         # The resumed run starts from step 2's loss state and trains steps 3-4 only.
+        resumed = runs["resumed"]
         assert sorted(resumed["state_after_step"]) == [3, 4], resumed["state_after_step"].keys()
         _assert_states_close(
-            resumed["state_at_start"], full["state_after_step"][2], f"{loss}: state on resume"
+            resumed["state_at_start"], full["state_after_step"][2], f"{run}: state on resume"
         )
         initial = full["state_at_start"]
         assert any(not torch.equal(resumed["state_at_start"][k], initial[k]) for k in initial), (
-            f"{loss}: the state at step 2 equals the initial one; the resume check would prove nothing"
+            f"{run}: the state at step 2 equals the initial one; the resume check would prove nothing"
         )
-        torch.testing.assert_close(resumed["loss"][2:], full["loss"][2:], atol=1e-6, rtol=1e-6, msg=loss)
-        _assert_states_close(resumed["state_after_step"][4], full["state_after_step"][4], f"{loss}: final")
+        torch.testing.assert_close(resumed["loss"][2:], full["loss"][2:], atol=1e-6, rtol=1e-6, msg=run)
+        _assert_states_close(resumed["state_after_step"][4], full["state_after_step"][4], f"{run}: final")

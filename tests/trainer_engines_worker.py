@@ -2,11 +2,12 @@
 
     python trainer_engines_worker.py ENGINE OUT_DIR PORT
 
-ENGINE: ``ddp``, ``zero3`` or ``fsdp2``; two gloo processes on CPU. For α-DPO and ε-DPO: train
-4 optimizer steps of 2 micro-batches (2 pairs per rank each, plain SGD, a checkpoint every 2 steps),
-then train again from ``checkpoint-2`` in a new trainer. Rank 0 saves the logged losses and reward
-accuracies of both runs, the final loss state of both, and what the engine did (the policy's head
-type after training, the reference's type) to ``OUT_DIR/ENGINE.pt``.
+ENGINE: ``ddp``, ``zero3`` or ``fsdp2``; two gloo processes on CPU. Each run of `RUNS` trains 4
+optimizer steps of 2 micro-batches (2 pairs per rank each, plain SGD, a checkpoint every 2 steps);
+α-DPO and ε-DPO then train again from ``checkpoint-2`` in a new trainer; DPO runs with a live
+reference and with precomputed reference log-probs. Rank 0 saves the logged losses and reward
+accuracies, the loss state at the start and after every step, and what the engine did (the policy's
+head type after training, the reference's type) to ``OUT_DIR/ENGINE.pt``.
 
 How each engine is reached on CPU (accelerate 1.16):
 * ZeRO-3: ``TrainingArguments(deepspeed=..., use_cpu=True)`` runs real ZeRO-3 over gloo as it is.
@@ -29,10 +30,19 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-LOSSES = {
-    "alpha_dpo": {},
-    "epsilon_dpo": {"beta": 0.5, "epsilon": 0.3, "loss_kwargs": {"compare_dtype": None}},
+# run name -> PreferenceConfig settings; the first two are also resumed from their step-2 checkpoint
+RUNS = {
+    "alpha_dpo": {"loss": "alpha_dpo"},
+    "epsilon_dpo": {
+        "loss": "epsilon_dpo",
+        "beta": 0.5,
+        "epsilon": 0.3,
+        "loss_kwargs": {"compare_dtype": None},
+    },
+    "dpo": {"loss": "dpo", "beta": 0.5},
+    "dpo_precomputed": {"loss": "dpo", "beta": 0.5, "precompute_ref_log_probs": True},
 }
+RESUMED = ("alpha_dpo", "epsilon_dpo")
 PAIRS, GAS, STEPS = 2, 2, 4
 
 
@@ -95,7 +105,7 @@ def snapshot(module) -> dict:
     return {k: v.detach().clone().cpu() for k, v in module.state_dict().items()}
 
 
-def train(engine: str, loss: str, out_dir: str, resume: str | None) -> dict:
+def train(engine: str, run: str, out_dir: str, resume: str | None) -> dict:
     import transformers
 
     from prefloss.data import synthetic_preferences_path
@@ -111,7 +121,6 @@ def train(engine: str, loss: str, out_dir: str, resume: str | None) -> dict:
     model = tiny_llama(tok, hidden_size=32, intermediate_size=64, num_heads=2, seed=0)  # before the args
     args = PreferenceConfig(
         output_dir=out_dir,
-        loss=loss,
         max_steps=STEPS,
         gradient_accumulation_steps=GAS,
         per_device_train_batch_size=PAIRS,
@@ -127,7 +136,7 @@ def train(engine: str, loss: str, out_dir: str, resume: str | None) -> dict:
         disable_tqdm=True,
         train_sampling_strategy="sequential",
         seed=0,
-        **LOSSES[loss],
+        **RUNS[run],
         **engine_arguments(engine),
     )
     trainer = PreferenceTrainer(model, args=args, train_dataset=rows, processing_class=tok)
@@ -165,11 +174,11 @@ def main(rank: int, engine: str, out_dir: str, port: int) -> None:
     )
     torch.set_num_threads(1)
     results = {}
-    for loss in LOSSES:
-        run_dir = os.path.join(out_dir, loss)
-        full = train(engine, loss, run_dir, None)
-        resumed = train(engine, loss, run_dir, os.path.join(run_dir, "checkpoint-2"))
-        results[loss] = {"full": full, "resumed": resumed}
+    for run in RUNS:
+        run_dir = os.path.join(out_dir, run)
+        results[run] = {"full": train(engine, run, run_dir, None)}
+        if run in RESUMED:
+            results[run]["resumed"] = train(engine, run, run_dir, os.path.join(run_dir, "checkpoint-2"))
     if rank == 0:
         torch.save(results, os.path.join(out_dir, f"{engine}.pt"))
 
