@@ -65,6 +65,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--backend", default="auto", help="fused-op backend: auto, torch or triton (default: auto)"
     )
     g.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk of the fused op")
+    g = parser.add_argument_group("LoRA (PEFT; the reference is the model with adapters disabled)")
+    g.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
+    g.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default: %(default)s)")
+    g.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default: %(default)s)")
+    g.add_argument(
+        "--lora-target-modules",
+        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        help="comma-separated module names to adapt (default: %(default)s; not lm_head)",
+    )
     g = parser.add_argument_group("training")
     g.add_argument("--max-steps", type=int, default=100, help="optimizer steps (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=8, help="pairs per micro-batch (default: %(default)s)")
@@ -420,7 +429,9 @@ def _summary(result: dict[str, Any]) -> str:
         f"({t['steps_per_second']:.2f} steps/s, held-out evals and checkpoints included) "
         f"on {result['machine']['device']}",
         f"engine: {result['engine']['name']}, {result['engine']['processes']} process(es) x "
-        f"{result['engine']['per_device_train_batch_size']} pairs per micro-batch",
+        f"{result['engine']['per_device_train_batch_size']} pairs per micro-batch; trained "
+        f"{result['model']['trainable_parameters']:,} of {result['model']['parameters']:,} parameters"
+        + (" (LoRA, reference = adapters disabled)" if result["model"]["lora"] else ""),
         f"loss peak memory (forward+backward), batch {mem['batch_shape']}, V={mem['vocab_size']}: fused "
         f"{_fmt_bytes(mem['fused_loss_bytes'])} vs full-logits log-softmax "
         f"{_fmt_bytes(mem['full_logits_logprobs_bytes'])} ({mem['method']}; one fp32 logits tensor here is "
@@ -491,8 +502,23 @@ def run(args: argparse.Namespace) -> int:
         disable_tqdm=False,
         dataloader_num_workers=0,
     )
+    peft_config = None
+    if args.lora:
+        from peft import LoraConfig
+
+        if args.lora_r < 1:
+            raise ValueError(f"--lora-r must be >= 1, got {args.lora_r}")
+        targets = [name.strip() for name in args.lora_target_modules.split(",") if name.strip()]
+        if not targets:
+            raise ValueError("--lora-target-modules must name at least one module, got an empty list")
+        peft_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=targets)
     trainer = PreferenceTrainer(
-        model, args=config, train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer
+        model,
+        args=config,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        processing_class=tokenizer,
+        peft_config=peft_config,
     )
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
@@ -533,7 +559,12 @@ def run(args: argparse.Namespace) -> int:
         "loss_hyperparameters": {
             k: _float_or_none(getattr(trainer.loss_fn, k, None)) for k in LOSSES[args.loss].takes
         },
-        "model": {"name": model_name, "parameters": sum(p.numel() for p in trainer.model.parameters())},
+        "model": {
+            "name": model_name,
+            "parameters": sum(p.numel() for p in trainer.model.parameters()),
+            "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+            "lora": None if peft_config is None else {"r": args.lora_r, "alpha": args.lora_alpha},
+        },
         "data": {
             "train": data_name,
             "train_pairs": len(trainer.train_dataset),

@@ -13,6 +13,7 @@ micro-batch's loss is `preference_loss(loss_fn, model, input_ids, attention_mask
 ref_model=prepare_reference(ref, model))`.
 """
 
+from prefloss.hf.adapters import AdaptersDisabled
 from prefloss.hf.collator import PreferenceCollator
 from prefloss.hf.data import load_preferences, tokenize_preference_row, tokenize_preferences
 from prefloss.hf.engines import engine_name, gathered_heads, head_access, prepare_reference
@@ -35,6 +36,7 @@ from prefloss.hf.trainer import (
 )
 
 __all__ = [
+    "AdaptersDisabled",
     "LOGIT_TRANSFORMS",
     "LOSSES",
     "OutputHead",

@@ -229,7 +229,9 @@ def head_access(model: nn.Module) -> HeadAccess:
         if bias is not None and hasattr(bias, "ds_id"):
             params.append(bias)
         return DeepSpeedHead(inner, params)
-    owner = _fsdp2_owner(inner, head_module)
+    # A view of another model (e.g. a PEFT policy with adapters disabled) names the tree holding its head.
+    tree = inner.head_owner_tree() if callable(getattr(inner, "head_owner_tree", None)) else inner
+    owner = _fsdp2_owner(tree, head_module)
     if owner is not None:
         return FSDP2Head(inner, *owner)
     return WholeHead(inner)

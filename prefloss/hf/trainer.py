@@ -35,6 +35,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from prefloss.hf.adapters import AdaptersDisabled, check_peft_head, is_peft_model
 from prefloss.hf.collator import PreferenceCollator
 from prefloss.hf.data import load_preferences, tokenize_preferences
 from prefloss.hf.engines import gathered_heads, prepare_reference
@@ -260,6 +261,11 @@ class PreferenceTrainer(Trainer):
         processing_class: the tokenizer.
         loss_fn: a ready prefloss loss module; ``args.loss`` and the hyperparameters in ``args`` are
             then ignored.
+        peft_config: a ``peft`` config (e.g. ``LoraConfig``): ``model`` is wrapped with
+            ``get_peft_model``. For a PEFT policy (given or wrapped here) without ``ref_model`` the
+            reference is the same model with its adapters disabled (`AdaptersDisabled`), not a copy.
+            Adapters on the output head itself are refused (the fused op reads the head weight);
+            ``modules_to_save=["lm_head"]`` works.
         Remaining arguments go to ``transformers.Trainer``.
     """
 
@@ -273,6 +279,7 @@ class PreferenceTrainer(Trainer):
         processing_class: Any = None,
         data_collator: Any = None,
         loss_fn: nn.Module | None = None,
+        peft_config: Any = None,
         **kwargs: Any,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -287,6 +294,16 @@ class PreferenceTrainer(Trainer):
             model = AutoModelForCausalLM.from_pretrained(model)
         if isinstance(ref_model, (str, os.PathLike)):
             ref_model = AutoModelForCausalLM.from_pretrained(ref_model)
+        if peft_config is not None:
+            if is_peft_model(model):
+                raise ValueError(
+                    "peft_config was given but model is already a PeftModel: pass one or the other"
+                )
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        if is_peft_model(model):
+            check_peft_head(model)
         if processing_class is None:
             raise ValueError("processing_class (the tokenizer) is required")
         output_head(model)  # fails early, with a clear message, on a model without LM head
@@ -357,6 +374,8 @@ class PreferenceTrainer(Trainer):
         if needs_reference:
             if args.precompute_ref_log_probs:
                 scorer = ref_model if ref_model is not None else self.model
+                if ref_model is None and is_peft_model(self.model):  # the base model, adapters off
+                    scorer = AdaptersDisabled(unwrap_model(self.model))
                 self.train_dataset = self._add_reference_logps(self.train_dataset, scorer)
                 if isinstance(self.eval_dataset, dict):
                     self.eval_dataset = {
@@ -364,16 +383,21 @@ class PreferenceTrainer(Trainer):
                     }
                 else:
                     self.eval_dataset = self._add_reference_logps(self.eval_dataset, scorer)
+            elif ref_model is None and is_peft_model(self.model):
+                # LoRA: the reference is the policy with its adapters disabled -- no second copy
+                self.ref_model = AdaptersDisabled(unwrap_model(self.model))
+                self._ref_prepared = True  # it is the policy, held by the policy's engine
             else:
                 self.ref_model = ref_model if ref_model is not None else self._copy_policy()
                 self.ref_model.eval().requires_grad_(False)
-                policy_head, ref_head = output_head(self.model), output_head(self.ref_model)
-                if (policy_head.logit_scale, policy_head.softcap) != (ref_head.logit_scale, ref_head.softcap):
-                    raise ValueError(
-                        "policy and reference must share the logit transform, got "
-                        f"logit_scale/softcap {policy_head.logit_scale}/{policy_head.softcap} vs "
-                        f"{ref_head.logit_scale}/{ref_head.softcap}"
-                    )
+        if self.ref_model is not None:
+            policy_head, ref_head = output_head(self.model), output_head(self.ref_model)
+            if (policy_head.logit_scale, policy_head.softcap) != (ref_head.logit_scale, ref_head.softcap):
+                raise ValueError(
+                    "policy and reference must share the logit transform, got "
+                    f"logit_scale/softcap {policy_head.logit_scale}/{policy_head.softcap} vs "
+                    f"{ref_head.logit_scale}/{ref_head.softcap}"
+                )
         # Checked at the first loss, once the engine holds the models (a ZeRO-3 or FSDP2 model can
         # run its forward only then).
         self._output_head_unchecked = bool(args.check_output_head)
