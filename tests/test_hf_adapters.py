@@ -152,3 +152,25 @@ def test_lora_on_the_head_is_refused(tmp_path) -> None:
             processing_class=tok,
             peft_config=config,
         )
+
+
+@pytest.mark.slow
+def test_prefloss_train_lora_learns_with_adapters_only(tmp_path) -> None:
+    import argparse
+
+    from prefloss import train
+
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    argv = ["--lora", "--lora-r", "4", "--learning-rate", "5e-3", "--max-steps", "30", "--eval-steps", "30"]
+    args = parser.parse_args(
+        [*argv, "--save-steps", "30", "--quiet", "--no-plot", "--output-dir", str(tmp_path)]
+    )
+    assert train.run(args) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    model = metrics["model"]
+    assert model["lora"] == {"r": 4, "alpha": 16.0}
+    assert 0 < model["trainable_parameters"] < model["parameters"] / 10, model
+    before, after = metrics["heldout"]["before"], metrics["heldout"]["after"]
+    assert after["preference_accuracy"] >= before["preference_accuracy"] + 0.1, (before, after)
+    assert after["implicit_reward_accuracy"] > 0.6, after
