@@ -52,6 +52,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-length", type=int, default=64, help="most tokens of prompt + response (default: %(default)s)"
     )
     g.add_argument("--max-prompt-length", type=int, default=None, help="prompt tokens kept when too long")
+    g.add_argument(
+        "--prompt-bos",
+        default="tokenizer",
+        choices=("tokenizer", "always", "never"),
+        help="BOS before each prompt: as the tokenizer puts it (default, like TRL), always, or never",
+    )
+    g.add_argument(
+        "--overlong-prompts",
+        default="error",
+        choices=("error", "drop"),
+        help="a prompt with no room for a response within --max-length: error (default) or drop the row",
+    )
     g = parser.add_argument_group("loss")
     g.add_argument(
         "--loss", default="alpha_dpo", choices=LOSS_NAMES, help="preference loss (default: alpha_dpo)"
@@ -480,6 +492,8 @@ def run(args: argparse.Namespace) -> int:
         loss_kwargs=loss_kwargs,
         max_length=args.max_length,
         max_prompt_length=args.max_prompt_length,
+        prompt_bos=args.prompt_bos,
+        overlong_prompts=args.overlong_prompts,
         precompute_ref_log_probs=args.precompute_ref,
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,

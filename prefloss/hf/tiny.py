@@ -17,15 +17,17 @@ CHAT_TEMPLATE = (
 )
 
 
-def byte_level_tokenizer(*, chat_template: bool = True) -> Any:
+def byte_level_tokenizer(*, chat_template: bool = True, add_bos: bool = True) -> Any:
     """A ``PreTrainedTokenizerFast`` over the 256 bytes plus BOS, EOS and PAD (vocabulary 259).
 
     No merges: every byte is one token, so any text round-trips and nothing is downloaded.
 
     Args:
         chat_template: attach `CHAT_TEMPLATE` (conversational data needs a chat template).
+        add_bos: the tokenizer prepends BOS to encoded text (with ``add_special_tokens=True``, the
+            default), as Llama's tokenizers do; ``False`` makes it GPT-2-like (no special tokens added).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -35,6 +37,10 @@ def byte_level_tokenizer(*, chat_template: bool = True) -> Any:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])]
+        )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
     if chat_template:
         tokenizer.chat_template = CHAT_TEMPLATE

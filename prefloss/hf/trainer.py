@@ -37,7 +37,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from prefloss.hf.adapters import AdaptersDisabled, check_peft_head, is_peft_model
 from prefloss.hf.collator import PreferenceCollator
-from prefloss.hf.data import load_preferences, tokenize_preferences
+from prefloss.hf.data import BOS_MODES, OVERLONG_MODES, load_preferences, tokenize_preferences
 from prefloss.hf.engines import gathered_heads, prepare_reference
 from prefloss.hf.model import check_output_head, decoder_hidden_states, output_head, unwrap_model
 from prefloss.hf.step import preference_loss
@@ -105,6 +105,20 @@ class PreferenceConfig(TrainingArguments):
             "help": "Prompt tokens kept (its end) when a pair is too long; None: never cut the prompt."
         },
     )
+    prompt_bos: str = field(
+        default="tokenizer",
+        metadata={
+            "help": "BOS before the prompt: 'tokenizer' (as the tokenizer or chat template puts it, like "
+            "TRL), 'always' or 'never'."
+        },
+    )
+    overlong_prompts: str = field(
+        default="error",
+        metadata={
+            "help": "A prompt that leaves no room for a response within max_length: 'error', or 'drop' the "
+            "row (counted in a warning, as TRL's DPOTrainer drops it)."
+        },
+    )
     precompute_ref_log_probs: bool = field(
         default=False,
         metadata={
@@ -141,6 +155,12 @@ class PreferenceConfig(TrainingArguments):
             raise ValueError(
                 "remove_unused_columns=True would drop the tokenized preference columns the collator needs; "
                 "expected False"
+            )
+        if self.prompt_bos not in BOS_MODES:
+            raise ValueError(f"prompt_bos must be one of {BOS_MODES}, got {self.prompt_bos!r}")
+        if self.overlong_prompts not in OVERLONG_MODES:
+            raise ValueError(
+                f"overlong_prompts must be one of {OVERLONG_MODES}, got {self.overlong_prompts!r}"
             )
         if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
             raise ValueError(
@@ -345,6 +365,8 @@ class PreferenceTrainer(Trainer):
                 processing_class,
                 max_length=args.max_length,
                 max_prompt_length=args.max_prompt_length,
+                bos=args.prompt_bos,
+                overlong=args.overlong_prompts,
                 num_proc=args.dataset_num_proc if hasattr(args, "dataset_num_proc") else None,
             )
 
