@@ -30,13 +30,14 @@ import torch.distributed as dist  # noqa: E402
 
 import prefloss  # noqa: E402
 from prefloss.hf import engines  # noqa: E402
+from prefloss.hf.adapters import AdaptersDisabled  # noqa: E402
 from prefloss.hf.step import preference_loss  # noqa: E402
 from prefloss.hf.tiny import byte_level_tokenizer, tiny_llama  # noqa: E402
 
 PAIRS_PER_RANK, WORLD, T, GAS, STEPS, LR = 2, 2, 16, 2, 2, 0.5
 CHUNK = 8  # rows per chunk of the fused op: many chunks, so a per-chunk gather would show
 CONFIGS = {
-    "single": ["fp32", "fp32-tied", "bf16-params", "bf16-module"],
+    "single": ["fp32", "fp32-tied", "fp32-lora", "bf16-params", "bf16-module"],
     "ddp": ["ddp"],
     "fsdp2": [
         "fsdp2-root",
@@ -46,8 +47,9 @@ CONFIGS = {
         "fsdp2-tied-raf",
         "fsdp2-root-raf-bf16",
         "fsdp2-head-bf16",
+        "fsdp2-lora-raf",
     ],
-    "zero3": ["zero3", "zero3-tied", "zero3-bf16"],
+    "zero3": ["zero3", "zero3-tied", "zero3-bf16", "zero3-lora"],
 }
 
 
@@ -87,10 +89,31 @@ def rank_rows(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 
 def build_model(config: str) -> torch.nn.Module:
+    """The tiny Llama; ``lora`` configurations wrap it in LoRA adapters (q/v) with a trained head
+    (``modules_to_save``), whose reference is the same model with adapters disabled."""
     tok = byte_level_tokenizer()
-    return tiny_llama(
+    model = tiny_llama(
         tok, hidden_size=32, intermediate_size=64, num_heads=2, seed=0, tie_word_embeddings="tied" in config
     )
+    if "lora" in config:
+        import peft
+
+        torch.manual_seed(0)  # LoRA's A matrices; B starts at 0, so the policy starts equal to the reference
+        lora = peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]
+        )
+        model = peft.get_peft_model(model, lora)
+    return model
+
+
+def reference(config: str, ref: torch.nn.Module, policy: torch.nn.Module) -> torch.nn.Module:
+    if "lora" in config:
+        return AdaptersDisabled(engines.unwrap_model(policy))
+    return engines.prepare_reference(ref, policy)
+
+
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def deepspeed_config(config: str) -> dict:
@@ -114,26 +137,26 @@ def setup(config: str, model: torch.nn.Module, ref: torch.nn.Module):
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         else:
             mp = MixedPrecisionPolicy()
-        for layer in model.model.layers:
+        for layer in model.get_decoder().layers:
             fully_shard(layer, mp_policy=mp)
         if "-head" in config:
             fully_shard(model.lm_head, mp_policy=mp, reshard_after_forward="keep" not in config)
         fully_shard(model, mp_policy=mp, reshard_after_forward="raf" in config)
-        opt = torch.optim.SGD(model.parameters(), lr=LR)
-        return model, engines.prepare_reference(ref, model), opt
+        opt = torch.optim.SGD(trainable(model), lr=LR)
+        return model, reference(config, ref, model), opt
     if config.startswith("zero3"):
         import deepspeed
 
         cfg = deepspeed_config(config)
         engine, *_ = deepspeed.initialize(
-            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), config=cfg
+            model=model, optimizer=torch.optim.SGD(trainable(model), lr=LR), config=cfg
         )
-        return engine, engines.prepare_reference(ref, engine), engine
+        return engine, reference(config, ref, engine), engine
     if config == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         policy = DistributedDataParallel(model)
-        return policy, engines.prepare_reference(ref, policy), torch.optim.SGD(model.parameters(), lr=LR)
+        return policy, reference(config, ref, policy), torch.optim.SGD(model.parameters(), lr=LR)
     if config == "bf16-params":  # what FSDP2's bf16 MixedPrecisionPolicy computes with: params only
         opt = MasterWeightsSGD(model)
         for m in (model, ref):
@@ -144,7 +167,7 @@ def setup(config: str, model: torch.nn.Module, ref: torch.nn.Module):
         opt = MasterWeightsSGD(model)
         model, ref = model.bfloat16(), ref.bfloat16()
         return model, engines.prepare_reference(ref, model), opt
-    return model, engines.prepare_reference(ref, model), torch.optim.SGD(model.parameters(), lr=LR)
+    return model, reference(config, ref, model), torch.optim.SGD(trainable(model), lr=LR)
 
 
 class MasterWeightsSGD:
@@ -186,6 +209,8 @@ def full_params(config: str, policy: torch.nn.Module) -> dict[str, torch.Tensor]
     inner = engines.unwrap_model(policy)
     params = {}
     for name, p in inner.named_parameters():
+        if not p.requires_grad:
+            continue
         if config.startswith("zero3"):
             from deepspeed.utils import safe_get_full_fp32_param
 

@@ -8,6 +8,8 @@ micro-batches through `prefloss.hf.preference_loss`, under each engine configura
   head in its own unit (resharded after forward or kept), tied embeddings, bf16
   ``MixedPrecisionPolicy`` (fp32 reduction);
 * DeepSpeed ZeRO-3: fp32, tied embeddings, bf16;
+* LoRA (PEFT, adapters on q/v, the head trained through ``modules_to_save``) under FSDP2 and ZeRO-3,
+  the reference being the same model with adapters disabled (`prefloss.hf.AdaptersDisabled`);
 
 against one process without any engine on the merged batch: fp32 for the fp32 runs; for the bf16
 runs, the same computation in bf16 (params cast as FSDP2 casts them, or the whole module as DeepSpeed
@@ -49,6 +51,10 @@ EXPECTED_GATHERS = {
     ),
     "zero3": (8, 4),
     "zero3-bf16": (8, 4),
+    "zero3-lora": (8, 4),
+    # LoRA: the trained head copy (modules_to_save) and the reference's original head share the
+    # root unit, so one unshard serves both
+    "fsdp2-lora-raf": (4, 4),
 }
 
 
@@ -83,7 +89,10 @@ def single(tmp_path_factory) -> dict:
 def _baseline(config: str) -> str:
     if "bf16" in config:
         return "bf16-params" if config.startswith("fsdp2") else "bf16-module"
-    return "fp32-tied" if "tied" in config else "fp32"
+    for variant in ("tied", "lora"):
+        if variant in config:
+            return f"fp32-{variant}"
+    return "fp32"
 
 
 def _grad_errors(run: dict, base: dict, key: str) -> dict[str, float]:
