@@ -25,16 +25,9 @@ and does gather where the engine resharded it.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-WORKER = Path(__file__).with_name("engines_worker.py")
 LOSSES = ("alpha_dpo", "epsilon_dpo", "dpo")
 MICRO_BATCHES = 4
 # prefloss's own gathers of a sharded head over the 4 micro-batches, (forward, backward). The
@@ -58,32 +51,9 @@ EXPECTED_GATHERS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(family: str, out_dir: Path) -> dict:
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
-    }
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu")
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), family, str(out_dir), str(_free_port())],
-        cwd=out_dir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, f"{family} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return torch.load(out_dir / f"{family}.pt", weights_only=False)
-
-
 @pytest.fixture(scope="module")
-def single(tmp_path_factory) -> dict:
-    return _run("single", tmp_path_factory.mktemp("single"))
+def single(tmp_path_factory, run_engine_worker) -> dict:
+    return run_engine_worker("engines_worker.py", "single", tmp_path_factory.mktemp("single"))
 
 
 def _baseline(config: str) -> str:
@@ -159,8 +129,8 @@ def test_baselines_are_informative(single) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["ddp", "fsdp2", "zero3"], ids=["ddp", "fsdp2", "zero3"])
-def test_two_ranks_match_one_process(family, single, tmp_path) -> None:
-    results = _run(family, tmp_path)
+def test_two_ranks_match_one_process(family, single, tmp_path, run_engine_worker) -> None:
+    results = run_engine_worker("engines_worker.py", family, tmp_path)
     for config, per_loss in results.items():
         for loss in LOSSES:
             run, base = per_loss[loss], single[_baseline(config)][loss]

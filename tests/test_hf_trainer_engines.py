@@ -21,50 +21,13 @@ preparation then shards the model when training starts.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-WORKER = Path(__file__).with_name("trainer_engines_worker.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(engine: str, out_dir: Path) -> dict:
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
-    }
-    env.update(
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        DS_ACCELERATOR="cpu",
-    )
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), engine, str(out_dir), str(_free_port())],
-        cwd=out_dir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, f"{engine} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return torch.load(out_dir / f"{engine}.pt", weights_only=False)
-
 
 @pytest.fixture(scope="module")
-def ddp(tmp_path_factory) -> dict:
-    return _run("ddp", tmp_path_factory.mktemp("ddp"))
+def ddp(tmp_path_factory, run_engine_worker) -> dict:
+    return run_engine_worker("trainer_engines_worker.py", "ddp", tmp_path_factory.mktemp("ddp"))
 
 
 def _assert_states_close(got: dict, expected: dict, msg: str) -> None:
@@ -86,8 +49,8 @@ def test_precomputed_reference_equals_the_live_one(ddp) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["zero3", "fsdp2"], ids=["zero3", "fsdp2"])
-def test_trainer_under_engine_matches_ddp_and_resumes(engine, ddp, tmp_path) -> None:
-    results = _run(engine, tmp_path)
+def test_trainer_under_engine_matches_ddp_and_resumes(engine, ddp, tmp_path, run_engine_worker) -> None:
+    results = run_engine_worker("trainer_engines_worker.py", engine, tmp_path)
     assert results.keys() == ddp.keys()
     for run, runs in results.items():
         full, base = runs["full"], ddp[run]["full"]

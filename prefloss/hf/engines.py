@@ -38,7 +38,7 @@ backward of whatever produced them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -242,31 +242,17 @@ def engine_name(model: nn.Module) -> str:
     return head_access(model).engine
 
 
-class _GatherBeforeBackward(torch.autograd.Function):
-    """Identity on the loss; its backward (the first of the fused op's backward) gathers the heads."""
+class _OnBackward(torch.autograd.Function):
+    """Identity on ``x``; when autograd reaches it in the backward, ``callback()`` runs first."""
 
     @staticmethod
-    def forward(ctx, heads: GatheredHeads, loss: torch.Tensor) -> torch.Tensor:
-        ctx.heads = heads
-        return loss.view_as(loss)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
-        ctx.heads._gather_for_backward()
-        return None, grad
-
-
-class _ReleaseAfterBackward(torch.autograd.Function):
-    """Identity on the hidden states; its backward (after the fused op's) releases the heads."""
-
-    @staticmethod
-    def forward(ctx, heads: GatheredHeads, hidden: torch.Tensor) -> torch.Tensor:
-        ctx.heads = heads
-        return hidden.view_as(hidden)
+    def forward(ctx, callback: Callable[[], None], x: torch.Tensor) -> torch.Tensor:
+        ctx.callback = callback
+        return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
-        ctx.heads._release_after_backward()
+        ctx.callback()
         return None, grad
 
 
@@ -303,13 +289,13 @@ class GatheredHeads:
         """``loss`` unchanged; its backward gathers the policy head first (no-op without grad)."""
         if not loss.requires_grad:
             return loss
-        return _GatherBeforeBackward.apply(self, loss)
+        return _OnBackward.apply(self._gather_for_backward, loss)
 
     def release_after_backward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden`` unchanged; the backward releases the policy head once the fused op is done."""
         if not hidden.requires_grad:
             return hidden
-        return _ReleaseAfterBackward.apply(self, hidden)
+        return _OnBackward.apply(self._release_after_backward, hidden)
 
     def _gather_for_backward(self) -> None:
         access = self._policy_access
