@@ -474,8 +474,23 @@ def compile_warmup(rank: int, args) -> float:
     return time.perf_counter() - t0
 
 
+def _die_with_parent() -> None:
+    """Linux: end this worker when the launching process dies (spawned workers outlive it otherwise)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before prctl
+        os._exit(1)
+
+
 def worker(rank: int, world: int, configs: list[str], args, port: int, out_dir: str) -> None:
     import warnings
+
+    _die_with_parent()
 
     # DeepSpeed 0.19 calls torch.distributed's deprecated all_gather_into_tensor/reduce_scatter_tensor.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated")
