@@ -1,10 +1,12 @@
 """``prefloss check``: the kernel-correctness harness.
 
 Runs `prefloss.fused_logprobs(..., backend="triton")` over a matrix of shapes and options, forward and
-backward (random upstream gradient), and judges every output and gradient with the shared criterion
-of `prefloss.testing`: ``err(triton) <= err(torch backend at the same dtype) + tol[dtype]``, errors
-measured against the float64 oracle `prefloss.reference.token_logprobs`. Then compiles every kernel
-for sm_80 / sm_90 (`prefloss.compile_report`) and fails on compile errors or register spills.
+backward (random upstream gradient), and judges every output, every per-row sum of an output and
+every gradient with the shared criterion of `prefloss.testing`:
+``err(triton) <= ERROR_MARGIN · max(err(torch backend at the same dtype), u·max|expected|)``, and per
+row ``|Σ_t err| <= ERROR_MARGIN · sequence_error_scale(torch backend)``, errors measured against the
+float64 oracle `prefloss.reference.token_logprobs`. Then compiles every kernel for sm_80 / sm_90
+(`prefloss.compile_report`) and fails on compile errors or register spills.
 
 On CUDA the compiled kernels run on GPU-sized shapes; without CUDA the kernels run under Triton's
 interpreter (``TRITON_INTERPRET=1``, set here before `prefloss.kernels` is imported) on small shapes.
@@ -22,7 +24,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-QUANTITIES = ("policy", "ref", "minus", "plus", "d hidden", "d weight", "d bias")
+KINDS = ("policy", "ref", "minus", "plus")
+QUANTITIES = (*KINDS, *(f"{k} sums" for k in KINDS), "d hidden", "d weight", "d bias")
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
 
@@ -103,7 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=0.0,
         metavar="X",
-        help="self-test of the harness: add X to every Triton output before judging (the check must fail)",
+        help="self-test of the harness: add X to every Triton output and gradient before judging "
+        "(the check must fail)",
     )
 
 
@@ -213,13 +217,22 @@ def check_case(case: Case, dtype_name: str, device: str, *, seed: int = 0, injec
     """Judge every output and gradient of one case at one dtype; returns a list of `CheckResult`."""
     import torch
 
-    from prefloss.testing import compare
+    from prefloss.testing import ERROR_MARGIN, compare, sequence_error_scale
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     inputs = _inputs(case, dtype, device, seed)
     expected = _run(inputs, case, device, "reference")
     baseline = _run(inputs, case, device, "torch")
-    actual = _run(inputs, case, device, "triton")
+    actual = {q: v.double() + inject_error for q, v in _run(inputs, case, device, "triton").items()}
+    bounds = {}
+    for kind in KINDS:
+        if kind in expected:
+            expected[f"{kind} sums"] = expected[kind].sum(-1)
+            bounds[f"{kind} sums"] = ERROR_MARGIN * sequence_error_scale(baseline[kind], expected[kind])
+        if (
+            kind in actual and kind in baseline
+        ):  # summed in the op's dtype, as `prefloss.sequence_logprobs` does
+            actual[f"{kind} sums"] = actual[kind].to(baseline[kind].dtype).sum(-1)
     results = []
     for quantity in QUANTITIES:
         if quantity not in expected:
@@ -227,8 +240,13 @@ def check_case(case: Case, dtype_name: str, device: str, *, seed: int = 0, injec
         if quantity not in actual:
             results.append(CheckResult(case.name, dtype_name, quantity, float("inf"), 0.0, False))
             continue
-        got = actual[quantity].double() + inject_error
-        c = compare(got, expected[quantity], dtype=dtype, baseline=baseline.get(quantity))
+        c = compare(
+            actual[quantity],
+            expected[quantity],
+            dtype=dtype,
+            baseline=baseline.get(quantity),
+            bound=bounds.get(quantity),
+        )
         results.append(
             CheckResult(case.name, dtype_name, quantity, c.max_abs_err, c.bound, c.passed, c.worst_index)
         )

@@ -186,36 +186,103 @@ def preference_loss(
         softcap=softcap,
         ignore_index=ignore_index,
     )
-    length = tok.mask.sum(-1).double()
-    b = hidden.shape[0] // 2
+    sums = lambda x: None if x is None else x.sum(-1)
+    return sequence_loss(
+        name,
+        sums(tok.policy),
+        tok.mask.sum(-1),
+        ref=sums(tok.ref),
+        minus=sums(tok.minus),
+        plus=sums(tok.plus),
+        momentum=momentum,
+        label_smoothing=label_smoothing,
+        **hp,
+    )
 
-    def split(x, normalise):
-        s = x.sum(-1)
-        if normalise:
-            s = s / length.clamp(min=1)
+
+NORMALISED = {"alpha_dpo": True, "simpo": True, "dpo": False, "epsilon_dpo": False}
+
+
+def sequence_loss(
+    name: str,
+    policy: torch.Tensor,
+    length: torch.Tensor,
+    *,
+    ref: torch.Tensor | None = None,
+    minus: torch.Tensor | None = None,
+    plus: torch.Tensor | None = None,
+    beta: float,
+    gamma_beta_ratio: float | None = None,
+    alpha: float | None = None,
+    epsilon: float | None = None,
+    momentum: float = 0.9,
+    label_smoothing: float = 0.0,
+    steps: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Float64 mean loss of the first training step from per-row sums of token log-probs.
+
+    The second half of `preference_loss` (which calls it): SimPO and α-DPO divide each sum by its
+    row's counted-token count (``length.clamp(min=1)``), DPO and ε-DPO use the sums, and the
+    per-pair functions above give the losses, averaged over the ``B`` pairs.
+
+    Args:
+        name: ``"alpha_dpo" | "epsilon_dpo" | "dpo" | "simpo"``.
+        policy: ``[2B]`` per-row sums ``Σ_t log p(y_t)`` under the policy, rows ``[0, B)`` chosen and
+            ``[B, 2B)`` rejected; differentiable.
+        length: ``[2B]`` counted tokens per row.
+        ref, minus, plus: ``[2B]`` sums under the reference and ε-DPO's two mixtures (where needed).
+        beta, gamma_beta_ratio, alpha, epsilon: the loss's hyperparameters (no defaults here).
+        momentum: α-DPO's EMA momentum, as in `preference_loss`.
+        steps: ε-DPO's per-pair step ``s [B]``; ``None`` (default) computes it from ``minus`` and
+            ``plus`` with `epsilon_steps`. `prefloss.testing` passes other steps to measure how far
+            the loss moves when a comparison is too close to call.
+
+    Returns:
+        0-dim float64 loss.
+    """
+    if name not in NORMALISED:
+        raise ValueError(f"`name` must be one of {sorted(NORMALISED)}, got {name!r}.")
+    b = policy.shape[0] // 2
+    count = length.to(policy.dtype).clamp(min=1)
+
+    def split(x):
+        s = x / count if NORMALISED[name] else x
         return s[:b], s[b:]
 
+    pc, pr = split(policy)
     if name == "simpo":
-        pc, pr = split(tok.policy, True)
-        losses = simpo_losses(pc, pr, label_smoothing=label_smoothing, **hp)
+        losses = simpo_losses(
+            pc, pr, beta=beta, gamma_beta_ratio=gamma_beta_ratio, label_smoothing=label_smoothing
+        )
     elif name == "dpo":
-        pc, pr = split(tok.policy, False)
-        rc, rr = split(tok.ref, False)
-        losses = dpo_losses(pc, pr, rc, rr, label_smoothing=label_smoothing, **hp)
+        rc, rr = split(ref)
+        losses = dpo_losses(pc, pr, rc, rr, beta=beta, label_smoothing=label_smoothing)
     elif name == "alpha_dpo":
-        pc, pr = split(tok.policy, True)
-        rc, rr = split(tok.ref, True)
+        rc, rr = split(ref)
         gap = ((pc - pr) - (rc - rr)).detach()
         mean = (1 - momentum) * float(gap.mean())
         std = (1 - momentum) * float(gap.std()) if gap.numel() > 1 else 0.0
         if not math.isfinite(std):
             std = 0.0
-        losses = alpha_dpo_losses(pc, pr, rc, rr, mean=mean, std=std, label_smoothing=label_smoothing, **hp)
+        losses = alpha_dpo_losses(
+            pc,
+            pr,
+            rc,
+            rr,
+            beta=beta,
+            gamma_beta_ratio=gamma_beta_ratio,
+            alpha=alpha,
+            mean=mean,
+            std=std,
+            label_smoothing=label_smoothing,
+        )
     else:
-        pc, pr = split(tok.policy, False)
-        rc, rr = split(tok.ref, False)
-        mc, mr = split(tok.minus, False)
-        plc, plr = split(tok.plus, False)
-        steps = epsilon_steps(pc.detach(), pr.detach(), mc, mr, plc, plr)
-        losses = epsilon_dpo_losses(pc, pr, rc, rr, steps, label_smoothing=label_smoothing, **hp)
+        rc, rr = split(ref)
+        if steps is None:
+            mc, mr = split(minus)
+            plc, plr = split(plus)
+            steps = epsilon_steps(pc.detach(), pr.detach(), mc, mr, plc, plr)
+        losses = epsilon_dpo_losses(
+            pc, pr, rc, rr, steps, beta=beta, epsilon=epsilon, label_smoothing=label_smoothing
+        )
     return losses.mean()

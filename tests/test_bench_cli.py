@@ -1,7 +1,9 @@
-"""`prefloss bench` end to end on tiny shapes, and the float64 pieces its correctness gate uses."""
+"""`prefloss bench` end to end on tiny shapes, and its correctness gate: the float64 pieces, prefloss
+passing it over seeds, injected errors failing it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,13 +12,28 @@ import pytest
 import torch
 
 from prefloss import reference
+from prefloss.benchmark import QUICK
 from prefloss.benchmark.authors import authors_loss
-from prefloss.benchmark.cases import HYPERPARAMS, LOSS_NAMES, select_cases
+from prefloss.benchmark.cases import CASES, HYPERPARAMS, LOSS_NAMES, select_cases
 from prefloss.benchmark.inputs import Shape, counted_tokens, make_inputs
 from prefloss.benchmark.machine import describe
-from prefloss.benchmark.oracle import expected_values
+from prefloss.benchmark.oracle import ground_truth
 from prefloss.benchmark.report import plot_title
+from prefloss.benchmark.worker import check_step
 from prefloss.cli import main
+from prefloss.testing import ERROR_MARGIN
+
+
+def _truth(shape: Shape, seed: int, names=LOSS_NAMES):
+    x = make_inputs(shape, seed=seed)
+    return ground_truth({n: HYPERPARAMS[n] for n in names}, *x[:3], ref_hidden=x[3], ref_weight=x[4])
+
+
+def _check(case_name: str, shape: Shape, seed: int, truth, case=None) -> dict:
+    """The bench worker's check of one case, in this process, on fresh inputs."""
+    case = case or CASES[case_name]
+    x = make_inputs(shape, seed=seed)
+    return check_step(case, case.build(x), x, truth)
 
 
 @pytest.mark.parametrize("name", LOSS_NAMES, ids=list(LOSS_NAMES))
@@ -31,12 +48,16 @@ def test_oracle_and_authors_match_reference(name):
     )
     ref_gh, ref_gw = torch.autograd.grad(ref, (h, w))
 
-    exp = expected_values(
-        {name: HYPERPARAMS[name]}, *x[:3], ref_hidden=x[3], ref_weight=x[4], chunk_tokens=37
-    )[name]
-    torch.testing.assert_close(exp.loss, ref.detach(), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(exp.grad_hidden, ref_gh, rtol=1e-9, atol=1e-14)
-    torch.testing.assert_close(exp.grad_weight, ref_gw, rtol=1e-9, atol=1e-14)
+    truth = ground_truth({name: HYPERPARAMS[name]}, *x[:3], ref_hidden=x[3], ref_weight=x[4], chunk_tokens=37)
+    exp = truth.losses[name]
+    torch.testing.assert_close(exp["loss"].value, ref.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(exp["grad_hidden"].value, ref_gh, rtol=1e-9, atol=1e-14)
+    torch.testing.assert_close(exp["grad_weight"].value, ref_gw, rtol=1e-9, atol=1e-14)
+    tok = reference.token_logprobs(d[0], d[1], x.labels, ref_hidden=d[3], ref_weight=d[4])
+    torch.testing.assert_close(truth.tokens["policy"].value, tok.policy, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(truth.sums["ref"].value, tok.ref.sum(-1), rtol=1e-12, atol=1e-12)
+    for part in (*exp.values(), *truth.tokens.values(), *truth.sums.values()):
+        assert (part.bound > 0).all() and part.bound.shape in ((), part.value.shape)
 
     h2, w2 = d[0].clone().requires_grad_(), d[1].clone().requires_grad_()
     ours = authors_loss(name, h2, w2, x.labels, ref_hidden=d[3], ref_weight=d[4], **HYPERPARAMS[name])
@@ -44,6 +65,74 @@ def test_oracle_and_authors_match_reference(name):
     torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(gh, ref_gh, rtol=1e-9, atol=1e-14)
     torch.testing.assert_close(gw, ref_gw, rtol=1e-9, atol=1e-14)
+
+
+GATE_SHAPES = {
+    "B2-T40-H16-V203": Shape(batch=2, seq_len=40, hidden=16, vocab=203),
+    "B3-T24-H8-V97": Shape(batch=3, seq_len=24, hidden=8, vocab=97),
+}
+
+
+@pytest.mark.parametrize("shape", list(GATE_SHAPES.values()), ids=list(GATE_SHAPES))
+def test_gate_passes_prefloss_over_seeds(shape):
+    """prefloss (torch backend) passes the bench's gate for every loss and seeds 0–9: loss,
+    gradients, the op's tokens and per-row sums.
+
+    The bounds follow each loss's conditioning: α-DPO's first step divides by 0.1·std of the
+    batch's margins and may amplify fp32 rounding a thousandfold, so a bound taken from one
+    realisation of plain PyTorch's loss error failed correct code on another machine.
+    """
+    failed = []
+    for seed in range(10):
+        truth = _truth(shape, seed)
+        for name in LOSS_NAMES:
+            result = _check(f"prefloss-torch/{name}", shape, seed, truth)
+            assert {"loss", "grad_hidden", "grad_weight", "policy tokens", "policy sums"} <= set(result)
+            if not result["passed"]:
+                failed.append(f"{name} seed {seed}: {result['detail']}")
+    assert not failed, "\n".join(failed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seq_len", [int(t) for t in QUICK["seq_len"].split(",")], ids=lambda t: f"T{t}")
+def test_gate_passes_prefloss_at_quick_shapes(seq_len):
+    """``prefloss bench --quick``'s shapes and seed, the gate only (no timing): every loss passes."""
+    shape = Shape(
+        batch=int(QUICK["batch"]), seq_len=seq_len, hidden=int(QUICK["hidden"]), vocab=int(QUICK["vocab"])
+    )
+    truth = _truth(shape, 0)
+    for name in LOSS_NAMES:
+        result = _check(f"prefloss-torch/{name}", shape, 0, truth)
+        assert result["passed"], (name, result["detail"])
+
+
+def test_gate_rejects_injected_errors():
+    """The self-test case (labels off by one) fails; so does one token's log-prob off by 10× the
+    fp32 error (``10·error_scale``: plain PyTorch's max token error, at least one rounding),
+    although the loss and its gradients barely move."""
+    shape = GATE_SHAPES["B2-T40-H16-V203"]
+    truth = _truth(shape, 0, ("dpo",))
+    wrong = _check("selftest/wrong_dpo", shape, 0, truth)
+    assert not wrong["passed"]
+    assert not wrong["loss"]["passed"] and not wrong["policy tokens"]["passed"]
+
+    case = CASES["prefloss-torch/dpo"]
+    fp32_error = float(truth.tokens["policy"].bound) / ERROR_MARGIN
+    row, pos = 1, 30  # a counted token (the prompt is T/8, row 1 pads T/32)
+
+    def perturbed(x):
+        tok = case.tokens(x)
+        assert tok.mask[row, pos]
+        policy = tok.policy.clone()
+        policy[row, pos] += 10 * fp32_error
+        return tok._replace(policy=policy)
+
+    result = _check("", shape, 0, truth, case=dataclasses.replace(case, tokens=perturbed))
+    assert not result["policy tokens"]["passed"], result["policy tokens"]
+    assert result["policy tokens"]["worst_index"] == [row, pos]
+    assert result["loss"]["passed"] and result["ref tokens"]["passed"]
+    clean = _check("prefloss-torch/dpo", shape, 0, truth)
+    assert clean["passed"], clean["detail"]
 
 
 def test_inputs_prompt_and_padding():

@@ -41,6 +41,7 @@ def test_check_quick_passes_and_writes_json(tmp_path):
     }
     ref_eps = {r["quantity"] for r in data["correctness"] if r["case"] == "ref-eps"}
     assert {"policy", "ref", "minus", "plus", "d hidden", "d weight"} <= ref_eps
+    assert {"policy sums", "ref sums", "minus sums", "plus sums"} <= ref_eps
     assert data["compile"] and all(r["ok"] for r in data["compile"])
     assert {r["target"] for r in data["compile"]} == {80, 90}
     assert "max abs err" in proc.stdout and "spill" in proc.stdout

@@ -1,7 +1,9 @@
 """The benchmark's cases: every way of computing a preference loss's forward + backward.
 
 A case builds, from the shared `Inputs`, a ``step()`` that runs forward and backward once
-(gradients land in ``inputs.hidden.grad`` / ``inputs.weight.grad``) and returns the loss.
+(gradients land in ``inputs.hidden.grad`` / ``inputs.weight.grad``) and returns the loss. Cases
+built on `prefloss.fused_logprobs` also give ``tokens(inputs)``, the op's per-token outputs for the
+loss, which the correctness gate judges too.
 
 Methods:
 - ``prefloss-torch`` / ``prefloss-triton``: ``prefloss.<Loss>(..., backend=...)`` (Triton only on a GPU).
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from prefloss.benchmark.inputs import Inputs
+from prefloss.ops import TokenLogProbs
 
 LOSS_NAMES = ("alpha_dpo", "epsilon_dpo", "dpo", "simpo")
 
@@ -33,6 +36,7 @@ HYPERPARAMS: dict[str, dict[str, float]] = {
 }
 
 Step = Callable[[], "torch.Tensor | None"]
+Tokens = Callable[[Inputs], TokenLogProbs]
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class Case:
     needs_gpu: bool = False
     explicit_only: bool = False  # not part of the default selection
     note: str = ""
+    tokens: Tokens | None = None  # the op's per-token outputs, for cases built on it
 
 
 def _prefloss_step(loss: str, backend: str) -> Callable[[Inputs], Step]:
@@ -66,6 +71,23 @@ def _prefloss_step(loss: str, backend: str) -> Callable[[Inputs], Step]:
         return step
 
     return build
+
+
+def _prefloss_tokens(loss: str, backend: str, shift: int = 0) -> Tokens:
+    """`prefloss.fused_logprobs` with what ``loss`` reads (labels rolled by ``shift`` positions)."""
+
+    def tokens(x: Inputs):
+        import prefloss
+
+        labels = torch.roll(x.labels, shifts=shift, dims=1) if shift else x.labels
+        ref = {} if loss == "simpo" else {"ref_hidden": x.ref_hidden, "ref_weight": x.ref_weight}
+        eps = HYPERPARAMS[loss]["epsilon"] if loss == "epsilon_dpo" else None
+        with torch.no_grad():
+            return prefloss.fused_logprobs(
+                x.hidden.detach(), x.weight.detach(), labels, **ref, epsilon=eps, backend=backend
+            )
+
+    return tokens
 
 
 def _authors_step(loss: str) -> Callable[[Inputs], Step]:
@@ -168,21 +190,31 @@ def _wrong_step(x: Inputs) -> Step:
 def _registry() -> dict[str, Case]:
     cases: list[Case] = []
     for loss in LOSS_NAMES:
-        cases.append(Case(f"prefloss-torch/{loss}", "prefloss-torch", loss, _prefloss_step(loss, "torch")))
-        cases.append(
-            Case(
-                f"prefloss-triton/{loss}",
-                "prefloss-triton",
-                loss,
-                _prefloss_step(loss, "triton"),
-                needs_gpu=True,
+        for backend in ("torch", "triton"):
+            cases.append(
+                Case(
+                    f"prefloss-{backend}/{loss}",
+                    f"prefloss-{backend}",
+                    loss,
+                    _prefloss_step(loss, backend),
+                    needs_gpu=backend == "triton",
+                    tokens=_prefloss_tokens(loss, backend),
+                )
             )
-        )
         cases.append(Case(f"authors/{loss}", "authors", loss, _authors_step(loss)))
     for loss in ("dpo", "simpo"):
         cases.append(Case(f"liger/{loss}", "liger", loss, _liger_step(loss), note="compiled=False"))
     cases.append(Case("floor", "floor", None, _floor_step, note="4 GEMMs of N_counted·H·V"))
-    cases.append(Case("selftest/wrong_dpo", "selftest", "dpo", _wrong_step, explicit_only=True))
+    cases.append(
+        Case(
+            "selftest/wrong_dpo",
+            "selftest",
+            "dpo",
+            _wrong_step,
+            explicit_only=True,
+            tokens=_prefloss_tokens("dpo", "torch", shift=1),
+        )
+    )
     return {c.name: c for c in cases}
 
 

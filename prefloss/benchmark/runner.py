@@ -115,9 +115,7 @@ def run(config: Config, progress: bool = True) -> list[dict]:
             spec = {**common, "mode": "reference", "losses": losses, "paths": paths}
             ref_results = _spawn(spec, scratch, config.timeout_s, lambda: bar.update(1))
             expected = [r.get("path") if r["status"] == "ok" else None for r in ref_results]
-        # The authors-style cases run first: their results are the plain-PyTorch error baseline.
-        order = sorted(config.cases, key=lambda c: c.method != "authors")
-        for case in order:
+        for case in config.cases:
             if case.needs_gpu and not has_gpu:
                 by_case[case.name] = [
                     {"status": "skipped", "error": "no GPU: Triton cases run only on CUDA"}
@@ -131,10 +129,6 @@ def run(config: Config, progress: bool = True) -> list[dict]:
                 "repeats": config.repeats,
                 "expected": expected,
             }
-            spec["baseline"] = [
-                os.path.join(scratch, f"baseline-{i}-{case.loss}.pt") for i in range(n_shapes)
-            ]
-            spec["save_baseline"] = case.method == "authors"
             if case.loss and all(e is None for e in expected):
                 why = ref_results[0].get("error") if ref_results else "?"
                 by_case[case.name] = [{"status": "error", "error": f"no float64 reference: {why}"}] * n_shapes

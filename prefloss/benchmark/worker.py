@@ -41,12 +41,12 @@ def _reference(spec: dict, shape_dict: dict, path: str) -> dict:
 
     from prefloss.benchmark.cases import HYPERPARAMS
     from prefloss.benchmark.inputs import Shape, make_inputs
-    from prefloss.benchmark.oracle import expected_values
+    from prefloss.benchmark.oracle import ground_truth
 
     shape = Shape(**shape_dict)
     x = make_inputs(shape, seed=spec["seed"], device=spec["device"])
     t0 = time.perf_counter()
-    exp = expected_values(
+    truth = ground_truth(
         {n: HYPERPARAMS[n] for n in spec["losses"]},
         x.hidden,
         x.weight,
@@ -54,50 +54,75 @@ def _reference(spec: dict, shape_dict: dict, path: str) -> dict:
         ref_hidden=x.ref_hidden,
         ref_weight=x.ref_weight,
     )
-    torch.save({n: tuple(t.cpu() for t in e) for n, e in exp.items()}, path)
+    state = truth.to_state()
+    torch.save(_to_cpu(state), path)
     return {"status": "ok", "seconds": time.perf_counter() - t0, "path": path}
 
 
-def _check(case, step, x, expected: str | None, baseline: str | None, save_baseline: str | None) -> dict:
-    """Runs the warm-up step and judges it against the float64 reference.
+def _to_cpu(obj):
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(_to_cpu(v) for v in obj)
+    return obj.cpu()
 
-    The bound is ``err(plain PyTorch at this dtype) + TOLERANCES[dtype]·scale`` (`prefloss.testing`),
-    the plain PyTorch result being the authors-style case's, which runs first and saves its values.
+
+def check_step(case, step, x, truth) -> dict:
+    """Runs the warm-up step and judges it, and the op's tokens where the case has them.
+
+    Judged against `prefloss.benchmark.oracle.GroundTruth` with the bounds of `prefloss.testing`:
+    the loss and its gradients within the float64 loss's sensitivity to errors of plain PyTorch's
+    size; the op's per-token values and per-row sums within ``ERROR_MARGIN`` times plain PyTorch's
+    error at the same dtype. Returns the check's JSON record (``passed``, one entry per quantity,
+    ``detail`` naming what failed).
     """
-    import os
-
-    import torch
-
-    from prefloss.testing import compare
+    from prefloss.benchmark.oracle import judge
 
     value = step()
     if case.loss is None:
         return {"passed": True, "skipped": "no loss"}
-    got = (value.detach().reshape(()).float().cpu(), _grad(x.hidden).cpu(), _grad(x.weight).cpu())
-    if save_baseline:
-        torch.save(got, save_baseline)
-    base = torch.load(baseline, weights_only=True) if baseline and os.path.exists(baseline) else (None,) * 3
-    loss, grad_h, grad_w = torch.load(expected, weights_only=True)[case.loss]
-    dtype = x.hidden.dtype
-    parts = {
-        "loss": compare(got[0], loss, dtype=dtype, baseline=base[0]),
-        "grad_hidden": compare(
-            got[1], grad_h, dtype=dtype, baseline=base[1], scale=max(1.0, float(grad_h.abs().max()))
-        ),
-        "grad_weight": compare(
-            got[2], grad_w, dtype=dtype, baseline=base[2], scale=max(1.0, float(grad_w.abs().max()))
-        ),
+    got = {
+        "loss": value.detach().reshape(()).float().cpu(),
+        "grad_hidden": _grad(x.hidden).cpu(),
+        "grad_weight": _grad(x.weight).cpu(),
     }
-    del got, base, loss, grad_h, grad_w
+    if case.tokens is not None:
+        tok = case.tokens(x)
+        for kind in ("policy", "ref", "minus", "plus"):
+            values = getattr(tok, kind)
+            if values is not None and kind in truth.tokens:
+                got[f"{kind} tokens"] = values.cpu()
+                got[f"{kind} sums"] = values.sum(-1).cpu()  # in the op's dtype, as its losses sum
+    parts = judge(truth, case.loss, got)
     return {
         "passed": all(c.passed for c in parts.values()),
-        "baseline": "authors-style at the same dtype" if baseline and os.path.exists(baseline) else None,
         **{
-            k: {"max_abs_err": c.max_abs_err, "bound": c.bound, "rms_ratio": c.rms_ratio, "passed": c.passed}
+            k: {
+                "max_abs_err": c.max_abs_err,
+                "bound": c.bound,
+                "rms_ratio": c.rms_ratio,
+                "worst_index": list(c.worst_index),
+                "passed": c.passed,
+            }
             for k, c in parts.items()
         },
         "detail": "; ".join(c.describe(k) for k, c in parts.items() if not c.passed),
     }
+
+
+def _check(case, step, x, expected: str | None) -> dict:
+    """`check_step` against the truth the reference process saved at ``expected``."""
+    import torch
+
+    from prefloss.benchmark.oracle import GroundTruth
+
+    if case.loss is None:
+        step()
+        return {"passed": True, "skipped": "no loss"}
+    truth = GroundTruth.from_state(torch.load(expected, weights_only=True, mmap=True))
+    result = check_step(case, step, x, truth)
+    del truth
+    return result
 
 
 def _grad(t):
@@ -125,14 +150,7 @@ def _case(spec: dict, shape_dict: dict, i: int) -> dict:
 
     zero_grads()
     t0 = time.perf_counter()
-    check = _check(
-        case,
-        step,
-        x,
-        spec["expected"][i],
-        spec["baseline"][i],
-        spec["baseline"][i] if spec["save_baseline"] else None,
-    )  # the warm-up step doubles as the correctness check
+    check = _check(case, step, x, spec["expected"][i])  # the warm-up step doubles as the check
     first = time.perf_counter() - t0
     if not check["passed"]:
         return {"status": "wrong", "check": check}
