@@ -88,6 +88,9 @@ class _Options:
     softcap: float | None
     chunk_size: int
     backend: str  # "torch" | "triton"
+    # torch.is_grad_enabled() at the call: inside forward grad mode is always off, and
+    # ctx.needs_input_grad reflects only the inputs' requires_grad (True under no_grad too).
+    grad_enabled: bool = True
 
 
 def _accumulate_dtype(x: torch.Tensor) -> torch.dtype:
@@ -98,9 +101,25 @@ def _accumulate_dtype(x: torch.Tensor) -> torch.dtype:
 _BACKENDS = {"torch": torch_backend, "triton": triton_backend}
 
 
+def frozen_head(needs_input_grad, grad_enabled: bool) -> bool:
+    """Whether the frozen-head path runs: ``∂hidden`` is wanted and neither ``∂weight`` nor
+    ``∂bias`` is (LoRA, a frozen LM head). ``needs_input_grad`` starts with hidden, weight, bias."""
+    need_h, need_w, need_b = needs_input_grad[:3]
+    return grad_enabled and need_h and not need_w and not need_b
+
+
 class _FusedLogProbs(torch.autograd.Function):
     """``hidden``/``ref_hidden`` are the full ``[N, H]`` inputs, ``labels`` the ``[n]`` counted
-    labels, and ``rows`` (`CountedRows`) says which rows of ``hidden`` they belong to."""
+    labels, and ``rows`` (`CountedRows`) says which rows of ``hidden`` they belong to.
+
+    Two backward paths, chosen in ``forward`` from ``ctx.needs_input_grad``:
+
+    - trainable head (``∂weight`` or ``∂bias`` wanted): save ``hidden`` and ``lse``; backward
+      recomputes the logits (1 GEMM) and forms ``∂h`` and ``∂W`` (2 GEMMs).
+    - frozen head (only ``∂hidden`` wanted): forward also forms ``J_t = ∂logp_t/∂h_t`` (``[n, H]``,
+      1 GEMM) and saves only ``J``; backward is ``∂h_t = g_t·J_t``, no GEMM. Exact for any
+      upstream gradient ``g``: ``J`` does not depend on it.
+    """
 
     @staticmethod
     def forward(
@@ -108,17 +127,27 @@ class _FusedLogProbs(torch.autograd.Function):
     ):
         acc = _accumulate_dtype(hidden)
         backend = _BACKENDS[opts.backend]
-        logp, lse, ref, minus, plus = backend.forward(
-            hidden, weight, bias, labels, rows, ref_hidden, ref_weight, ref_bias, opts, acc
+        frozen = frozen_head(ctx.needs_input_grad, opts.grad_enabled)
+        logp, lse, ref, minus, plus, jac = backend.forward(
+            hidden, weight, bias, labels, rows, ref_hidden, ref_weight, ref_bias, opts, acc, jacobian=frozen
         )
-        ctx.opts, ctx.rows = opts, rows
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.opts, ctx.rows, ctx.frozen = opts, rows, frozen
+        if frozen:
+            # hidden itself is not saved: J replaces it (same size when every row counts).
+            ctx.hidden_like = (hidden.shape, hidden.dtype, hidden.device)
+            ctx.save_for_backward(jac)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, labels, lse)
         extras = [x if x is not None else logp.new_empty(0) for x in (ref, minus, plus)]
         ctx.mark_non_differentiable(*extras)
         return (logp, *extras)
 
     @staticmethod
     def backward(ctx, grad_logp, *_unused):
+        if ctx.frozen:
+            (jac,) = ctx.saved_tensors
+            grad = grad_logp.to(_accumulate_dtype(jac)).contiguous()
+            return _scale_rows(jac, grad, ctx.rows, ctx.hidden_like, ctx.opts.chunk_size), *(None,) * 8
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         acc = _accumulate_dtype(hidden)
         grad = grad_logp.to(acc).contiguous()
@@ -130,6 +159,20 @@ class _FusedLogProbs(torch.autograd.Function):
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
         return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
+def _scale_rows(jac, grad, rows: CountedRows, hidden_like, chunk_size: int) -> torch.Tensor:
+    """The frozen head's ``∂hidden [N, H]``: counted row ``t`` is ``grad[t]·jac[t]`` (the product in
+    fp32, rounded once to hidden's dtype), ignored rows 0. Chunked: no ``[n, H]`` fp32 temporary."""
+    shape, dtype, device = hidden_like
+    out = (
+        torch.empty(shape, dtype=dtype, device=device)
+        if rows.index is None
+        else torch.zeros(shape, dtype=dtype, device=device)
+    )
+    for r0, r1 in rows.chunks(max(1, chunk_size)):
+        rows.put_(out, r0, r1, jac[r0:r1] * grad[r0:r1, None])
+    return out
 
 
 # --- input checks -------------------------------------------------------------------------------
@@ -191,7 +234,12 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}.")
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    # meta tensors only trace (the kernels are custom ops with fake implementations)
+    if (
+        backend == "triton"
+        and device.type not in ("cuda", "meta")
+        and os.environ.get("TRITON_INTERPRET") != "1"
+    ):
         raise ValueError(
             f"`backend='triton'` needs CUDA tensors, or TRITON_INTERPRET=1 set before prefloss.kernels is "
             f"imported to run Triton's interpreter on CPU; got tensors on {device}."
@@ -295,10 +343,13 @@ def fused_logprobs(
 
     flat_labels = labels.reshape(-1).long()
     mask = flat_labels != ignore_index
-    idx = mask.nonzero().squeeze(1)  # the one host sync: the counted-row count sets GEMM shapes
+    if device.type == "meta":  # shapes without values (`prefloss.plan` runs the step so): all count
+        idx = torch.arange(flat_labels.numel(), device=device)
+    else:
+        idx = mask.nonzero().squeeze(1)  # the one host sync: the counted-row count sets GEMM shapes
     counted = flat_labels.index_select(0, idx)
     bad = (counted < 0) | (counted >= vocab)
-    if bool(bad.any()):
+    if device.type != "meta" and bool(bad.any()):
         first = int(counted[bad.nonzero()[0, 0]])
         raise ValueError(
             f"`labels` must be in [0, {vocab}) (V) or equal `ignore_index` = {ignore_index}, got {first}."
@@ -307,7 +358,7 @@ def fused_logprobs(
     rows = CountedRows(None if all_counted else idx, idx.numel())
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     ref2d = ref_hidden.reshape(-1, ref_hidden.shape[-1]) if has_ref else None
-    opts = _Options(epsilon, logit_scale, softcap, chunk_size, resolved)
+    opts = _Options(epsilon, logit_scale, softcap, chunk_size, resolved, torch.is_grad_enabled())
     logp, ref, minus, plus = _FusedLogProbs.apply(
         hidden2d, weight, bias, counted, rows, ref2d, ref_weight, ref_bias, opts
     )

@@ -8,6 +8,9 @@ Two functions of a ``[C, V_t]`` logit tile (already transformed: bias, ``logit_s
   the float64 truth, against 3e-7 for a float32 sum).
 - `neg_softmax_times_` — in place, ``z ← −g · exp(z − lse)``, the ``−g·softmax`` part of
   ``∂logits = g·(onehot − softmax)``.
+- `softmax_chain_` — in place, ``z ← exp(z − lse) · (1 − (z/c)²)``: the softmax against a running
+  log-sum-exp times the softcap's chain factor, which the frozen-head forward multiplies by the
+  weight tile to accumulate ``Σ_v softmax_v · dz_v/draw_v · W_v`` (`prefloss.torch_backend`).
 
 Tiles are float32 (float64 for float64 inputs): the backend's logit transform upcasts bf16/fp16 GEMM
 output before anything else.
@@ -89,6 +92,24 @@ def neg_softmax_times_(z: torch.Tensor, lse: torch.Tensor, g: torch.Tensor) -> t
     return z
 
 
+def softmax_chain_(z: torch.Tensor, lse: torch.Tensor, softcap: torch.Tensor | None) -> torch.Tensor:
+    """In place ``z[r, v] ← exp(z[r, v] − lse[r]) · (1 − (z[r, v]/c)²)`` (the factor only with a
+    softcap ``c``); returns ``z``.
+
+    Args:
+        z: ``[C, V_t]`` transformed logit tile (overwritten; its dtype is kept).
+        lse: ``[C]`` each row's log-sum-exp so far (running, or over the whole vocabulary).
+        softcap: 0-d tensor ``c``, or ``None``.
+    """
+    dtype = _compute_dtype(z)
+    x = z.to(dtype)
+    p = torch.exp(x - lse.to(dtype)[:, None])
+    if softcap is not None:
+        p = p * (1.0 - (x / softcap.to(dtype)).square())
+    z.copy_(p)
+    return z
+
+
 def mode() -> str:
     """``"auto"``, ``"always"`` or ``"never"``, from ``PREFLOSS_COMPILE`` (read at every call).
 
@@ -133,11 +154,14 @@ class _Fused:
 
 _LOG_SUM_EXPS = _Fused(log_sum_exps)
 _NEG_SOFTMAX_TIMES = _Fused(neg_softmax_times_)
+_SOFTMAX_CHAIN = _Fused(softmax_chain_)
 
 
 def used_compiled() -> bool:
     """Whether this process has run the compiled tile functions (and compiling has not failed)."""
-    return _Fused.failed is None and any(f._compiled is not None for f in (_LOG_SUM_EXPS, _NEG_SOFTMAX_TIMES))
+    return _Fused.failed is None and any(
+        f._compiled is not None for f in (_LOG_SUM_EXPS, _NEG_SOFTMAX_TIMES, _SOFTMAX_CHAIN)
+    )
 
 
 def should_compile(elements: int, device: torch.device) -> bool:
@@ -210,3 +234,43 @@ def neg_softmax_times_for(elements: int, device: torch.device) -> Callable:
     """``neg_softmax_times_(z, lse, g) -> z`` for one backward call: compiled (see `should_compile`)
     or eager in the tile's dtype; in place either way, so it needs no scratch."""
     return _NEG_SOFTMAX_TIMES.compiled if should_compile(elements, device) else _eager_neg_softmax_times_
+
+
+class _EagerSoftmaxChain:
+    """`softmax_chain_` eagerly, in the tile's dtype, the chain factor in preallocated scratch."""
+
+    def __init__(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device, softcap):
+        self.softcap = softcap
+        self.scratch = None
+        if softcap is not None:
+            self.scratch = torch.empty(
+                shape, dtype=_compute_dtype(torch.empty((), dtype=dtype)), device=device
+            )
+
+    def __call__(self, z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        chain = None
+        if self.softcap is not None:  # taken before z is overwritten
+            chain = (
+                torch.div(z, self.softcap, out=scratch_view(self.scratch, *z.shape))
+                .square_()
+                .neg_()
+                .add_(1.0)
+            )
+        z.sub_(lse.to(z.dtype)[:, None]).exp_()
+        return z if chain is None else z.mul_(chain)
+
+
+def softmax_chain_for(
+    elements: int, tile: tuple[int, int], dtype: torch.dtype, device: torch.device, softcap: float | None
+) -> Callable:
+    """``softmax_chain_(z, lse) -> z`` for one frozen-head forward call: compiled (see
+    `should_compile`) or eager, with scratch for tiles up to ``tile`` (``[C, V_t]``) of ``dtype``
+    when there is a ``softcap``. In place either way."""
+    if should_compile(elements, device):
+        cap = None if softcap is None else torch.tensor(softcap, dtype=torch.float64, device=device)
+
+        def fused_softmax_chain_(z, lse):
+            return _SOFTMAX_CHAIN.compiled(z, lse, cap)
+
+        return fused_softmax_chain_
+    return _EagerSoftmaxChain(tile, dtype, device, softcap)

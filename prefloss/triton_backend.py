@@ -5,8 +5,12 @@ logit rows into a reused ``[C, V]`` buffer, and `prefloss.kernels.logprobs_fwd` 
 pass (policy, reference and the two ε-mixtures from the same loads). Backward recomputes the policy
 rows, `prefloss.kernels.logprobs_bwd` overwrites them in place with ``∂/∂raw``, then
 ``∂h = G @ W`` and ``∂W += Gᵀ @ h`` (fp32 accumulation). Matmul work per step, in units of one
-``N·H·V`` GEMM: forward 1 (+1 reference), backward 3 (2 when the head is frozen). Peak extra
-memory: one ``[C, V]`` buffer per model, O(C·V), independent of batch size and sequence length.
+``N·H·V`` GEMM: forward 1 (+1 reference), backward 3. With a frozen head (only ``∂hidden``
+wanted) the forward also forms ``J = ∂logp/∂h`` (`forward`: the backward kernel with an upstream
+gradient of ones over the rows it already holds, then one GEMM) and the backward is a per-row
+scale in `prefloss.ops`: 3 GEMMs a step with a reference instead of 4. Peak extra memory: one
+``[C, V]`` buffer per model, O(C·V), independent of batch size and sequence length; ``J`` is
+``[n, H]`` in ``hidden``'s dtype, the size of ``∂hidden``.
 The kernels are imported on first use: ``TRITON_INTERPRET`` must be decided before that import.
 """
 
@@ -18,18 +22,37 @@ from prefloss.chunks import CountedRows, new_grads
 
 
 def _kernels():
-    from prefloss import kernels
+    # The launchers as torch.library custom ops (same signatures): they trace on meta tensors and
+    # inside torch.compile, and still launch the Triton kernels on real tensors.
+    from prefloss import kernel_ops
 
-    return kernels
+    return kernel_ops
 
 
 def forward(
-    hidden, weight, bias, labels, rows: CountedRows, ref_hidden, ref_weight, ref_bias, opts, acc_dtype
+    hidden,
+    weight,
+    bias,
+    labels,
+    rows: CountedRows,
+    ref_hidden,
+    ref_weight,
+    ref_bias,
+    opts,
+    acc_dtype,
+    jacobian: bool = False,
 ):
-    """Per-row log-probs ``(logp, lse, ref, minus, plus)``, each ``[n]`` (``None`` when not asked for).
+    """Per-row log-probs ``(logp, lse, ref, minus, plus, jac)``: each ``[n]`` (``None`` when not
+    asked for), and with ``jacobian`` the ``[n, H]`` rows ``J_t = ∂logp_t/∂h_t`` in ``hidden``'s
+    dtype (else ``None``).
 
     ``hidden``/``ref_hidden`` are the full ``[N, H]`` inputs; ``labels`` ``[n]`` are the counted
     rows' labels, in the order of ``rows``.
+
+    ``J`` (frozen head): once `prefloss.kernels.logprobs_fwd` has each row's lse, the chunk's raw
+    rows are not needed any more, so `prefloss.kernels.logprobs_bwd` with an upstream gradient of
+    ones overwrites them with ``∂logp/∂raw`` and ``J = buf @ W`` (one GEMM, ``hidden``'s dtype,
+    the same GEMM as the trainable backward's ``∂h``).
     """
     kernels = _kernels()
     n, vocab = rows.count, weight.shape[0]
@@ -43,6 +66,8 @@ def forward(
     c = max(1, min(opts.chunk_size, n))
     buf = hidden.new_empty((c, vocab))
     ref_buf = ref_hidden.new_empty((c, vocab)) if has_ref else None
+    jac = hidden.new_empty((n, hidden.shape[1])) if jacobian else None
+    ones = torch.ones(c, dtype=torch.float32, device=hidden.device) if jacobian else None
     for r0, r1 in rows.chunks(c):
         logits = torch.mm(rows.take(hidden, r0, r1), weight.T, out=buf[: r1 - r0])
         ref_logits = None
@@ -67,7 +92,18 @@ def forward(
         ):
             if out is not None:
                 out[r0:r1] = value
-    return logp, lse, ref, minus, plus
+        if jacobian:  # logprobs_fwd leaves its inputs intact: the raw rows are still in buf
+            kernels.logprobs_bwd(
+                logits,
+                labels[r0:r1],
+                stats.lse,
+                ones[: r1 - r0],
+                bias=bias,
+                logit_scale=opts.logit_scale,
+                softcap=opts.softcap,
+            )
+            torch.mm(logits, weight, out=jac[r0:r1])
+    return logp, lse, ref, minus, plus, jac
 
 
 def backward(hidden, weight, bias, labels, rows: CountedRows, lse, grad, opts, need, acc_dtype):
