@@ -1,4 +1,4 @@
-"""The ``prefloss`` command: ``prefloss train | check | bench``.
+"""The ``prefloss`` command: ``prefloss train | check | bench | plan``.
 
 Each sub-command lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
 modules are imported only when their sub-command runs, so ``prefloss check`` can still set
@@ -16,12 +16,13 @@ SUBCOMMANDS = {
     "train": ("prefloss.train", "train a small model with alpha-DPO / epsilon-DPO / DPO / SimPO (default)"),
     "check": ("prefloss.check", "kernel-correctness harness: fused op vs the float64 reference"),
     "bench": ("prefloss.benchmark", "memory and speed of prefloss vs the alternatives"),
+    "plan": ("prefloss.plan", "a MODEL of one CUDA training step (GEMMs, bytes, memory, roofline), no GPU"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefloss", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", metavar="{train,check,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,check,bench,plan}")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
         sp.set_defaults(_module=module_name)

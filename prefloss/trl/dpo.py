@@ -1,0 +1,428 @@
+"""`DPOTrainer` / `DPOConfig`: TRL's DPOTrainer with the loss computed by prefloss's fused op.
+
+Only the loss step changes (`DPOTrainer._compute_loss`, and `compute_ref_log_probs` for precomputed
+reference log-probs): the policy's and the reference's last hidden states and output heads go to a
+prefloss loss module (`prefloss.hf.preference_loss`), so no ``[2B, T, V]`` logits -- nor TRL's own
+chunked LM head -- run in training. Tokenization, collation, PEFT wrapping, reference preparation,
+``sync_ref_model``, evaluation and logging are TRL's.
+
+``loss_type`` (one value) picks the loss:
+
+================  ==========================================  =================================
+``loss_type``     loss (prefloss module)                       hyperparameters (``None``: default)
+================  ==========================================  =================================
+``"sigmoid"``     DPO, as TRL's ``"sigmoid"`` (`DPOLoss`)       ``beta`` (0.1)
+``"alpha_dpo"``   α-DPO (`AlphaDPOLoss`)                        ``beta`` (2.5), ``gamma_beta_ratio``
+                                                               (0.6), ``alpha`` (0.2)
+``"epsilon_dpo"`` ε-DPO (`EpsilonDPOLoss`)                      ``beta`` (0.01, the initial β),
+                                                               ``epsilon`` (0.01)
+================  ==========================================  =================================
+
+SimPO is reference-free; TRL trains it with ``CPOTrainer``: use `prefloss.trl.CPOTrainer`.
+``label_smoothing`` applies to α-DPO and ε-DPO (conservative form); ``loss_kwargs`` passes the loss
+module's other keywords (α-DPO ``momentum``, ``normalization``; ε-DPO ``compare_dtype`` as
+``"bfloat16"``/``"float32"``/``None``; ``chunk_size``, ``backend``). Every other TRL option that would
+change the loss is refused with a ``ValueError`` naming it (`check_dpo_args`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import trl
+from torch import nn
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from prefloss.hf.adapters import check_peft_head, is_peft_model
+from prefloss.hf.engines import gathered_heads
+from prefloss.hf.model import check_output_head, decoder_hidden_states, unwrap_model
+from prefloss.hf.step import preference_loss
+from prefloss.hf.trainer import LOSSES, build_loss
+from prefloss.ops import sequence_logprobs
+from prefloss.trl._common import AdapterReference, LossState, refuse, shift_completion_labels
+
+__all__ = ["DPOConfig", "DPOTrainer", "LOSS_TYPES", "check_dpo_args"]
+
+# TRL loss_type -> prefloss loss name (`prefloss.hf.LOSSES`)
+LOSS_TYPES = {"sigmoid": "dpo", "alpha_dpo": "alpha_dpo", "epsilon_dpo": "epsilon_dpo"}
+_HYPERPARAMETERS = ("gamma_beta_ratio", "alpha", "epsilon")
+_TRL_DEFAULTS = {
+    f.name: f.default for f in dataclasses.fields(trl.DPOConfig) if f.default is not dataclasses.MISSING
+}
+# The keys of TRL's text collator's batches; anything else is an extra model input (vision, ...).
+_BATCH_KEYS = {"input_ids", "attention_mask", "completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None, None: None}
+
+
+def _loss_kwargs(args: Any) -> dict[str, Any]:
+    kwargs = dict(getattr(args, "loss_kwargs", None) or {})
+    if "compare_dtype" in kwargs and not isinstance(kwargs["compare_dtype"], torch.dtype):
+        value = kwargs["compare_dtype"]
+        if value not in _DTYPES:
+            raise ValueError(
+                "loss_kwargs['compare_dtype'] must be 'bfloat16', 'float16', 'float32' or None, "
+                f"got {value!r}"
+            )
+        kwargs["compare_dtype"] = _DTYPES[value]
+    return kwargs
+
+
+def check_dpo_args(args: Any) -> str:
+    """Refuse every option of a ``trl.DPOConfig`` that prefloss's DPO trainer does not implement.
+
+    Args:
+        args: a `DPOConfig` or a plain ``trl.DPOConfig``.
+
+    Returns:
+        The prefloss loss name (``"dpo"``, ``"alpha_dpo"``, ``"epsilon_dpo"``).
+
+    Raises:
+        ValueError: naming the option, its value, why, and what to do instead.
+    """
+    loss_type = args.loss_type if isinstance(args.loss_type, list) else [args.loss_type]
+    if len(loss_type) != 1:
+        refuse(
+            "loss_type",
+            loss_type,
+            "it combines one loss per step, not several (TRL's multi-loss mixtures)",
+            f"Pass one of {sorted(LOSS_TYPES)}",
+        )
+    (name,) = loss_type
+    if name == "simpo":
+        refuse(
+            "loss_type",
+            name,
+            "SimPO is reference-free and TRL trains it with CPOTrainer",
+            "Use prefloss.trl.CPOTrainer with CPOConfig(loss_type='simpo', cpo_alpha=0.0)",
+        )
+    if name not in LOSS_TYPES:
+        refuse(
+            "loss_type",
+            name,
+            "prefloss implements DPO ('sigmoid'), α-DPO and ε-DPO",
+            f"Pass one of {sorted(LOSS_TYPES)}, or use trl.DPOTrainer for {name!r}",
+        )
+    kind = LOSS_TYPES[name]
+    if args.loss_weights is not None and len(args.loss_weights) != 1:
+        refuse("loss_weights", args.loss_weights, "one loss takes one weight", "Pass one weight or None")
+    if args.ld_alpha is not None:
+        refuse(
+            "ld_alpha", args.ld_alpha, "LD-DPO's length-desensitised sums are not computed", "Leave it None"
+        )
+    if args.f_divergence_type != _TRL_DEFAULTS["f_divergence_type"]:
+        refuse(
+            "f_divergence_type",
+            args.f_divergence_type,
+            "only the reverse KL (standard DPO) is implemented",
+            "Leave it 'reverse_kl'",
+        )
+    if args.f_alpha_divergence_coef != _TRL_DEFAULTS["f_alpha_divergence_coef"]:
+        refuse(
+            "f_alpha_divergence_coef",
+            args.f_alpha_divergence_coef,
+            "it shapes f_divergence_type='alpha_divergence', which is not implemented",
+            f"Leave it at {_TRL_DEFAULTS['f_alpha_divergence_coef']}",
+        )
+    if args.discopop_tau != _TRL_DEFAULTS["discopop_tau"]:
+        refuse(
+            "discopop_tau",
+            args.discopop_tau,
+            "it shapes loss_type='discopop', which is not implemented",
+            f"Leave it at {_TRL_DEFAULTS['discopop_tau']}",
+        )
+    if args.use_weighting:
+        refuse(
+            "use_weighting",
+            True,
+            "WPO weights need per-token Σp² that the fused op does not compute",
+            "Set use_weighting=False",
+        )
+    if kind == "dpo" and args.label_smoothing != 0.0:
+        refuse(
+            "label_smoothing",
+            args.label_smoothing,
+            "TRL's 'sigmoid' loss does not use it (only 'robust', 'exo_pair' and 'aot' do), and prefloss "
+            "would apply it (conservative DPO), which would change the loss TRL computes",
+            "Set label_smoothing=0.0, or use loss_type 'alpha_dpo'/'epsilon_dpo', which apply it",
+        )
+    if args.padding_free:
+        refuse(
+            "padding_free",
+            True,
+            "the fused op takes padded [2B, T] batches (TRL 1.16 also disables it)",
+            "Set padding_free=False",
+        )
+    if args.activation_offloading:
+        refuse(
+            "activation_offloading",
+            True,
+            "it is untested with prefloss's fused op",
+            "Set activation_offloading=False",
+        )
+    if args.router_aux_loss_coef:
+        refuse(
+            "router_aux_loss_coef",
+            args.router_aux_loss_coef,
+            "the MoE load-balancing loss needs the router logits of the policy's forward, which prefloss "
+            "does not collect",
+            "Set router_aux_loss_coef=0.0",
+        )
+    if args.precompute_ref_log_probs and kind == "epsilon_dpo":
+        refuse(
+            "precompute_ref_log_probs",
+            True,
+            "ε-DPO mixes the reference's per-token logits into the policy's at every step, so it needs the "
+            "live reference model",
+            "Set precompute_ref_log_probs=False",
+        )
+    takes = LOSSES[kind].takes
+    for hyper in _HYPERPARAMETERS:
+        value = getattr(args, hyper, None)
+        if value is not None and hyper not in takes:
+            refuse(
+                hyper, value, f"loss_type={name!r} does not take it (it takes {list(takes)})", "Leave it None"
+            )
+    return kind
+
+
+@dataclass
+class DPOConfig(trl.DPOConfig):
+    """``trl.DPOConfig`` plus prefloss's losses (module docstring of `prefloss.trl.dpo`).
+
+    ``beta=None`` takes the loss's default (0.1 for ``"sigmoid"``, as TRL; α-DPO 2.5; ε-DPO 0.01)
+    and is set to that value after construction. Options prefloss does not implement are refused
+    here (`check_dpo_args`), before any model is loaded.
+    """
+
+    _VALID_DICT_FIELDS = trl.DPOConfig._VALID_DICT_FIELDS + ["loss_kwargs"]
+
+    beta: float | None = field(
+        default=None,
+        metadata={"help": "β of the loss; None: its default (sigmoid 0.1, alpha_dpo 2.5, epsilon_dpo 0.01)."},
+    )
+    gamma_beta_ratio: float | None = field(
+        default=None, metadata={"help": "γ/β target margin (alpha_dpo); None: 0.6."}
+    )
+    alpha: float | None = field(
+        default=None, metadata={"help": "α, weight of α-DPO's adaptive margin (alpha_dpo); None: 0.2."}
+    )
+    epsilon: float | None = field(
+        default=None, metadata={"help": "ε, ε-DPO's KL-control step (epsilon_dpo); None: 0.01."}
+    )
+    loss_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Other keyword arguments of the prefloss loss module (a dict or a JSON string)."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.loss_kwargs, str):
+            self.loss_kwargs = json.loads(self.loss_kwargs)
+        kind = check_dpo_args(self)
+        if self.beta is None:
+            self.beta = float(build_loss(kind).beta)
+
+
+class _BetaUpdate(TrainerCallback):
+    """ε-DPO: ``β ← β/(1 + ε·mean s)`` once per optimizer step, after all its micro-batches."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        metrics = self.trainer.loss_fn.update_beta()
+        self.trainer._metrics["train"]["kl/avg_steps"].append(float(metrics["kl/avg_steps"]))
+
+
+class DPOTrainer(trl.DPOTrainer):
+    """``trl.DPOTrainer`` whose loss is a prefloss loss on hidden states (no ``[2B, T, V]`` logits).
+
+    Same arguments as ``trl.DPOTrainer`` (TRL 1.16); ``args`` is a `DPOConfig` (or a plain
+    ``trl.DPOConfig``, which gives DPO with TRL's ``beta``). The reference is TRL's: ``ref_model``, a
+    copy TRL loads, the same PEFT model with adapters disabled (or TRL's ``"ref"`` adapter active), or
+    log-probs precomputed once (``precompute_ref_log_probs``, computed with the fused op too);
+    ``sync_ref_model`` mixes the policy into it as in TRL.
+
+    Logged metrics (TRL's names and aggregation): ``rewards/chosen``, ``rewards/rejected``,
+    ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``, ``num_tokens``,
+    plus the loss's own (α-DPO: ``logps/ref_*``, ``RATIO/*``, ``alpha/running_*``; ε-DPO: ``kl/beta``,
+    ``kl/p_epsilon_steps``, ``kl/n_epsilon_steps``, ``kl/avg_steps``). ``logps/*`` are what the loss
+    uses: sums for DPO and ε-DPO, per-token means for α-DPO. Not logged: TRL's ``entropy``,
+    ``logits/chosen``, ``logits/rejected`` and ``mean_token_accuracy``, which need vocabulary-wide
+    reductions the fused op does not compute.
+
+    Checkpoints also hold the loss state (``prefloss_loss_state.pt``: α-DPO's running statistics,
+    ε-DPO's β), restored by ``train(resume_from_checkpoint=...)``.
+    """
+
+    def __init__(
+        self, model: Any, ref_model: nn.Module | None = None, args: Any = None, *pargs: Any, **kwargs: Any
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+            args = DPOConfig(output_dir=f"{str(name).split('/')[-1]}-DPO")
+        if not isinstance(args, trl.DPOConfig):
+            raise TypeError(
+                f"args must be a prefloss.trl.DPOConfig or trl.DPOConfig, got {type(args).__name__}"
+            )
+        self._loss_kind = check_dpo_args(args)
+        self.loss_fn = build_loss(
+            self._loss_kind,
+            beta=args.beta,
+            **{h: getattr(args, h, None) for h in _HYPERPARAMETERS if h in LOSSES[self._loss_kind].takes},
+            **({"label_smoothing": args.label_smoothing} if self._loss_kind != "dpo" else {}),
+            **_loss_kwargs(args),
+        )
+        self._loss_weight = float(args.loss_weights[0]) if args.loss_weights else 1.0
+        self._peft_reference: nn.Module | None = None
+        self._output_head_unchecked = True
+        super().__init__(model, ref_model, args, *pargs, **kwargs)
+        if self._is_vlm or self._is_vision_dataset:
+            refuse(
+                "processing_class",
+                type(self.processing_class).__name__,
+                "vision-language models and image datasets pass extra model inputs (pixel values, ...) that "
+                "prefloss's hidden-state path does not forward",
+                "Use trl.DPOTrainer for vision-language models",
+            )
+        if self.aux_loss_enabled:
+            refuse(
+                "router_aux_loss_coef",
+                self.router_aux_loss_coef,
+                f"{type(unwrap_model(self.model)).__name__} returns router logits (a MoE model, whose config "
+                "sets a load-balancing coefficient) and prefloss does not add the auxiliary loss",
+                "Set router_aux_loss_coef=0.0 to train without it",
+            )
+        if is_peft_model(self.model):
+            check_peft_head(self.model)
+        self.loss_fn.to(self.args.device)
+        if hasattr(self.loss_fn, "update_beta"):
+            self.add_callback(_BetaUpdate(self))
+
+    # ----------------------------------------------------------------------------------------------
+    # Reference
+
+    def _reference_view(self) -> nn.Module:
+        """The PEFT reference as TRL runs it: adapters disabled, or TRL's ``"ref"`` adapter active."""
+        if self._peft_reference is None:
+            inner = unwrap_model(self.accelerator.unwrap_model(self.model))
+            name = "ref" if "ref" in inner.peft_config else None
+            self._peft_reference = AdapterReference(inner, name)
+        return self._peft_reference
+
+    def _live_reference(self) -> nn.Module:
+        if self.ref_model is not None:
+            return self.ref_model
+        if is_peft_model(self.model):
+            return self._reference_view()
+        raise RuntimeError("no reference model: expected ref_model, a PEFT policy or precomputed log-probs")
+
+    def compute_ref_log_probs(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, ...]:
+        """Reference log-prob sums ``([B], [B])`` of one padded batch, with the fused op (precompute)."""
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        labels = shift_completion_labels(ids, inputs["completion_mask"])
+        scorer = self._reference_view() if self.ref_model is None and is_peft_model(self.model) else model
+        with torch.no_grad(), self.accelerator.autocast():
+            hidden = decoder_hidden_states(scorer, ids, mask)
+            with gathered_heads(scorer) as heads:
+                seq = sequence_logprobs(hidden, heads.policy.weight, labels, **heads.policy.fused_kwargs())
+        return seq.policy.chunk(2, dim=0)
+
+    # ----------------------------------------------------------------------------------------------
+    # Loss
+
+    def _compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool) -> Any:
+        mode = "train" if self.model.training else "eval"
+        extra = sorted(set(inputs) - _BATCH_KEYS)
+        if extra:
+            refuse(
+                "data_collator",
+                extra,
+                "the batch has model inputs beyond input_ids/attention_mask (vision or custom inputs), which "
+                "prefloss's hidden-state path does not forward",
+                "Use TRL's text collator (DataCollatorForPreference)",
+            )
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        labels = shift_completion_labels(ids, inputs["completion_mask"])
+        ref_model = ref_logps = None
+        if self.precompute_ref_logps:
+            ref_logps = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).to(ids.device)
+        else:
+            ref_model = self._live_reference()
+        if self._output_head_unchecked:
+            self._output_head_unchecked = False
+            check_output_head(model, ids[:1, :32])
+            if ref_model is not None:
+                check_output_head(ref_model, ids[:1, :32])
+        self.loss_fn.train(self.model.training)
+        out = preference_loss(
+            self.loss_fn, model, ids, mask, labels, ref_model=ref_model, ref_logps=ref_logps
+        )
+        loss = out.loss * self._loss_weight if self._loss_weight != 1.0 else out.loss
+        self._record_metrics(mode, out, mask)
+        if return_outputs:
+            warnings.warn(
+                "return_outputs=True runs a second forward that forms the full [2B, T, V] logits (as TRL "
+                "1.16 does, deprecated there); pass no compute_metrics to keep evaluation memory-flat",
+                stacklevel=2,
+            )
+            with torch.no_grad():
+                outputs = model(input_ids=ids, attention_mask=mask, use_cache=False)
+            return loss, outputs
+        return loss
+
+    def _record_metrics(self, mode: str, out: Any, attention_mask: torch.Tensor) -> None:
+        store = self._metrics[mode]
+        chosen = self.accelerator.gather(out.chosen_rewards.detach().float())
+        rejected = self.accelerator.gather(out.rejected_rewards.detach().float())
+        store["rewards/chosen"].append(chosen.mean().item())
+        store["rewards/rejected"].append(rejected.mean().item())
+        store["rewards/accuracies"].append((chosen > rejected).float().mean().item())
+        store["rewards/margins"].append((chosen - rejected).mean().item())
+        for name, value in out.metrics.items():
+            if not name.startswith("rewards/"):
+                value = value.detach().float().reshape(1)
+                store[name].append(self.accelerator.gather_for_metrics(value).mean().item())
+        if mode == "train":
+            tokens = self.accelerator.gather_for_metrics(attention_mask.sum()).sum().item()
+            self._total_train_tokens += tokens // self._tp_size
+        store["num_tokens"] = [self._total_train_tokens]
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> Any:
+        if self.compute_metrics is not None:  # TRL's path: logits from a second, full-logit forward
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs, return_outputs=False)
+        return loss.detach(), None, None
+
+    # ----------------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.args.should_save:
+            LossState.save(self.loss_fn, output_dir if output_dir is not None else self.args.output_dir)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no checkpoint to resume from in output_dir {self.args.output_dir!r}")
+        if resume_from_checkpoint:
+            LossState.load(self.loss_fn, resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
