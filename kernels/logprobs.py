@@ -402,7 +402,9 @@ def logprobs_bwd(
 
     Args:
         logits: ``[n, V]`` raw policy rows (recomputed), unit stride along V; overwritten.
-        labels: ``[n]`` int64 in ``[0, V)``.
+        labels: ``[n]`` int64; a label outside ``[0, V)`` adds no one-hot term, so ``logits`` may be
+            a tile of columns ``[v0, v0 + V)`` of the full rows with ``labels − v0`` (the triton
+            backend's backward does this; the kernel never loads at the label).
         lse: ``[n]`` float32 from `logprobs_fwd`.
         grad: ``[n]`` float32 upstream gradient of each row's log-prob.
         bias, logit_scale, softcap: as in `logprobs_fwd`.

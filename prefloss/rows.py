@@ -112,7 +112,8 @@ def logprobs_bwd(
 
     Args:
         logits: ``[n, V]`` raw policy rows, recomputed; overwritten with the gradient (its dtype).
-        labels: ``[n]`` int64 in ``[0, V)``.
+        labels: ``[n]`` int64; a label outside ``[0, V)`` adds no one-hot term (the rows are a
+            tile of columns and the label lies in another tile).
         lse: ``[n]`` float32 from `logprobs_fwd`.
         grad: ``[n]`` float32 upstream gradient of each row's log-prob.
         bias, logit_scale, softcap: as in `logprobs_fwd`.
@@ -125,7 +126,11 @@ def logprobs_bwd(
     chain = torch.div(z, softcap).square_().neg_().add_(1.0) if softcap is not None else None
     p = z.sub_(lse[:, None]).exp_()
     p.mul_(-grad[:, None])
-    p[torch.arange(p.shape[0], device=p.device), labels] += grad
+    # A label outside [0, V) adds no one-hot term: the row's label lies in another vocabulary tile
+    # (the triton backend's backward passes tiles of columns with labels shifted by the tile start).
+    inside = (labels >= 0) & (labels < p.shape[1])
+    column = labels.clamp(0, p.shape[1] - 1)[:, None]
+    p.scatter_add_(1, column, torch.where(inside, grad, torch.zeros_like(grad)).to(p.dtype)[:, None])
     if chain is not None:
         p.mul_(chain)
     if logit_scale is not None:
