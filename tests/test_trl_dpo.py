@@ -56,11 +56,16 @@ def _rows(n: int = 12, origin: str = "") -> list[dict]:
     return [dict(r, origin=origin) for r in rows]
 
 
-def _trainer(cls, config_cls, tmp_path, *, ref: bool = True, rows=None, peft_config=None, **config):
+def _trainer(cls, config_cls, tmp_path, *, ref=True, rows=None, peft_config=None, peft_model=None, **config):
     tok = byte_level_tokenizer()
     policy = tiny_llama(tok, hidden_size=32, seed=0)
+    if peft_model is not None:  # a PeftModel with a trained adapter, given as the model
+        import peft
+
+        torch.manual_seed(0)
+        policy = peft.get_peft_model(policy, peft_model)
     ref_model = tiny_llama(tok, hidden_size=32, seed=1) if ref else None
-    args = config_cls(
+    defaults = dict(
         output_dir=str(tmp_path / cls.__module__.split(".")[0]),
         report_to=[],
         use_cpu=True,
@@ -72,8 +77,8 @@ def _trainer(cls, config_cls, tmp_path, *, ref: bool = True, rows=None, peft_con
         save_strategy="no",
         learning_rate=1e-3,
         seed=0,
-        **config,
     )
+    args = config_cls(**{**defaults, **config})
     return cls(
         model=policy,
         ref_model=ref_model,
@@ -252,6 +257,43 @@ def test_dpo_matches_trl_lora_policy(tmp_path):
     assert grads and all("lora_" in n for n in grads)  # only the adapters train; the head is frozen
 
 
+def test_dpo_matches_trl_peft_model_ref_adapter(tmp_path):
+    """A PeftModel given without ref_model: TRL copies its adapter into one named "ref" (with its own
+    saved lm_head when lm_head is in modules_to_save) and runs the reference with that adapter."""
+    peft = pytest.importorskip("peft")
+    from trl.trainer.utils import use_adapter
+
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        modules_to_save=["lm_head"],
+        init_lora_weights=False,
+    )
+    stock, ours = _pair(tmp_path, ref=False, peft_model=config)
+    for trainer in (stock, ours):
+        assert "ref" in trainer.model.peft_config
+        gen = torch.Generator().manual_seed(1)  # the same step away from the "ref" copy in both
+        with torch.no_grad():
+            for name, param in trainer.model.named_parameters():
+                if ".default." in name:
+                    param.add_(0.05 * torch.randn(param.shape, generator=gen))
+
+    class RefAdapter(torch.nn.Module):  # the float64 truth's reference: adapter "ref" and its head
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def get_output_embeddings(self):
+            return self.m.get_output_embeddings().modules_to_save["ref"]
+
+        def forward(self, **kw):
+            with use_adapter(self.m, "ref"):
+                return self.m(**kw)
+
+    _assert_same_step(stock, ours, (stock.model, RefAdapter(stock.model)))
+
+
 def _train_logs(trainer) -> list[dict[str, float]]:
     trainer.train()
     return [h for h in trainer.state.log_history if "loss" in h]
@@ -337,3 +379,21 @@ def test_prefloss_losses_three_steps_match_preference_trainer(tmp_path, loss_typ
             assert math.isclose(p[name], h[name], rel_tol=1e-5, abs_tol=1e-6), (name, p[name], h[name])
     if loss_type == "epsilon_dpo":
         assert torch.equal(ours.loss_fn.beta, theirs.loss_fn.beta)  # β updated once per step by both
+
+
+def test_loss_state_checkpointed_and_resumed(tmp_path):
+    """ε-DPO's β lives in the loss module: every checkpoint holds it and resuming restores it, so a
+    resumed run ends where the uninterrupted one ended."""
+    kw = dict(loss_type="epsilon_dpo", epsilon=0.1, loss_kwargs={"compare_dtype": None}, max_steps=2)
+    full = _trainer(
+        ptrl.DPOTrainer, ptrl.DPOConfig, tmp_path / "a", save_strategy="steps", save_steps=1, **kw
+    )
+    initial = full.loss_fn.beta.clone()
+    full.train()
+    assert not torch.equal(full.loss_fn.beta, initial)  # β moved (exact step comparison, ε = 0.1)
+    checkpoint = tmp_path / "a" / "prefloss" / "checkpoint-1"
+    saved = torch.load(checkpoint / "prefloss_loss_state.pt", weights_only=True)
+    assert not torch.equal(saved["beta"], initial)
+    resumed = _trainer(ptrl.DPOTrainer, ptrl.DPOConfig, tmp_path / "b", **kw)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert torch.equal(resumed.loss_fn.beta, full.loss_fn.beta)
