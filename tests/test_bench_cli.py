@@ -106,6 +106,16 @@ def test_gate_passes_prefloss_at_quick_shapes(seq_len):
         assert result["passed"], (name, result["detail"])
 
 
+@pytest.mark.parametrize("shape", list(GATE_SHAPES.values()), ids=list(GATE_SHAPES))
+def test_gate_passes_trl_dpo_over_seeds(shape):
+    """TRL 1.16's chunked-head DPO step (``trl/dpo``) passes the same gate as prefloss, seeds 0–4."""
+    pytest.importorskip("trl")
+    for seed in range(5):
+        result = _check("trl/dpo", shape, seed, _truth(shape, seed, ("dpo",)))
+        assert {"loss", "grad_hidden", "grad_weight"} <= set(result)
+        assert result["passed"], (seed, result["detail"])
+
+
 def test_gate_rejects_injected_errors():
     """The self-test case (labels off by one) fails; so does one token's log-prob off by 10× the
     fp32 error (``10·error_scale``: plain PyTorch's max token error, at least one rounding),

@@ -9,6 +9,7 @@ Methods:
 - ``prefloss-torch`` / ``prefloss-triton``: ``prefloss.<Loss>(..., backend=...)`` (Triton only on a GPU).
 - ``authors``: full logits of policy and reference (`prefloss.benchmark.authors`).
 - ``liger``: Liger-Kernel's chunked fused-linear DPO / SimPO, eager (``compiled=False``).
+- ``trl``: TRL 1.16 ``DPOTrainer``'s DPO step through its chunked LM head (`prefloss.benchmark.trl_case`).
 - ``floor``: the four GEMMs of ``N_counted·H·V`` any exact method needs; no loss.
 - ``selftest``: a deliberately wrong DPO (labels off by one position) proving that the
   correctness gate rejects a wrong case; only run when named explicitly.
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from prefloss.benchmark.inputs import Inputs
+from prefloss.benchmark.trl_case import trl_dpo_step
 from prefloss.ops import TokenLogProbs
 
 LOSS_NAMES = ("alpha_dpo", "epsilon_dpo", "dpo", "simpo")
@@ -204,6 +206,9 @@ def _registry() -> dict[str, Case]:
         cases.append(Case(f"authors/{loss}", "authors", loss, _authors_step(loss)))
     for loss in ("dpo", "simpo"):
         cases.append(Case(f"liger/{loss}", "liger", loss, _liger_step(loss), note="compiled=False"))
+    cases.append(
+        Case("trl/dpo", "trl", "dpo", trl_dpo_step(HYPERPARAMS["dpo"]["beta"]), note="TRL 1.16 chunked head")
+    )
     cases.append(Case("floor", "floor", None, _floor_step, note="4 GEMMs of N_counted·H·V"))
     cases.append(
         Case(

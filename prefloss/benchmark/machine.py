@@ -77,6 +77,7 @@ def describe(device: str) -> dict:
             "torch": torch.__version__,
             "triton": _version("triton"),
             "liger-kernel": _version("liger-kernel"),
+            "trl": _version("trl"),
             "prefloss": _version("prefloss"),
             "prefloss_source_sha256": source_digest(),
         },
@@ -90,5 +91,6 @@ def one_line(info: dict) -> str:
     return (
         f"{where} | {info['cores']} cores, {info['torch_threads']} torch threads, {info['memory_gib']} GiB | "
         f"python {v['python']}, torch {v['torch']}, triton {v['triton']}, liger-kernel {v['liger-kernel']}, "
+        f"trl {v.get('trl')}, "
         f"prefloss {v['prefloss']}"
     )

@@ -8,7 +8,14 @@ import textwrap
 
 from prefloss.benchmark.machine import one_line
 
-COLORS = {"authors": "C0", "liger": "C1", "prefloss-torch": "C2", "prefloss-triton": "C3", "floor": "k"}
+COLORS = {
+    "authors": "C0",
+    "liger": "C1",
+    "trl": "C4",
+    "prefloss-torch": "C2",
+    "prefloss-triton": "C3",
+    "floor": "k",
+}
 VARIABLE_AXES = (("seq_len", "sequence length T"), ("vocab", "vocabulary V"), ("batch", "pairs per batch B"))
 
 
