@@ -20,6 +20,8 @@ from prefloss import kernel_ops, reference, triton_backend
 from prefloss import rows as torch_rows
 from prefloss.testing import assert_close_to_reference
 
+# CUDA when there is one (scripts/gpu_check.sh runs this file there), else CPU under the interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
 
@@ -30,7 +32,7 @@ def _rows(n, V, dtype, seed=0):
     ref = (torch.randn(n, V, generator=g) * 3).to(dtype)
     bias = torch.randn(V, generator=g).to(dtype)
     labels = torch.randint(0, V, (n,), generator=g)
-    return raw, ref, bias, labels
+    return raw.to(DEVICE), ref.to(DEVICE), bias.to(DEVICE), labels.to(DEVICE)
 
 
 FWD_VARIANTS = {
@@ -88,7 +90,7 @@ def test_fwd_op_passes_opcheck_and_fake_matches_real(variant):
 def test_bwd_op_passes_opcheck_and_writes_in_place(dtype):
     raw, _, bias, labels = _rows(4, 200, dtype, seed=1)
     lse = raw.float().logsumexp(1)
-    grad = torch.randn(4, generator=torch.Generator().manual_seed(3))
+    grad = torch.randn(4, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     args = (raw.clone(), labels, lse, grad, bias, 1.3, None, None, None)
     torch.library.opcheck(kernel_ops._logprobs_bwd_op, args)
     out = raw.clone()
@@ -103,9 +105,9 @@ def test_bwd_op_passes_opcheck_and_writes_in_place(dtype):
 def test_bwd_on_a_column_tile_with_shifted_labels_equals_the_full_rows(dtype):
     """The vocabulary-tiled backward hands the kernel ``[n, V_t]`` tiles and ``labels − v0``."""
     raw, _, bias, labels = _rows(6, 300, dtype, seed=2)
-    labels[:3] = torch.tensor([100, 149, 150])  # at the tile's edges
+    labels[:3] = torch.tensor([100, 149, 150], device=DEVICE)  # at the tile's edges
     lse = raw.float().logsumexp(1)
-    grad = torch.randn(6, generator=torch.Generator().manual_seed(4))
+    grad = torch.randn(6, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     for bwd in (prefloss.kernels.logprobs_bwd, torch_rows.logprobs_bwd):
         full = bwd(raw.clone(), labels, lse, grad, bias=bias)
         tile = bwd(raw[:, 100:150].contiguous(), labels - 100, lse, grad, bias=bias[100:150])
@@ -123,7 +125,7 @@ def _inputs(dtype, B=2, T=9, H=16, V=700, seed=0, ignore=True):
         labels[1, -3:] = -100
     ref_hidden = (hidden.float() + 0.3 * torch.randn(B, T, H, generator=g)).to(dtype)
     ref_weight = (weight.float() + 0.1 * torch.randn(V, H, generator=g)).to(dtype)
-    return hidden, weight, bias, labels, ref_hidden, ref_weight
+    return tuple(x.to(DEVICE) for x in (hidden, weight, bias, labels, ref_hidden, ref_weight))
 
 
 def _step(backend, dtype, *, chunk_size=None, double=False, compiled=False, **input_kw):
@@ -133,7 +135,7 @@ def _step(backend, dtype, *, chunk_size=None, double=False, compiled=False, **in
         leaves = [x.double() for x in leaves]
         ref_hidden, ref_weight = ref_hidden.double(), ref_weight.double()
     leaves = [x.detach().clone().requires_grad_() for x in leaves]
-    grad_out = torch.randn(labels.shape, generator=torch.Generator().manual_seed(9))
+    grad_out = torch.randn(labels.shape, generator=torch.Generator().manual_seed(9)).to(DEVICE)
 
     def run(h, w, b):
         kw = {"bias": b, "ref_hidden": ref_hidden, "ref_weight": ref_weight, "epsilon": 0.2}
@@ -160,7 +162,7 @@ def test_tiled_backward_against_float64(monkeypatch, dtype, blocks):
     base, base_grads = _step("torch", dtype, chunk_size=4)
     assert_close_to_reference(got.policy, expected.policy, dtype=dtype, baseline=base.policy, name="policy")
     for name, want in expected_grads.items():
-        assert got_grads[name].dtype == (dtype if name != "bias" else dtype)
+        assert got_grads[name].dtype == dtype
         assert_close_to_reference(
             got_grads[name], want, dtype=dtype, baseline=base_grads[name], name=f"d {name}"
         )
@@ -195,7 +197,8 @@ def test_compiled_step_equals_eager(dtype):
     for name in ("hidden", "weight"):
         torch.testing.assert_close(compiled_grads[name], eager_grads[name], rtol=0, atol=0, msg=name)
     mask = eager.mask
-    g = torch.randn(mask.shape, generator=torch.Generator().manual_seed(9))[mask]  # _step's grad_out
+    # _step's upstream gradient, at the counted tokens
+    g = torch.randn(mask.shape, generator=torch.Generator().manual_seed(9)).to(DEVICE)[mask]
     n, u = g.numel(), torch.finfo(torch.float32).eps / 2
     bound = (n - 1) * u * g.abs().sum()
     if dtype != torch.float32:  # ∂bias is returned rounded to the input dtype: half an ulp either way
@@ -208,7 +211,7 @@ def test_custom_ops_compile_fullgraph():
     """No data-dependent row count here: GEMM, forward kernel, backward kernel, ∂h in one graph."""
     raw_h, weight, _, labels, _, _ = _inputs(torch.float32, ignore=False)
     h, y = raw_h.reshape(-1, raw_h.shape[-1]), labels.reshape(-1)
-    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(5))
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
 
     def step(h, w, y, grad):
         logits = h @ w.T
