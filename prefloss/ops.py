@@ -18,9 +18,20 @@ processed ``chunk_size`` at a time. Two loops, one per backend:
   reductions and the in-place backward in the kernels of `prefloss.kernels` (whose contract
   `prefloss.rows` states in PyTorch); peak extra memory O(C·V).
 
-Only ``lse`` (4 bytes a token) is saved; backward recomputes the policy logits. Matmul work per
-step in units of one ``N·H·V`` GEMM: forward 1 (+1 with a reference), backward recompute 1 +
-``∂h`` 1 + ``∂W`` 1 (skipped when the head is frozen).
+Two backward paths, chosen inside the autograd Function from ``ctx.needs_input_grad`` and the grad
+mode of the call (matmul work per step in units of one ``N·H·V`` GEMM):
+
+- trainable head (``∂weight`` or ``∂bias`` wanted): only ``lse`` (4 bytes a token) is saved;
+  backward recomputes the policy logits. Forward 1 (+1 with a reference), backward recompute 1 +
+  ``∂h`` 1 + ``∂W`` 1.
+- frozen head (only ``∂hidden`` wanted: LoRA, a frozen LM head): ``∂logp_t/∂h_t =
+  J_t = Σ_v (onehot(y_t) − softmax(z_t))_v · dz_v/draw_v · W_v`` does not depend on the upstream
+  gradient, so the forward forms it over the tiles it already holds (1 GEMM) and saves ``J``
+  (``[n, H]`` in ``hidden``'s dtype, the size of ``∂hidden``) instead of ``hidden``; backward is
+  ``∂h_t = g_t · J_t``, exact for any ``g``, no GEMM. Forward 2 (+1 with a reference), backward 0:
+  3 with a reference, the floor of the math (policy, reference, ``∂h``).
+- no gradient at all (``torch.no_grad``, reference scoring, ``hidden`` not requiring grad): the
+  forward alone, no ``J``.
 Compacting the counted rows costs one host synchronisation per call (its size is data-dependent).
 """
 

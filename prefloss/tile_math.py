@@ -8,9 +8,10 @@ Two functions of a ``[C, V_t]`` logit tile (already transformed: bias, ``logit_s
   the float64 truth, against 3e-7 for a float32 sum).
 - `neg_softmax_times_` — in place, ``z ← −g · exp(z − lse)``, the ``−g·softmax`` part of
   ``∂logits = g·(onehot − softmax)``.
-- `softmax_chain_` — in place, ``z ← exp(z − lse) · (1 − (z/c)²)``: the softmax against a running
-  log-sum-exp times the softcap's chain factor, which the frozen-head forward multiplies by the
-  weight tile to accumulate ``Σ_v softmax_v · dz_v/draw_v · W_v`` (`prefloss.torch_backend`).
+- `log_sum_exps_and_exp_` — the frozen-head forward's step: `log_sum_exps`, and in place
+  ``z ← exp(z − s) · (1 − (z/c)²)`` with ``s`` the rows' running maximum, the tile the forward
+  multiplies by the weight tile to accumulate ``Σ_v softmax_v · dz_v/draw_v · W_v``
+  (`prefloss.torch_backend`); the policy's exponentials serve both.
 
 Tiles are float32 (float64 for float64 inputs): the backend's logit transform upcasts bf16/fp16 GEMM
 output before anything else.
@@ -92,22 +93,37 @@ def neg_softmax_times_(z: torch.Tensor, lse: torch.Tensor, g: torch.Tensor) -> t
     return z
 
 
-def softmax_chain_(z: torch.Tensor, lse: torch.Tensor, softcap: torch.Tensor | None) -> torch.Tensor:
-    """In place ``z[r, v] ← exp(z[r, v] − lse[r]) · (1 − (z[r, v]/c)²)`` (the factor only with a
-    softcap ``c``); returns ``z``.
+def log_sum_exps_and_exp_(
+    z: torch.Tensor,
+    z_ref: torch.Tensor | None,
+    epsilon: torch.Tensor | None,
+    shift: torch.Tensor,
+    softcap: torch.Tensor | None,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The frozen-head forward's tile step: `log_sum_exps`, and in place
+    ``z[r, v] ← exp(z[r, v] − s[r]) · (1 − (z[r, v]/c)²)`` with ``s = max(shift, max_v z)``.
+
+    The policy's exponentials are computed once, for its log-sum-exp and for the tile that the
+    caller multiplies by the weight tile (``Σ_v exp(z_v − s)·χ_v·W_v``).
 
     Args:
-        z: ``[C, V_t]`` transformed logit tile (overwritten; its dtype is kept).
-        lse: ``[C]`` each row's log-sum-exp so far (running, or over the whole vocabulary).
-        softcap: 0-d tensor ``c``, or ``None``.
+        z, z_ref, epsilon: as `log_sum_exps`; ``z`` is overwritten.
+        shift: ``[C]`` float64 running maximum of the rows so far (``−inf`` before the first tile).
+        softcap: 0-d tensor ``c`` (the chain factor ``χ = 1 − (z/c)²``), or ``None`` (``χ = 1``).
+    Returns:
+        ``(lses, s)``: the list of `log_sum_exps`, and the new ``[C]`` float64 shift ``s``.
     """
     dtype = _compute_dtype(z)
     x = z.to(dtype)
-    p = torch.exp(x - lse.to(dtype)[:, None])
+    new_shift = torch.maximum(shift, x.amax(1).double()).to(dtype)
+    e = torch.exp(x - new_shift[:, None])
+    out = [new_shift.double() + e.sum(1, dtype=torch.float64).log()]
+    if z_ref is not None:
+        out.extend(log_sum_exps(x, z_ref, epsilon)[1:])
     if softcap is not None:
-        p = p * (1.0 - (x / softcap.to(dtype)).square())
-    z.copy_(p)
-    return z
+        e = e * (1.0 - (x / softcap.to(dtype)).square())
+    z.copy_(e)
+    return out, new_shift.double()
 
 
 def mode() -> str:
@@ -154,13 +170,13 @@ class _Fused:
 
 _LOG_SUM_EXPS = _Fused(log_sum_exps)
 _NEG_SOFTMAX_TIMES = _Fused(neg_softmax_times_)
-_SOFTMAX_CHAIN = _Fused(softmax_chain_)
+_LOG_SUM_EXPS_AND_EXP = _Fused(log_sum_exps_and_exp_)
 
 
 def used_compiled() -> bool:
     """Whether this process has run the compiled tile functions (and compiling has not failed)."""
     return _Fused.failed is None and any(
-        f._compiled is not None for f in (_LOG_SUM_EXPS, _NEG_SOFTMAX_TIMES, _SOFTMAX_CHAIN)
+        f._compiled is not None for f in (_LOG_SUM_EXPS, _NEG_SOFTMAX_TIMES, _LOG_SUM_EXPS_AND_EXP)
     )
 
 
@@ -236,41 +252,46 @@ def neg_softmax_times_for(elements: int, device: torch.device) -> Callable:
     return _NEG_SOFTMAX_TIMES.compiled if should_compile(elements, device) else _eager_neg_softmax_times_
 
 
-class _EagerSoftmaxChain:
-    """`softmax_chain_` eagerly, in the tile's dtype, the chain factor in preallocated scratch."""
+class _EagerExp:
+    """`log_sum_exps_and_exp_` eagerly: the tile's log-sum-exps from `_EagerTiles`, then the
+    exponentials in place, the chain factor in preallocated scratch."""
 
-    def __init__(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device, softcap):
+    def __init__(self, shape, dtype, device, epsilon, softcap):
+        self.tiles = _EagerTiles(shape, dtype, device, epsilon)
         self.softcap = softcap
-        self.scratch = None
-        if softcap is not None:
-            self.scratch = torch.empty(
-                shape, dtype=_compute_dtype(torch.empty((), dtype=dtype)), device=device
-            )
 
-    def __call__(self, z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    def __call__(self, z, z_ref, shift):
+        out = self.tiles.log_sum_exps(z, z_ref)
+        new_shift = torch.maximum(shift, z.amax(1).double())
         chain = None
         if self.softcap is not None:  # taken before z is overwritten
-            chain = (
-                torch.div(z, self.softcap, out=scratch_view(self.scratch, *z.shape))
-                .square_()
-                .neg_()
-                .add_(1.0)
-            )
-        z.sub_(lse.to(z.dtype)[:, None]).exp_()
-        return z if chain is None else z.mul_(chain)
+            chain = torch.div(z, self.softcap, out=scratch_view(self.tiles.scratch, *z.shape))
+            chain.square_().neg_().add_(1.0)
+        z.sub_(new_shift.to(z.dtype)[:, None]).exp_()
+        if chain is not None:
+            z.mul_(chain)
+        return out, new_shift.to(z.dtype).double()
 
 
-def softmax_chain_for(
-    elements: int, tile: tuple[int, int], dtype: torch.dtype, device: torch.device, softcap: float | None
+def log_sum_exps_and_exp_for(
+    elements: int,
+    tile: tuple[int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+    epsilon: float | None,
+    softcap: float | None,
 ) -> Callable:
-    """``softmax_chain_(z, lse) -> z`` for one frozen-head forward call: compiled (see
-    `should_compile`) or eager, with scratch for tiles up to ``tile`` (``[C, V_t]``) of ``dtype``
-    when there is a ``softcap``. In place either way."""
+    """``(z, z_ref, shift) -> (lses, shift)`` (`log_sum_exps_and_exp_`) for one frozen-head forward
+    call: compiled (see `should_compile`) or eager over scratch for tiles up to ``tile``."""
     if should_compile(elements, device):
-        cap = None if softcap is None else torch.tensor(softcap, dtype=torch.float64, device=device)
 
-        def fused_softmax_chain_(z, lse):
-            return _SOFTMAX_CHAIN.compiled(z, lse, cap)
+        def scalar(value):
+            return None if value is None else torch.tensor(value, dtype=torch.float64, device=device)
 
-        return fused_softmax_chain_
-    return _EagerSoftmaxChain(tile, dtype, device, softcap)
+        eps, cap = scalar(epsilon), scalar(softcap)
+
+        def fused(z, z_ref, shift):
+            return _LOG_SUM_EXPS_AND_EXP.compiled(z, z_ref, eps, shift, cap)
+
+        return fused
+    return _EagerExp(tile, dtype, device, epsilon, softcap)

@@ -68,12 +68,15 @@ def forward(
     ``hidden``/``ref_hidden`` are the full ``[N, H]`` inputs; ``labels`` ``[n]`` are the counted
     rows' labels, in the order of ``rows``.
 
-    ``J_t = s·(χ_t[y_t]·W[y_t] − Σ_v p_t[v]·χ_t[v]·W_v)`` with ``s`` the logit scale, ``χ = 1 − (z/c)²``
-    the softcap's chain factor (1 without one) and ``p_t = softmax(z_t)``. The sum is accumulated
-    tile by tile against the running log-sum-exp ``m``: after tile ``k``,
-    ``acc ← acc·exp(m_{k−1} − m_k) + (exp(z_k − m_k)·χ_k) @ W_k``; the last ``m`` is the row's
-    lse, so ``acc`` is the sum itself (every factor ≤ 1: nothing overflows). One GEMM per tile
-    beside the logits'; an fp32 ``[C, H]`` accumulator per chunk.
+    ``J_t = σ·(χ_t[y_t]·W[y_t] − Σ_v p_t[v]·χ_t[v]·W_v)`` with ``σ`` the logit scale,
+    ``χ = 1 − (z/c)²`` the softcap's chain factor (1 without one) and ``p_t = softmax(z_t)``. The
+    sum is accumulated tile by tile against the rows' running maximum ``s`` (online softmax): after
+    tile ``k``, ``s_k = max(s_{k−1}, max z_k)`` and
+    ``acc ← acc·exp(s_{k−1} − s_k) + (exp(z_k − s_k)·χ_k) @ W_k``, the exponentials being the
+    ones the policy's log-sum-exp sums (`prefloss.tile_math.log_sum_exps_and_exp_`); at the end
+    ``Σ_v p_v·χ_v·W_v = acc·exp(s − lse)`` with the float64 running lse. Every factor is ≤ 1:
+    nothing overflows. One GEMM per tile beside the logits'; an fp32 ``[C, H]`` accumulator per
+    chunk.
     """
     n, vocab = rows.count, weight.shape[0]
     has_ref, eps = ref_hidden is not None, opts.epsilon
@@ -87,11 +90,11 @@ def forward(
     )
     buf = hidden.new_empty((c, width))
     ref_buf = ref_hidden.new_empty((c, width)) if has_ref else None
-    jac = softmax_chain_ = None
+    jac = None
     if jacobian:
         jac = hidden.new_empty((n, hidden.shape[1]))
-        softmax_chain_ = tile_math.softmax_chain_for(
-            n * vocab, (c, width), hidden.dtype, hidden.device, opts.softcap
+        log_sum_exps_and_exp_ = tile_math.log_sum_exps_and_exp_for(
+            n * vocab, (c, width), hidden.dtype, hidden.device, eps if want_mix else None, opts.softcap
         )
     for r0, r1 in rows.chunks(c):
         h, y = rows.take(hidden, r0, r1), labels[r0:r1]
@@ -100,7 +103,9 @@ def forward(
         # row's sum (measured: 2.6× plain PyTorch's error on a row's mean log-prob, T=512, V=32000).
         lse = torch.full((len(names), r1 - r0), float("-inf"), dtype=torch.float64, device=h.device)
         label_logit = torch.zeros((2, r1 - r0), dtype=acc_dtype, device=h.device)
-        acc = torch.zeros((r1 - r0, hidden.shape[1]), dtype=acc_dtype, device=h.device) if jacobian else None
+        if jacobian:
+            acc = torch.zeros((r1 - r0, hidden.shape[1]), dtype=acc_dtype, device=h.device)
+            shift = torch.full((r1 - r0,), float("-inf"), dtype=torch.float64, device=h.device)
         for v0 in range(0, vocab, width):
             v1 = min(v0 + width, vocab)
             picker = _LabelPicker(y, v0, v1 - v0)
@@ -110,11 +115,14 @@ def forward(
             if has_ref:
                 z_ref = _tile(ref_h, ref_weight, ref_bias, v0, v1, ref_buf, opts)
                 picker.pick_(label_logit[1], z_ref)
-            previous = lse[0].clone() if jacobian else None
-            torch.logaddexp(lse, torch.stack(log_sum_exps(z, z_ref)), out=lse)
-            if jacobian:
-                acc.mul_(torch.exp(previous - lse[0]).to(acc_dtype)[:, None])
-                acc.addmm_(softmax_chain_(z, lse[0]), weight[v0:v1].to(acc_dtype))
+            if jacobian:  # z becomes exp(z − shift)·χ; acc follows the new shift
+                tile_lses, new_shift = log_sum_exps_and_exp_(z, z_ref, shift)
+                acc.mul_(torch.exp(shift - new_shift).to(acc_dtype)[:, None])
+                acc.addmm_(z, weight[v0:v1].to(acc_dtype))
+                shift = new_shift
+            else:
+                tile_lses = log_sum_exps(z, z_ref)
+            torch.logaddexp(lse, torch.stack(tile_lses), out=lse)
         picked = label_logit.double()
         if want_mix:  # the mixtures' label logits, from the two picked ones
             step = eps * (picked[1] - picked[0])
@@ -122,13 +130,14 @@ def forward(
         for i, k in enumerate(names):
             out[k][r0:r1] = picked[i] - lse[i]
         out["lse"][r0:r1] = lse[0]
-        if jacobian:
+        if jacobian:  # Σ_v p_v·χ_v·W_v = acc·exp(shift − lse)
+            acc.mul_(torch.exp(shift - lse[0]).to(acc_dtype)[:, None])
             jac[r0:r1] = _jacobian_rows(acc, weight, y, label_logit[0], opts)
     return tuple(out.get(k) for k in ("logp", "lse", "ref", "minus", "plus")) + (jac,)
 
 
 def _jacobian_rows(acc, weight, labels, label_logit, opts) -> torch.Tensor:
-    """``s·(χ_y·W[y] − acc)``, in place in ``acc`` (``[C, H]``): ``acc = Σ_v p_v·χ_v·W_v``."""
+    """``σ·(χ_y·W[y] − acc)``, in place in ``acc`` (``[C, H]``): ``acc = Σ_v p_v·χ_v·W_v``."""
     target = weight.index_select(0, labels).to(acc.dtype)
     if opts.softcap is not None:  # χ at the label, from its transformed logit
         target.mul_(torch.div(label_logit, opts.softcap).square_().neg_().add_(1.0)[:, None])

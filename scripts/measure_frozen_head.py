@@ -74,10 +74,11 @@ def loss_step(x, loss: str, *, frozen: bool):
     return step
 
 
-def timed(fn) -> float:
-    t0 = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def machine() -> str:
@@ -99,7 +100,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--losses", nargs="+", default=["epsilon_dpo", "dpo"])
     parser.add_argument("--heads", nargs="+", default=["frozen", "trainable"])
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's). With 1 thread the CPU-time ratio is immune to other "
+        "jobs taking the cores; with several, a descheduled thread stalls every parallel region.",
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(json.dumps({"machine": machine()}), flush=True)
     shape = Shape(args.batch, args.seq_len, args.hidden, args.vocab)
     x = make_inputs(shape, seed=0)
@@ -112,7 +122,8 @@ def main() -> None:
             for _ in range(args.repeats):
                 steps.append(timed(step))
                 floors.append(timed(floor))
-            ratios = [a / b for a, b in zip(steps, floors, strict=True)]
+            ratios = [a[0] / b[0] for a, b in zip(steps, floors, strict=True)]
+            cpu_ratios = [a[1] / b[1] for a, b in zip(steps, floors, strict=True)]
             print(
                 json.dumps(
                     {
@@ -120,10 +131,15 @@ def main() -> None:
                         "head": head,
                         "floor_gemms": 3 if frozen else 4,
                         "shape": shape.label(),
-                        "step_s": statistics.median(steps),
-                        "floor_s": statistics.median(floors),
+                        "threads": torch.get_num_threads(),
+                        "step_s": round(statistics.median(s[0] for s in steps), 4),
+                        "floor_s": round(statistics.median(f[0] for f in floors), 4),
                         "ratio_median": round(statistics.median(ratios), 4),
                         "ratios": [round(r, 4) for r in ratios],
+                        "step_cpu_s": round(statistics.median(s[1] for s in steps), 4),
+                        "floor_cpu_s": round(statistics.median(f[1] for f in floors), 4),
+                        "cpu_ratio_median": round(statistics.median(cpu_ratios), 4),
+                        "cpu_ratios": [round(r, 4) for r in cpu_ratios],
                         "load": os.getloadavg(),
                     }
                 ),
