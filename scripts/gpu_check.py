@@ -107,7 +107,8 @@ def gpu_key(name: str | None) -> str | None:
     return None
 
 
-def _install(runner: Runner, py: str, dry_run: bool) -> None:
+def _install(runner: Runner, py: str, dry_run: bool) -> bool:
+    """Install the checkout (and liger-kernel when missing); whether liger-kernel can be imported."""
     pip = [py, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet"]
     if dry_run:  # the checkout is installed already where the dry run is tried
         runner.steps["install"] = {"status": "skipped", "why": "dry run"}
@@ -118,10 +119,16 @@ def _install(runner: Runner, py: str, dry_run: bool) -> None:
     )
     if has_liger or dry_run:
         runner.steps["install_liger"] = {"status": "skipped", "why": "present" if has_liger else "dry run"}
-        return
+        return has_liger
     wheels = ROOT / "wheels"
     source = ["--no-index", "--find-links", str(wheels)] if wheels.is_dir() else []
-    runner.run("install_liger", [*pip, *source, "liger-kernel"], 60, min_s=5)
+    rec = runner.run("install_liger", [*pip, *source, "liger-kernel"], 60, min_s=5)
+    if rec["status"] != "passed":
+        # Not a failure of prefloss: the bench runs without the liger/dpo case and says so.
+        rec["status"] = "skipped"
+        rec["why"] = "liger-kernel could not be installed (no network and no ./wheels/): liger/dpo not run"
+        return False
+    return True
 
 
 def _compare(bench: dict, plan_gpu: str | None, dry_run: bool) -> dict:
@@ -198,9 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[gpu_check] {report['error']}", file=sys.stderr)
         return 2
 
-    _install(runner, py, args.dry_run)
+    has_liger = _install(runner, py, args.dry_run)
     # The compile report (tests/test_kernels_compile.py) needs no GPU and runs in CI: not here.
     tests = ["tests/test_ops_custom.py", "tests/test_plan.py"]
+    # torch.compile of the whole step (cold Inductor cache: minutes) is left to CI's CPU run.
+    tests += ["-k", "not compiled_step"]
     if args.dry_run:
         tests = ["tests/test_plan.py", "-k", "cli"]
     runner.run("tests", [py, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider"], 120)
@@ -215,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = (
         "prefloss-torch/dpo,prefloss-torch/epsilon_dpo,floor"
         if args.dry_run
-        else ("prefloss-triton/*,liger/dpo,floor")
+        else ("prefloss-triton/*,liger/dpo,floor" if has_liger else "prefloss-triton/*,floor")
     )
     bench_cmd = [
         py, "-m", "prefloss.cli", "bench",
