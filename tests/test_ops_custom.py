@@ -223,3 +223,37 @@ def test_custom_ops_compile_fullgraph():
     compiled = torch.compile(step, fullgraph=True)
     for got, want in zip(compiled(h, weight, y, grad), step(h, weight, y, grad), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_op_compiles_fullgraph_when_every_row_counts(dtype):
+    """The autograd Function itself (forward, backward, reference and ε-mixtures) in one graph each
+    way: without ignored labels there is no data-dependent row count. Equal to eager, bit for bit."""
+    from prefloss.chunks import CountedRows
+    from prefloss.ops import _FusedLogProbs, _Options
+
+    hidden, weight, _, labels, ref_hidden, ref_weight = _inputs(dtype, ignore=False)
+    h2d, ref2d, y = (
+        hidden.reshape(-1, hidden.shape[-1]),
+        ref_hidden.reshape(-1, hidden.shape[-1]),
+        labels.reshape(-1),
+    )
+    n = y.numel()
+    rows = CountedRows(None, n)
+    opts = _Options(epsilon=0.2, logit_scale=None, softcap=3.0, chunk_size=5, backend="triton")
+    scale = torch.linspace(-1.0, 1.0, n, device=DEVICE)
+
+    def step(h, w):
+        return _FusedLogProbs.apply(h, w, None, y, rows, ref2d, ref_weight, None, opts)
+
+    def run(fn):
+        h, w = h2d.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+        outputs = fn(h, w)
+        (outputs[0] * scale).sum().backward()  # outside the graph: only the op's backward is compiled
+        return [*outputs, h.grad, w.grad]
+
+    eager = run(step)
+    torch._dynamo.reset()
+    compiled = run(torch.compile(step, fullgraph=True))
+    for got, want in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
