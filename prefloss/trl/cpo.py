@@ -17,6 +17,7 @@ from trl.experimental.cpo import CPOConfig
 from trl.experimental.cpo import CPOTrainer as _TRLCPOTrainer
 
 from prefloss.hf.adapters import check_peft_head, is_peft_model
+from prefloss.hf.model import check_output_head
 from prefloss.hf.step import preference_loss
 from prefloss.losses import SimPOLoss
 from prefloss.trl._common import refuse, shift_labels
@@ -77,6 +78,7 @@ class CPOTrainer(_TRLCPOTrainer):
             gamma_beta_ratio=args.simpo_gamma / args.beta,
             label_smoothing=args.label_smoothing,
         )
+        self._output_head_unchecked = True
         super().__init__(model, args, *pargs, **kwargs)
         if self.is_encoder_decoder:
             refuse("model", type(self.model).__name__, "it is an encoder-decoder model", "Use a causal LM")
@@ -101,6 +103,9 @@ class CPOTrainer(_TRLCPOTrainer):
         )
         ids, mask = cat["concatenated_input_ids"], cat["concatenated_attention_mask"]
         labels = shift_labels(cat["concatenated_labels"])  # CPO's labels are unshifted, -100 on the prompt
+        if self._output_head_unchecked:  # once: hidden states + head reproduce the model's logits
+            self._output_head_unchecked = False
+            check_output_head(model, ids[:1, :32], atol=0.15 if (self.args.bf16 or self.args.fp16) else None)
         self.loss_fn.train(model.training)
         out = preference_loss(self.loss_fn, model, ids, mask, labels)
         gather = self.accelerator.gather_for_metrics

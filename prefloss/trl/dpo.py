@@ -359,9 +359,12 @@ class DPOTrainer(trl.DPOTrainer):
             ref_model = self._live_reference()
         if self._output_head_unchecked:
             self._output_head_unchecked = False
-            check_output_head(model, ids[:1, :32])
+            # Under mixed precision (TRL's default bf16=True) accelerate runs the model's forward, and so
+            # its logits, in bf16/fp16 autocast: judge them at 16-bit precision, as for 16-bit weights.
+            atol = 0.15 if (self.args.bf16 or self.args.fp16) else None
+            check_output_head(model, ids[:1, :32], atol=atol)
             if ref_model is not None:
-                check_output_head(ref_model, ids[:1, :32])
+                check_output_head(ref_model, ids[:1, :32], atol=atol)
         self.loss_fn.train(self.model.training)
         out = preference_loss(
             self.loss_fn, model, ids, mask, labels, ref_model=ref_model, ref_logps=ref_logps
