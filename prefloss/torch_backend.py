@@ -13,8 +13,11 @@ row-chunked loop slow (measured: 64-row chunks cost 1.9× one full GEMM, 1024 ×
 Backward recomputes each tile and writes ``g·(onehot − softmax)·dz/draw`` over it, then
 ``∂h[chunk] += G @ W_t`` and ``∂W[tile] += Gᵀ @ h[chunk]`` (fp32 accumulation; upcast operands).
 Matmul work per step, in units of one ``N·H·V`` GEMM: forward 1 (+1 reference), backward 3
-(recompute, ∂h, ∂W; 2 when the head is frozen). Peak extra memory: a few ``[C, V_t]`` fp32 tiles
-plus ``[C, H]`` accumulators, independent of batch size and sequence length.
+(recompute, ∂h, ∂W). With a frozen head (only ∂hidden wanted; `prefloss.ops` decides) the forward
+also forms ``J = ∂logp/∂h`` (`forward`: one more GEMM per tile, ``exp(z − s)·χ @ W_t``, over the
+tile it already holds) and there is no backward GEMM: 3 a step with a reference. Peak extra
+memory: a few ``[C, V_t]`` fp32 tiles plus ``[C, H]`` accumulators, independent of batch size and
+sequence length; with a frozen head also ``J``, ``[n, H]`` in ``hidden``'s dtype (the size of ∂hidden).
 
 The per-tile arithmetic (`prefloss.tile_math`) is compiled by ``torch.compile`` on CPU for large
 calls; see there for when and why.

@@ -97,13 +97,15 @@ def main() -> None:
     x = make_inputs(shape, seed=0)
     labels = x.labels
     upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(1))
-    h64 = x.hidden.detach().double()
-    want = grad_hidden(
-        lambda h: reference.token_logprobs(h, x.weight.detach().double(), labels).policy, h64, upstream
-    )
     for backend in args.backends:
         for name, dtype in DTYPES.items():
             hidden, weight = x.hidden.detach().to(dtype), x.weight.detach().to(dtype)
+            # the truth of the rounded inputs: what any computation at this dtype starts from
+            want = grad_hidden(
+                lambda h, w=weight.double(): reference.token_logprobs(h, w, labels).policy,
+                hidden.double(),
+                upstream,
+            )
             w_train = weight.clone().requires_grad_(True)
 
             def fused(h, w=weight, b=backend):
