@@ -56,7 +56,18 @@ def _rows(n: int = 12, origin: str = "") -> list[dict]:
     return [dict(r, origin=origin) for r in rows]
 
 
-def _trainer(cls, config_cls, tmp_path, *, ref=True, rows=None, peft_config=None, peft_model=None, **config):
+def _trainer(
+    cls,
+    config_cls,
+    tmp_path,
+    *,
+    ref=True,
+    rows=None,
+    peft_config=None,
+    peft_model=None,
+    eval_rows=None,
+    **config,
+):
     tok = byte_level_tokenizer()
     policy = tiny_llama(tok, hidden_size=32, seed=0)
     if peft_model is not None:  # a PeftModel with a trained adapter, given as the model
@@ -86,6 +97,7 @@ def _trainer(cls, config_cls, tmp_path, *, ref=True, rows=None, peft_config=None
         train_dataset=datasets.Dataset.from_list(rows if rows is not None else _rows()),
         processing_class=tok,
         peft_config=peft_config,
+        eval_dataset=None if eval_rows is None else datasets.Dataset.from_list(eval_rows),
     )
 
 
@@ -417,3 +429,24 @@ def test_dpo_with_trl_defaults_bf16_autocast_and_checkpointing(tmp_path):
     assert abs(loss_p - loss_t) <= u_bf16 * abs(loss_t), (loss_p, loss_t)
     worst = max((_rel(grads_p[n], grads_t[n]), n) for n in grads_t)
     assert worst[0] <= 4 * u_bf16, worst
+
+
+def test_dpo_accumulation_and_evaluation_match_trl(tmp_path):
+    """Gradient accumulation (2 micro-batches of 2 pairs per step) and ``evaluate()`` (the eval
+    metrics, prefixed ``eval_``; prefloss's prediction step forms no logits) as stock TRL."""
+    kwargs = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, per_device_eval_batch_size=4)
+    held_out = [json.loads(line) for line in open(synthetic_preferences_path("eval"))][:8]
+    stock, ours = _pair(tmp_path, eval_rows=held_out, **kwargs)
+    logs_t, logs_p = _train_logs(stock), _train_logs(ours)
+    for t, p in zip(logs_t, logs_p, strict=True):  # tolerance: as in test_dpo_three_steps_match_trl
+        assert math.isclose(p["loss"], t["loss"], rel_tol=1e-5, abs_tol=1e-6), (t["loss"], p["loss"])
+    eval_t, eval_p = stock.evaluate(), ours.evaluate()
+    shared = {k for k in eval_t if k.startswith("eval_") and k in eval_p} - {"eval_runtime"}
+    shared = {k for k in shared if not k.endswith(("_per_second", "num_tokens"))}
+    assert {"eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/chosen"} <= shared
+    for name in shared:
+        assert math.isclose(eval_p[name], eval_t[name], rel_tol=1e-4, abs_tol=1e-5), (
+            name,
+            eval_t[name],
+            eval_p[name],
+        )
