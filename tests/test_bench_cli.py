@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 
@@ -114,6 +115,31 @@ def test_gate_passes_trl_dpo_over_seeds(shape):
         result = _check("trl/dpo", shape, seed, _truth(shape, seed, ("dpo",)))
         assert {"loss", "grad_hidden", "grad_weight"} <= set(result)
         assert result["passed"], (seed, result["detail"])
+
+
+@pytest.mark.parametrize("name", ["epsilon_dpo", "dpo"], ids=["epsilon_dpo", "dpo"])
+def test_frozen_head_cases_pass_the_gate_against_their_floor(name):
+    """``prefloss-torch-frozen/<loss>``: the head takes no gradient, ∂hidden and the loss pass the
+    gate (seeds 0–2), and the case is timed against ``floor-frozen``, 3 GEMMs of n·H·V (no ∂W)."""
+    shape = GATE_SHAPES["B2-T40-H16-V203"]
+    case = CASES[f"prefloss-torch-frozen/{name}"]
+    assert case.frozen_head and case.method == "prefloss-torch" and case.floor == "floor-frozen"
+    for seed in range(3):
+        x = make_inputs(shape, seed=seed)
+        result = check_step(case, case.build(x), x, _truth(shape, seed, (name,)))
+        assert result["passed"], (seed, result["detail"])
+        assert "grad_weight" not in result and x.weight.grad is None
+
+    x = make_inputs(shape)
+    n, h, v = counted_tokens(shape), shape.hidden, shape.vocab
+    for floor_name, gemms in (("floor", 4), ("floor-frozen", 3)):
+        floor = CASES[floor_name].build(x)
+        with torch.profiler.profile(record_shapes=True) as prof:
+            floor()
+        mm = [e for e in prof.events() if e.name == "aten::mm"]
+        assert len(mm) == gemms and all(
+            math.prod(e.input_shapes[0]) * e.input_shapes[1][1] == n * h * v for e in mm
+        )
 
 
 def test_gate_rejects_injected_errors():

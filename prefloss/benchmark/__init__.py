@@ -94,8 +94,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"`--dtype` must be one of {sorted(DTYPES)}, got {args.dtype!r}.")
         patterns = [p.strip() for item in (args.cases or []) for p in item.split(",") if p.strip()]
         cases = select_cases(patterns)
-        if any(c.loss for c in cases) and not any(c.method == "floor" for c in cases):
-            cases.append(CASES["floor"])  # every report has the floor to compare with
+        for floor in dict.fromkeys(c.floor for c in cases if c.loss):
+            if CASES[floor] not in cases:
+                cases.append(CASES[floor])  # every report has the floors its cases are timed against
         device = _resolve_device(args.device)
     except ValueError as exc:
         print(f"prefloss bench: error: {exc}", file=sys.stderr)

@@ -11,6 +11,9 @@ Methods:
 - ``liger``: Liger-Kernel's chunked fused-linear DPO / SimPO, eager (``compiled=False``).
 - ``trl``: TRL 1.16 ``DPOTrainer``'s DPO step through its chunked LM head (`prefloss.benchmark.trl_case`).
 - ``floor``: the four GEMMs of ``N_counted·H·V`` any exact method needs; no loss.
+- ``prefloss-torch-frozen/<loss>`` (method ``prefloss-torch``): the same loss with the LM head frozen
+  (``weight.requires_grad = False``, as under LoRA): only ``∂hidden``; judged and timed against
+  ``floor-frozen``, the three GEMMs (no ``∂W``) a frozen head needs.
 - ``selftest``: a deliberately wrong DPO (labels off by one position) proving that the
   correctness gate rejects a wrong case; only run when named explicitly.
 """
@@ -51,12 +54,17 @@ class Case:
     explicit_only: bool = False  # not part of the default selection
     note: str = ""
     tokens: Tokens | None = None  # the op's per-token outputs, for cases built on it
+    frozen_head: bool = False  # the LM head takes no gradient (only ∂hidden is judged)
+    floor: str = "floor"  # the floor case this one is timed against
 
 
-def _prefloss_step(loss: str, backend: str) -> Callable[[Inputs], Step]:
+def _prefloss_step(loss: str, backend: str, frozen_head: bool = False) -> Callable[[Inputs], Step]:
     def build(x: Inputs) -> Step:
         import prefloss
         from prefloss.losses import LOSSES
+
+        if frozen_head:
+            x.weight.requires_grad_(False)
 
         cls = LOSSES[loss]
         kwargs = dict(HYPERPARAMS[loss], backend=backend)
@@ -150,8 +158,9 @@ def _liger_step(loss: str) -> Callable[[Inputs], Step]:
     return build
 
 
-def _floor_step(x: Inputs) -> Step:
-    """Policy forward, reference forward, ∂h = G·W, ∂W = Gᵀ·h over counted tokens, into fixed buffers."""
+def _floor_step(x: Inputs, frozen_head: bool = False) -> Step:
+    """Policy forward, reference forward, ∂h = G·W, ∂W = Gᵀ·h (not with ``frozen_head``) over
+    counted tokens, into fixed buffers."""
     h = x.hidden.detach().reshape(-1, x.hidden.shape[-1])
     hr = x.ref_hidden.reshape(-1, h.shape[1])
     keep = (x.labels.reshape(-1) != -100).nonzero().squeeze(1)
@@ -168,7 +177,8 @@ def _floor_step(x: Inputs) -> Step:
         torch.mm(h, w.T, out=logits)
         torch.mm(hr, wr.T, out=ref_logits)
         torch.mm(grad_logits, w, out=grad_h)
-        torch.mm(grad_logits.T, h, out=grad_w)
+        if not frozen_head:
+            torch.mm(grad_logits.T, h, out=grad_w)
         return None
 
     return step
@@ -204,12 +214,34 @@ def _registry() -> dict[str, Case]:
                 )
             )
         cases.append(Case(f"authors/{loss}", "authors", loss, _authors_step(loss)))
+    for loss in ("epsilon_dpo", "dpo"):
+        cases.append(
+            Case(
+                f"prefloss-torch-frozen/{loss}",
+                "prefloss-torch",
+                loss,
+                _prefloss_step(loss, "torch", frozen_head=True),
+                tokens=_prefloss_tokens(loss, "torch"),
+                frozen_head=True,
+                floor="floor-frozen",
+                note="frozen head",
+            )
+        )
     for loss in ("dpo", "simpo"):
         cases.append(Case(f"liger/{loss}", "liger", loss, _liger_step(loss), note="compiled=False"))
     cases.append(
         Case("trl/dpo", "trl", "dpo", trl_dpo_step(HYPERPARAMS["dpo"]["beta"]), note="TRL 1.16 chunked head")
     )
     cases.append(Case("floor", "floor", None, _floor_step, note="4 GEMMs of N_counted·H·V"))
+    cases.append(
+        Case(
+            "floor-frozen",
+            "floor",
+            None,
+            lambda x: _floor_step(x, frozen_head=True),
+            note="3 GEMMs of N_counted·H·V (frozen head)",
+        )
+    )
     cases.append(
         Case(
             "selftest/wrong_dpo",

@@ -80,6 +80,7 @@ def _row(case: Case, shape: Shape) -> dict:
         "method": case.method,
         "loss": case.loss,
         "note": case.note,
+        "floor_case": case.floor if case.loss is not None else None,
     }
 
 
@@ -158,8 +159,9 @@ def add_ratios(results: list[dict]) -> None:
         by_shape.setdefault(_key(r["shape"]), []).append(r)
     for rows in by_shape.values():
         ok = [r for r in rows if r["status"] == "ok"]
-        floor = next((r for r in ok if r["method"] == "floor"), None)
+        floors = {r["case"]: r for r in ok if r["method"] == "floor"}
         for r in ok:
+            floor = floors.get(r.get("floor_case") or "floor")
             r["peak_beyond_grads_mib"] = r["peak_mib"]["max"] - r.get("grads_mib", 0.0)
             ratios = {}
             t = r["time_s"]["median"]
@@ -169,10 +171,10 @@ def add_ratios(results: list[dict]) -> None:
                 ratios["time_to_floor_method"] = "interleaved"
                 if floor is not None:
                     ratios["time_to_floor_separate"] = t / floor["time_s"]["median"]
-            elif floor is not None and r is not floor:
+            elif floor is not None and r["method"] != "floor":
                 ratios["time_to_floor"] = t / floor["time_s"]["median"]
                 ratios["time_to_floor_method"] = "separate"
-            if floor is not None and r is not floor:
+            if floor is not None and r["method"] != "floor":
                 # fastest repeat over fastest repeat: the least disturbed by other processes
                 ratios["min_time_to_floor"] = r["time_s"]["min"] / floor["time_s"]["min"]
                 if r.get("cpu_time_s") and floor.get("cpu_time_s"):

@@ -84,8 +84,11 @@ def check_step(case, step, x, truth) -> dict:
     got = {
         "loss": value.detach().reshape(()).float().cpu(),
         "grad_hidden": _grad(x.hidden).cpu(),
-        "grad_weight": _grad(x.weight).cpu(),
     }
+    if not case.frozen_head:
+        got["grad_weight"] = _grad(x.weight).cpu()
+    elif x.weight.grad is not None:
+        raise AssertionError(f"{case.name}: the head is frozen but its weight received a gradient")
     if case.tokens is not None:
         tok = case.tokens(x)
         for kind in ("policy", "ref", "minus", "plus"):
@@ -161,7 +164,8 @@ def _case(spec: dict, shape_dict: dict, i: int) -> dict:
         times.append(m.seconds)
         peaks.append(m.peak_bytes / MIB)
         cpu.append(m.cpu_seconds)
-    grads_mib = (x.hidden.numel() + x.weight.numel()) * x.hidden.element_size() / MIB
+    grad_elements = x.hidden.numel() + (0 if case.frozen_head else x.weight.numel())
+    grads_mib = grad_elements * x.hidden.element_size() / MIB
     interleaved = _interleaved_floor(case, step, x, device, spec["repeats"], zero_grads)
     return {
         "status": "ok",
@@ -188,7 +192,7 @@ def _interleaved_floor(case, step, x, device, repeats: int, zero_grads) -> dict 
 
     if not case.method.startswith("prefloss"):
         return None
-    floor = CASES["floor"].build(x)
+    floor = CASES[case.floor].build(x)
     floor()
     steps, floors = [], []
     for _ in range(repeats):
