@@ -113,3 +113,42 @@ class LossState:
                 f"written by prefloss.trl (the state of {type(loss_fn).__name__}, e.g. ε-DPO's β, would be "
                 "lost)"
             )
+
+
+@torch.no_grad()
+def vocab_statistics(
+    hidden: torch.Tensor, head: Any, labels: torch.Tensor, *, chunk_rows: int = 256, ignore_index: int = -100
+) -> dict[str, torch.Tensor]:
+    """Per-row sums over counted tokens of what TRL's metrics read from the full vocabulary.
+
+    For each counted token t (``labels[:, t] != ignore_index``, predicted from ``hidden[:, t]``), with
+    ``z = transform(hidden[t] @ W.T + b)``: the entropy ``−Σ_v p_v log p_v``, the mean logit
+    ``mean_v z_v`` and whether the label is the argmax. One extra ``N·H·V`` GEMM over the counted rows
+    in chunks of ``chunk_rows`` (a ``[chunk_rows, V]`` fp32 buffer), no gradient.
+
+    Args:
+        hidden: ``[R, T, H]``; head: an `prefloss.hf.OutputHead` (weight whole, as gathered);
+        labels: ``[R, T]`` shifted labels.
+
+    Returns:
+        ``entropy``, ``mean_logit``, ``top1``, ``count``: ``[R]`` float32 sums (count: tokens).
+    """
+    from prefloss.rows import transform_logits
+
+    mask = labels != ignore_index
+    rows = mask.nonzero()[:, 0]
+    h, y = hidden.detach()[mask], labels[mask]
+    weight = head.weight.detach()
+    out = {
+        k: torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device)
+        for k in ("entropy", "mean_logit", "top1")
+    }
+    for start in range(0, h.shape[0], chunk_rows):
+        sl = slice(start, start + chunk_rows)
+        z = transform_logits(h[sl] @ weight.T.to(h.dtype), head.bias, head.logit_scale, head.softcap).float()
+        logp = torch.log_softmax(z, dim=-1)
+        out["entropy"].index_add_(0, rows[sl], -(logp.exp() * logp).sum(-1))
+        out["mean_logit"].index_add_(0, rows[sl], z.mean(-1))
+        out["top1"].index_add_(0, rows[sl], (z.argmax(-1) == y[sl]).float())
+    out["count"] = mask.sum(-1).float()
+    return out

@@ -45,7 +45,13 @@ from prefloss.hf.model import check_output_head, decoder_hidden_states, unwrap_m
 from prefloss.hf.step import preference_loss
 from prefloss.hf.trainer import LOSSES, build_loss
 from prefloss.ops import sequence_logprobs
-from prefloss.trl._common import AdapterReference, LossState, refuse, shift_completion_labels
+from prefloss.trl._common import (
+    AdapterReference,
+    LossState,
+    refuse,
+    shift_completion_labels,
+    vocab_statistics,
+)
 
 __all__ = ["DPOConfig", "DPOTrainer", "LOSS_TYPES", "check_dpo_args"]
 
@@ -219,6 +225,13 @@ class DPOConfig(trl.DPOConfig):
         default=None,
         metadata={"help": "Other keyword arguments of the prefloss loss module (a dict or a JSON string)."},
     )
+    log_vocab_metrics: bool = field(
+        default=False,
+        metadata={
+            "help": "Also log TRL's entropy, logits/chosen, logits/rejected and mean_token_accuracy: one "
+            "extra no-grad N·H·V GEMM per step over the response tokens, in chunks of 256 rows."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -253,9 +266,9 @@ class DPOTrainer(trl.DPOTrainer):
     ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``, ``num_tokens``,
     plus the loss's own (α-DPO: ``logps/ref_*``, ``RATIO/*``, ``alpha/running_*``; ε-DPO: ``kl/beta``,
     ``kl/p_epsilon_steps``, ``kl/n_epsilon_steps``, ``kl/avg_steps``). ``logps/*`` are what the loss
-    uses: sums for DPO and ε-DPO, per-token means for α-DPO. Not logged: TRL's ``entropy``,
-    ``logits/chosen``, ``logits/rejected`` and ``mean_token_accuracy``, which need vocabulary-wide
-    reductions the fused op does not compute.
+    uses: sums for DPO and ε-DPO, per-token means for α-DPO. TRL's ``entropy``, ``logits/chosen``,
+    ``logits/rejected`` and ``mean_token_accuracy`` need vocabulary-wide reductions the fused op does
+    not compute: logged only with ``log_vocab_metrics=True`` (one extra no-grad ``N·H·V`` GEMM).
 
     Checkpoints also hold the loss state (``prefloss_loss_state.pt``: α-DPO's running statistics,
     ε-DPO's β), restored by ``train(resume_from_checkpoint=...)``.
@@ -366,9 +379,25 @@ class DPOTrainer(trl.DPOTrainer):
             if ref_model is not None:
                 check_output_head(ref_model, ids[:1, :32], atol=atol)
         self.loss_fn.train(self.model.training)
-        out = preference_loss(
-            self.loss_fn, model, ids, mask, labels, ref_model=ref_model, ref_logps=ref_logps
-        )
+        captured: list[torch.Tensor] = []
+        handle = None
+        if getattr(self.args, "log_vocab_metrics", False):  # the policy's hidden states, for the metrics
+            decoder = unwrap_model(model).get_decoder()
+            handle = decoder.register_forward_hook(
+                lambda _m, _a, o: captured.append(
+                    o.last_hidden_state if hasattr(o, "last_hidden_state") else o[0]
+                )
+            )
+        try:
+            out = preference_loss(
+                self.loss_fn, model, ids, mask, labels, ref_model=ref_model, ref_logps=ref_logps
+            )
+        finally:
+            if handle is not None:
+                handle.remove()
+        if captured:  # the first decoder call is the policy's (the reference runs after it)
+            with torch.no_grad(), gathered_heads(model) as heads:
+                self._record_vocab_metrics(mode, vocab_statistics(captured[0], heads.policy, labels))
         loss = out.loss * self._loss_weight if self._loss_weight != 1.0 else out.loss
         self._record_metrics(mode, out, mask)
         if return_outputs:
@@ -398,6 +427,22 @@ class DPOTrainer(trl.DPOTrainer):
             tokens = self.accelerator.gather_for_metrics(attention_mask.sum()).sum().item()
             self._total_train_tokens += tokens // self._tp_size
         store["num_tokens"] = [self._total_train_tokens]
+
+    def _record_vocab_metrics(self, mode: str, stats: dict[str, torch.Tensor]) -> None:
+        """TRL's token-level metrics, aggregated as TRL does (token-weighted over all ranks)."""
+        store = self._metrics[mode]
+
+        def ratio(num: torch.Tensor, den: torch.Tensor) -> float:
+            num = self.accelerator.gather_for_metrics(num.reshape(1)).sum()
+            den = self.accelerator.gather_for_metrics(den.reshape(1)).sum()
+            return (num / den).item() if den > 0 else 0.0
+
+        chosen = {k: v.chunk(2)[0].sum() for k, v in stats.items()}
+        rejected = {k: v.chunk(2)[1].sum() for k, v in stats.items()}
+        store["entropy"].append(ratio(stats["entropy"].sum(), stats["count"].sum()))
+        store["logits/chosen"].append(ratio(chosen["mean_logit"], chosen["count"]))
+        store["logits/rejected"].append(ratio(rejected["mean_logit"], rejected["count"]))
+        store["mean_token_accuracy"].append(ratio(chosen["top1"], chosen["count"]))
 
     def prediction_step(
         self,
