@@ -102,7 +102,7 @@ def main() -> None:
             hidden, weight = x.hidden.detach().to(dtype), x.weight.detach().to(dtype)
             # the truth of the rounded inputs: what any computation at this dtype starts from
             want = grad_hidden(
-                lambda h, w=weight.double(): reference.token_logprobs(h, w, labels).policy,
+                lambda h, w=weight.double(): reference.token_logprobs(h, w, labels).policy,  # noqa: B008 - binds this dtype's weight
                 hidden.double(),
                 upstream,
             )
