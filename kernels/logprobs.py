@@ -15,7 +15,8 @@ They compute exactly what `prefloss.rows.logprobs_fwd` / `logprobs_bwd` compute 
     d raw = grad * (onehot(y) - softmax(z)) * logit_scale * (1 - (z / softcap) ** 2)
 
 Cost per training step of the chunk loop around these kernels, in units of one ``N·H·V`` GEMM: policy
-forward 1, reference 1, recompute in backward 1, backward 2 (1 when the head is frozen). The row
+forward 1, reference 1, recompute in backward 1, backward 2; with a frozen head, forward 1 + 1 + 1
+(``J = ∂logp/∂h`` from the same chunk) and no backward GEMM (`prefloss.ops`). The row
 kernels themselves read each logit once (forward: policy and reference rows; backward: policy rows,
 overwritten in place) and add no memory beyond their ``[n]`` fp32 outputs; the peak extra memory of
 the op is the chunk's ``[C, V]`` logit buffers, O(C·V), independent of batch size and sequence length.
@@ -398,7 +399,8 @@ def logprobs_bwd(
     (each factor only when its transform is used), ``softmax(z_t) = exp(z_t − lse[t])`` from the saved
     ``lse``. One program per row, one pass over V; the result is rounded once, to ``logits.dtype``.
     Matmuls: none (the caller recomputes the rows, 1 GEMM, and applies ``∂h = d·W`` and
-    ``∂W += dᵀ·h``, 2 GEMMs, 1 with a frozen head). Extra memory: none.
+    ``∂W += dᵀ·h``, 2 GEMMs; a frozen head calls it in the forward, with unit ``grad``, to form
+    ``J = d·W``). Extra memory: none.
 
     Args:
         logits: ``[n, V]`` raw policy rows (recomputed), unit stride along V; overwritten.
