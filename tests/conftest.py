@@ -54,3 +54,10 @@ def _run_engine_worker(script: str, mode: str, out_dir: Path) -> dict:
 def run_engine_worker():
     """`_run_engine_worker`, for the 2-process workers of the engine tests."""
     return _run_engine_worker
+
+
+@pytest.fixture(scope="session")
+def kernel_device() -> torch.device:
+    """Where Triton kernels launched directly can run: CPU tensors under the interpreter (set above when
+    there is no CUDA, and what CI runs), CUDA tensors when compiling them for a GPU."""
+    return torch.device("cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda")

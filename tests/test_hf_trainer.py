@@ -10,12 +10,14 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModel
+from transformers import AutoModel, TrainerCallback
 
+from prefloss import reference
 from prefloss.data import synthetic_preferences_path
 from prefloss.hf.model import unwrap_model
 from prefloss.hf.tiny import byte_level_tokenizer, tiny_llama
 from prefloss.hf.trainer import LOSS_STATE_NAME, PreferenceConfig, PreferenceTrainer
+from prefloss.testing import loss_error_bounds, plain_logprobs, sequence_error_scale
 
 with open(synthetic_preferences_path("train")) as _f:
     ROWS = [json.loads(next(_f)) for _ in range(32)]
@@ -262,3 +264,130 @@ def test_gemma2_softcap_model_with_conversational_data(tmp_path) -> None:
     trainer = PreferenceTrainer(model, args=args, train_dataset=rows, processing_class=tok)
     trainer.train()
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
+
+
+# --- bf16=True on fp32 weights: accelerate runs the forwards under CPU bf16 autocast ---------------------
+
+U32 = torch.finfo(torch.float32).eps / 2
+U_BF16 = torch.finfo(torch.bfloat16).eps / 2
+
+
+def tiny(seed: int, head_scale: float = 1.0):
+    """The tiny Llama; ``head_scale`` multiplies its LM head (20: logits of std ≈ 2, a trained LM's size,
+    instead of 0.1)."""
+    model = tiny_llama(byte_level_tokenizer(), hidden_size=32, intermediate_size=64, num_heads=2, seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
+    return model
+
+
+class _Gradients(TrainerCallback):
+    """Keeps the parameter gradients of the step (before the optimizer moves the weights)."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs) -> None:
+        self.grads = {n: p.grad.detach().clone() for n, p in unwrap_model(model).named_parameters()}
+
+
+def test_bf16_autocast_on_fp32_weights_matches_autocast_pytorch(tmp_path) -> None:
+    """One DPO step with ``bf16=True`` on fp32 weights equals plain PyTorch under the same autocast.
+
+    Expected: policy (seed 0) and reference (seed 1), heads scaled to a trained LM's logits, run under
+    ``torch.autocast("cpu", bfloat16)``; their last hidden states (fp32: the residual stream is fp32)
+    go through the float64 head and loss of `prefloss.reference`, backward included. The trainer's
+    loss may be off that float64 loss by `loss_error_bounds` (its fused op computes the head in fp32
+    from the same hidden states; measured 8e-9 against a bound of 2e-5). Gradients: the head's and
+    the final norm's are formed in fp32 outside autocast, so they agree to ``grad_rtol`` (measured
+    3e-7); every other one flows back through the same bf16 autocast GEMMs, whose bf16-rounded
+    outputs turn the fp32-level difference of the upstream gradient into rounding flips:
+    ``4·u_bf16`` relative, as in test_trl_dpo (measured 5.5e-4 = 0.14·u_bf16).
+
+    Before the fix the first step raised: the output-head check compared the model's bf16-autocast
+    logits with the fused op's fp32 log-probs at the fp32 tolerance ("differ ... by 0.0174 (allowed
+    0.001)").
+    """
+    grad_rtol = 1e-5
+    pairs = 2
+    recorder = _Gradients()
+    args = config(
+        tmp_path,
+        loss="dpo",
+        beta=0.1,
+        max_steps=1,
+        bf16=True,
+        max_grad_norm=0.0,
+        per_device_train_batch_size=pairs,
+    )
+    trainer = PreferenceTrainer(
+        tiny(0, head_scale=20.0),
+        ref_model=tiny(1, head_scale=20.0),
+        args=args,
+        train_dataset=ROWS[:pairs],  # one batch: both pairs
+        processing_class=byte_level_tokenizer(),
+        callbacks=[recorder],
+    )
+    assert trainer.args.bf16 and trainer.accelerator.native_amp
+    trainer.train()
+    loss = trainer.state.log_history[0]["loss"]
+
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(pairs)])
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["shift_labels"]
+    policy, ref = tiny(0, head_scale=20.0), tiny(1, head_scale=20.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = policy(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        with torch.no_grad():
+            ref_hidden = ref(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    weight, ref_weight = policy.lm_head.weight, ref.lm_head.weight.detach()
+    truth = reference.preference_loss(
+        "dpo", hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, beta=0.1
+    )
+    truth.backward()
+
+    kw = dict(ref_hidden=ref_hidden, ref_weight=ref_weight)
+    exact = reference.token_logprobs(hidden.detach(), weight.detach(), labels, **kw)
+    plain = plain_logprobs(hidden.detach(), weight.detach(), labels, **kw)
+    kinds = ("policy", "ref")
+    bounds = loss_error_bounds(
+        "dpo",
+        {k: getattr(exact, k).sum(-1) for k in kinds},
+        (labels != -100).sum(-1),
+        {k: sequence_error_scale(getattr(plain, k), getattr(exact, k)) for k in kinds},
+        dtype=torch.float32,
+        beta=0.1,
+    )
+    assert abs(loss - truth.item()) <= bounds.loss_bound, (loss, truth.item(), bounds.loss_bound)
+
+    for name, p in policy.named_parameters():
+        got, expected = recorder.grads[name], p.grad
+        rel = float((got - expected).norm() / expected.norm().clamp(min=1e-30))
+        tol = grad_rtol if name in ("lm_head.weight", "model.norm.weight") else 4 * U_BF16
+        assert rel <= tol, (name, rel, tol)
+
+
+@pytest.mark.parametrize("precompute", [False, True], ids=["live", "precomputed"])
+def test_bf16_reference_copy_computes_like_the_policy(tmp_path, precompute: bool) -> None:
+    """With ``bf16=True`` the reference (a copy of the initial policy) runs under the policy's autocast.
+
+    At the first step policy and reference are the same weights on the same batch, so DPO's rewards
+    ``β·(π − ρ)`` are 0 up to the fp32 roundings of the sums: ``|reward| <= β·4·u32·|logps|``
+    (2.3e-6 here; measured: exactly 0). Before the fix the reference ran in fp32 while the policy ran
+    under bf16 autocast: rewards/chosen was 3.4e-5 (live and precomputed alike).
+    """
+    pairs = 2
+    args = config(
+        tmp_path,
+        loss="dpo",
+        beta=0.1,
+        max_steps=1,
+        bf16=True,
+        precompute_ref_log_probs=precompute,
+        per_device_train_batch_size=pairs,
+        per_device_eval_batch_size=pairs,
+    )
+    trainer = PreferenceTrainer(
+        tiny(0), args=args, train_dataset=ROWS[:pairs], processing_class=byte_level_tokenizer()
+    )
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    for side in ("chosen", "rejected"):
+        bound = 0.1 * 4 * U32 * abs(logs[f"logps/{side}"])
+        assert abs(logs[f"rewards/{side}"]) <= bound, (side, logs[f"rewards/{side}"], bound)

@@ -3,6 +3,8 @@
 Criterion everywhere (`prefloss.testing`): ``err(triton) <= err(torch at the same dtype) + tol[dtype]``,
 errors measured against float64 computed from the same (already rounded) inputs. Without CUDA the
 kernels run under Triton's interpreter (tests/conftest.py), so shapes are small and tiles wide.
+Inputs are drawn on the CPU (the same values everywhere) and moved to the ``kernel_device`` fixture:
+CPU tensors under the interpreter, CUDA tensors when the kernels are compiled for a GPU.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ ROW_CASES = {
 }
 
 
-def _make_rows(n, V, dtype, opts, seed=0):
+def _make_rows(n, V, dtype, opts, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     raw = torch.randn(n, V, generator=g) * 4
     labels = torch.randint(0, V, (n,), generator=g)
@@ -62,8 +64,8 @@ def _make_rows(n, V, dtype, opts, seed=0):
     ref = torch.randn(n, V, generator=g) * 4 if opts.get("ref") else None
     bias = torch.randn(V, generator=g) if opts.get("bias") else None
     ref_bias = torch.randn(V, generator=g) if opts.get("ref_bias") else None
-    cast = lambda x: None if x is None else x.to(dtype)
-    return cast(raw), labels, cast(ref), cast(bias), cast(ref_bias)
+    cast = lambda x: None if x is None else x.to(device, dtype)
+    return cast(raw), labels.to(device), cast(ref), cast(bias), cast(ref_bias)
 
 
 def _logp64(z, labels):
@@ -72,9 +74,9 @@ def _logp64(z, labels):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", list(ROW_CASES), ids=list(ROW_CASES))
-def test_logprobs_rows_fwd_bwd(case, dtype):
+def test_logprobs_rows_fwd_bwd(case, dtype, kernel_device):
     n, V, block_v, opts = ROW_CASES[case]
-    raw, labels, ref_raw, bias, ref_bias = _make_rows(n, V, dtype, opts)
+    raw, labels, ref_raw, bias, ref_bias = _make_rows(n, V, dtype, opts, kernel_device)
     eps, scale, cap = opts.get("epsilon"), opts.get("logit_scale"), opts.get("softcap")
     kw = {"bias": bias, "logit_scale": scale, "softcap": cap}
     fwd_kw = {**kw, "ref_logits": ref_raw, "ref_bias": ref_bias, "epsilon": eps}
@@ -102,7 +104,7 @@ def test_logprobs_rows_fwd_bwd(case, dtype):
         else:
             assert getattr(got, name) is None, name
 
-    grad = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(kernel_device)
     (expected_draw,) = torch.autograd.grad((expected["logp"] * grad.double()).sum(), raw64)
     buf = raw.clone()
     out = kernels.logprobs_bwd(buf, labels, got.lse, grad, **kw, block_v=block_v)
@@ -111,35 +113,35 @@ def test_logprobs_rows_fwd_bwd(case, dtype):
     assert_close_to_reference(out, expected_draw, dtype=dtype, baseline=base_draw, name="d raw")
 
 
-def test_logprobs_rows_strided_view():
+def test_logprobs_rows_strided_view(kernel_device):
     """Rows that are a view with a row stride larger than V (a slice of a wider buffer)."""
     n, V = 5, 300
-    wide = torch.randn(n, V + 24) * 3
+    wide = (torch.randn(n, V + 24) * 3).to(kernel_device)
     raw = wide[:, :V]
     padding = wide[:, V:].clone()
-    labels = torch.randint(0, V, (n,))
+    labels = torch.randint(0, V, (n,)).to(kernel_device)
     got = kernels.logprobs_fwd(raw, labels, ref_logits=raw, epsilon=0.5, block_v=128)
     z = raw.double()
     assert_close_to_reference(got.logp, _logp64(z, labels), dtype=torch.float32, name="logp")
     assert_close_to_reference(got.minus, _logp64(z, labels), dtype=torch.float32, name="minus")
-    grad = torch.randn(n)
+    grad = torch.randn(n).to(kernel_device)
     kernels.logprobs_bwd(raw, labels, got.lse, grad, block_v=128)
     expected = grad.double()[:, None] * (torch.nn.functional.one_hot(labels, V) - torch.softmax(z, dim=1))
     assert_close_to_reference(raw, expected, dtype=torch.float32, name="d raw")
     assert torch.equal(wide[:, V:], padding), "the backward kernel wrote outside the [n, V] view"
 
 
-def test_logprobs_rows_empty():
-    raw = torch.empty(0, 50)
-    labels = torch.empty(0, dtype=torch.long)
+def test_logprobs_rows_empty(kernel_device):
+    raw = torch.empty(0, 50, device=kernel_device)
+    labels = torch.empty(0, dtype=torch.long, device=kernel_device)
     got = kernels.logprobs_fwd(raw, labels)
     assert got.logp.shape == (0,) and got.lse.shape == (0,)
     assert kernels.logprobs_bwd(raw, labels, got.lse, got.lse).shape == (0, 50)
 
 
-def test_logprobs_rows_bad_arguments():
-    raw = torch.randn(4, 64)
-    labels = torch.randint(0, 64, (4,))
+def test_logprobs_rows_bad_arguments(kernel_device):
+    raw = torch.randn(4, 64, device=kernel_device)
+    labels = torch.randint(0, 64, (4,), device=kernel_device)
     with pytest.raises(ValueError, match="epsilon"):
         kernels.logprobs_fwd(raw, labels, epsilon=0.1)
     with pytest.raises(ValueError, match="unit stride"):
@@ -151,7 +153,9 @@ def test_logprobs_rows_bad_arguments():
     with pytest.raises(ValueError, match="ref_logits"):
         kernels.logprobs_fwd(raw, labels, ref_logits=raw[:, :32])
     with pytest.raises(ValueError, match="lse"):
-        kernels.logprobs_bwd(raw, labels, torch.zeros(3), torch.zeros(4))
+        kernels.logprobs_bwd(
+            raw, labels, torch.zeros(3, device=kernel_device), torch.zeros(4, device=kernel_device)
+        )
 
 
 # --- end to end: prefloss.fused_logprobs(..., backend="triton") --------------------------------
@@ -169,21 +173,22 @@ E2E_CASES = {
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", list(E2E_CASES), ids=list(E2E_CASES))
-def test_fused_logprobs_triton(case, dtype):
+def test_fused_logprobs_triton(case, dtype, kernel_device):
     B, T, H, V, chunk, opts = E2E_CASES[case]
     g = torch.Generator().manual_seed(2)
-    hidden = torch.randn(B, T, H, generator=g).to(dtype)
-    weight = (torch.randn(V, H, generator=g) * 0.6).to(dtype)
-    bias = torch.randn(V, generator=g).to(dtype) if opts.get("bias") else None
+    hidden = torch.randn(B, T, H, generator=g).to(kernel_device, dtype)
+    weight = (torch.randn(V, H, generator=g) * 0.6).to(kernel_device, dtype)
+    bias = torch.randn(V, generator=g).to(kernel_device, dtype) if opts.get("bias") else None
     labels = torch.randint(0, V, (B, T), generator=g)
     if opts.get("ignore_frac"):
         labels[torch.rand(B, T, generator=g) < opts["ignore_frac"]] = -100
     if opts.get("masked_row"):
         labels[1] = -100
+    labels = labels.to(kernel_device)
     ref_hidden = ref_weight = None
     if opts.get("ref"):
-        ref_hidden = (hidden.float() + 0.3 * torch.randn(B, T, H, generator=g)).to(dtype)
-        ref_weight = (weight.float() + 0.1 * torch.randn(V, H, generator=g)).to(dtype)
+        ref_hidden = (hidden.float() + 0.3 * torch.randn(B, T, H, generator=g).to(kernel_device)).to(dtype)
+        ref_weight = (weight.float() + 0.1 * torch.randn(V, H, generator=g).to(kernel_device)).to(dtype)
     kw = {
         "ref_hidden": ref_hidden,
         "ref_weight": ref_weight,
@@ -191,7 +196,7 @@ def test_fused_logprobs_triton(case, dtype):
         "logit_scale": opts.get("logit_scale"),
         "softcap": opts.get("softcap"),
     }
-    grad_out = torch.randn(B, T, generator=g)
+    grad_out = torch.randn(B, T, generator=g).to(kernel_device)
     frozen = opts.get("frozen", False)
 
     def run(backend_or_ref):

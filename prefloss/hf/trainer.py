@@ -23,10 +23,12 @@ once per optimizer step, after all its micro-batches, by a callback (``on_step_e
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -212,10 +214,16 @@ def score_pairs(
     *,
     batch_size: int = 8,
     device: torch.device | str | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-pair log-prob sums and lengths of chosen and rejected responses under ``model``.
 
     Runs in eval mode, without forming full logits.
+
+    Args:
+        autocast: makes the context ``model``'s forward runs in; `PreferenceTrainer` passes its
+            accelerator's ``autocast`` so that the scores come from the forward training runs (16-bit
+            autocast under ``bf16=True``/``fp16=True``). The fused op runs outside it, as in training.
 
     Returns:
         ``chosen_logps``, ``rejected_logps`` (float32 sums), ``chosen_length``, ``rejected_length``
@@ -235,7 +243,8 @@ def score_pairs(
             ids = batch["input_ids"].to(device)
             mask = batch["attention_mask"].to(device)
             labels = batch["shift_labels"].to(device)
-            hidden = decoder_hidden_states(model, ids, mask)
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                hidden = decoder_hidden_states(model, ids, mask)
             with gathered_heads(model) as heads:
                 seq = sequence_logprobs(
                     hidden,
@@ -448,15 +457,28 @@ class PreferenceTrainer(Trainer):
             if getattr(self, "is_deepspeed_enabled", False):
                 ds_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
             self.ref_model = prepare_reference(self.ref_model, self.model_wrapped, deepspeed_config=ds_config)
+            if self._policy_autocast():
+                # The reference's forward gets the policy's autocast (as TRL prepares its reference), so
+                # that a reference equal to the policy gives equal log-probs.
+                self.ref_model = self.accelerator.prepare_model(
+                    self.ref_model, device_placement=False, evaluation_mode=True
+                )
             self._ref_prepared = True
         return self.ref_model
+
+    def _policy_autocast(self) -> bool:
+        """Whether accelerate runs the policy's forward under 16-bit autocast (``bf16``/``fp16`` with
+        DDP or one process; DeepSpeed and FSDP2 cast the weights instead, and the reference follows
+        through `prepare_reference`)."""
+        return bool(self.accelerator.native_amp) and not getattr(self, "is_fsdp_enabled", False)
 
     def _check_output_heads(self, model: nn.Module, ids: torch.Tensor) -> None:
         self._output_head_unchecked = False
         sample = ids[:1, :32]
-        check_output_head(model, sample)
+        mixed = bool(self.accelerator.native_amp)
+        check_output_head(model, sample, mixed_precision=mixed)
         if self.ref_model is not None:
-            check_output_head(self.ref_model, sample)
+            check_output_head(self.ref_model, sample, mixed_precision=mixed)
 
     def _add_reference_logps(self, dataset: Any, scorer: nn.Module) -> Any:
         if dataset is None:
@@ -469,6 +491,7 @@ class PreferenceTrainer(Trainer):
             self._collator,
             batch_size=self.args.per_device_eval_batch_size,
             device=self.args.device,
+            autocast=self.accelerator.autocast if self._policy_autocast() else None,
         )
         dataset = dataset.add_column("ref_chosen_logps", scores["chosen_logps"].tolist())
         return dataset.add_column("ref_rejected_logps", scores["rejected_logps"].tolist())

@@ -105,7 +105,7 @@ class CPOTrainer(_TRLCPOTrainer):
         labels = shift_labels(cat["concatenated_labels"])  # CPO's labels are unshifted, -100 on the prompt
         if self._output_head_unchecked:  # once: hidden states + head reproduce the model's logits
             self._output_head_unchecked = False
-            check_output_head(model, ids[:1, :32], atol=0.15 if (self.args.bf16 or self.args.fp16) else None)
+            check_output_head(model, ids[:1, :32], mixed_precision=bool(self.accelerator.native_amp))
         self.loss_fn.train(model.training)
         out = preference_loss(self.loss_fn, model, ids, mask, labels)
         gather = self.accelerator.gather_for_metrics

@@ -372,12 +372,11 @@ class DPOTrainer(trl.DPOTrainer):
             ref_model = self._live_reference()
         if self._output_head_unchecked:
             self._output_head_unchecked = False
-            # Under mixed precision (TRL's default bf16=True) accelerate runs the model's forward, and so
-            # its logits, in bf16/fp16 autocast: judge them at 16-bit precision, as for 16-bit weights.
-            atol = 0.15 if (self.args.bf16 or self.args.fp16) else None
-            check_output_head(model, ids[:1, :32], atol=atol)
+            # TRL's default bf16=True: accelerate runs the forwards, and so the logits, under autocast
+            mixed = bool(self.accelerator.native_amp)
+            check_output_head(model, ids[:1, :32], mixed_precision=mixed)
             if ref_model is not None:
-                check_output_head(ref_model, ids[:1, :32], atol=atol)
+                check_output_head(ref_model, ids[:1, :32], mixed_precision=mixed)
         self.loss_fn.train(self.model.training)
         captured: list[torch.Tensor] = []
         handle = None
