@@ -48,10 +48,39 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _row_lse(x: torch.Tensor) -> torch.Tensor:
-    """``[rows]`` float64 ``log Σ_v exp(x[:, v])`` of a float32/float64 ``[rows, V_t]`` tile."""
-    top = x.amax(1, keepdim=True)
-    return top.squeeze(1).double() + torch.exp(x - top).sum(1, dtype=torch.float64).log()
+def _stacked(z: torch.Tensor, z_ref: torch.Tensor | None, epsilon: torch.Tensor | None) -> torch.Tensor:
+    """The ``K`` tiles whose rows are summed, as one ``[C, K, V_t]`` expression: ``z``, then
+    ``z_ref`` and with ``epsilon`` ``z + a·(z_ref − z)`` for ``a = −ε, +ε`` (``(1+ε) z − ε z_ref``
+    and ``(1−ε) z + ε z_ref``). ``z_ref`` itself is taken as it is, not re-formed as ``z + 1·(z_ref − z)``.
+
+    Compiled, nothing of this size is written: every reduction over it runs in one loop over the
+    rows (Inductor's outer-loop fusion), each row's ``K`` variants formed from ``z`` and ``z_ref``
+    while the row is in the L1 cache. Written as ``K`` separate log-sum-exps instead, the reductions
+    ran as ~11 loops over the whole tile (measured on a 2-core Xeon VM, 2048 × 2048 fp32, one
+    thread: 31 ms against 24 ms for the four).
+    """
+    if z_ref is None:
+        return z[:, None, :]
+    weights = [
+        torch.zeros((), dtype=z.dtype, device=z.device),
+        torch.ones((), dtype=z.dtype, device=z.device),
+    ]
+    if epsilon is not None:
+        eps = epsilon.to(z.dtype)
+        weights += [-eps, eps]
+    a = torch.stack(weights)[None, :, None]
+    return torch.where(a == 1, z_ref[:, None, :], z[:, None, :] + a * (z_ref - z)[:, None, :])
+
+
+def _row_lses(x: torch.Tensor) -> torch.Tensor:
+    """``[C, K]`` float64 ``max + log Σ_v exp(x[:, k, v] − max)`` of a ``[C, K, V_t]`` tile.
+
+    The tile's sum is accumulated in the tile's dtype (rows at most
+    `prefloss.torch_backend.VOCAB_TILE` wide, summed over 16 vector lanes); the result, and every
+    fold across tiles, in float64.
+    """
+    top = x.amax(-1, keepdim=True)
+    return top.squeeze(-1).double() + torch.exp(x - top).sum(-1).double().log()
 
 
 def log_sum_exps(
@@ -67,16 +96,8 @@ def log_sum_exps(
         a list of ``[C]`` float64 tensors, in the order above.
     """
     dtype = _compute_dtype(z)
-    z = z.to(dtype)
-    out = [_row_lse(z)]
-    if z_ref is not None:
-        z_ref = z_ref.to(dtype)
-        out.append(_row_lse(z_ref))
-        if epsilon is not None:
-            step = epsilon.to(dtype) * (z_ref - z)
-            out.append(_row_lse(z - step))  # (1+ε) z − ε z_ref
-            out.append(_row_lse(z + step))  # (1−ε) z + ε z_ref
-    return out
+    z_ref = None if z_ref is None else z_ref.to(dtype)
+    return list(_row_lses(_stacked(z.to(dtype), z_ref, epsilon)).unbind(1))
 
 
 def neg_softmax_times_(z: torch.Tensor, lse: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -115,11 +136,12 @@ def log_sum_exps_and_exp_(
     """
     dtype = _compute_dtype(z)
     x = z.to(dtype)
+    stacked = _stacked(x, None if z_ref is None else z_ref.to(dtype), epsilon)
     new_shift = torch.maximum(shift, x.amax(1).double()).to(dtype)
     e = torch.exp(x - new_shift[:, None])
-    out = [new_shift.double() + e.sum(1, dtype=torch.float64).log()]
+    out = [new_shift.double() + e.sum(1).double().log()]
     if z_ref is not None:
-        out.extend(log_sum_exps(x, z_ref, epsilon)[1:])
+        out.extend(_row_lses(stacked[:, 1:]).unbind(1))
     if softcap is not None:
         e = e * (1.0 - (x / softcap.to(dtype)).square())
     z.copy_(e)
