@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from prefloss.rows import RowStats
+from prefloss.rows import RowStats, check_bwd_args, check_fwd_args
 
 __all__ = [
     "BWD_CONFIGS",
@@ -268,16 +268,6 @@ _logprobs_bwd_tuned = triton.autotune(
 )(logprobs_bwd_kernel)
 
 
-def _check_rows(name: str, rows: torch.Tensor, labels: torch.Tensor) -> None:
-    if rows.dim() != 2 or rows.stride(1) != 1:
-        raise ValueError(
-            f"`{name}` must be a [n, V] tensor with unit stride along V, got shape {tuple(rows.shape)} "
-            f"and strides {tuple(rows.stride())}."
-        )
-    if labels.shape != rows.shape[:1]:
-        raise ValueError(f"`labels` must have shape [{rows.shape[0]}], got {tuple(labels.shape)}.")
-
-
 def _launch_meta(block_v: int | None, num_warps: int | None) -> dict:
     """Explicit tile (no autotuning); ``num_warps`` defaults to one warp per 256 lanes, in [1, 16]."""
     if block_v < 16 or block_v & (block_v - 1):
@@ -324,19 +314,10 @@ def logprobs_fwd(
     Returns:
         `RowStats` of ``[n]`` float32 tensors (``ref``/``minus``/``plus`` ``None`` when not asked for).
     """
-    _check_rows("logits", logits, labels)
+    check_fwd_args(logits, labels, ref_logits, epsilon)
     n, V = logits.shape
     has_ref = ref_logits is not None
     has_eps = epsilon is not None
-    if has_eps and not has_ref:
-        raise ValueError("`epsilon` needs `ref_logits` (the ε-mixtures combine policy and reference rows).")
-    if has_ref and ref_logits.shape != logits.shape:
-        raise ValueError(
-            f"`ref_logits` must have the shape of `logits` {tuple(logits.shape)}, "
-            f"got {tuple(ref_logits.shape)}."
-        )
-    if has_ref:
-        _check_rows("ref_logits", ref_logits, labels)
     labels = labels.contiguous()
     f32 = {"dtype": torch.float32, "device": logits.device}
     logp = torch.empty(n, **f32)
@@ -415,12 +396,8 @@ def logprobs_bwd(
     Returns:
         ``logits``, now holding ``∂/∂raw`` (the bias gradient is its column sum).
     """
-    _check_rows("logits", logits, labels)
+    check_bwd_args(logits, labels, lse, grad)
     n, V = logits.shape
-    if lse.shape != (n,) or grad.shape != (n,):
-        raise ValueError(
-            f"`lse` and `grad` must have shape [{n}], got {tuple(lse.shape)} and {tuple(grad.shape)}."
-        )
     if n == 0:
         return logits
     args = (

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from prefloss.rows import RowStats
+from prefloss.rows import RowStats, check_bwd_args, check_fwd_args
 
 __all__ = ["logprobs_bwd", "logprobs_fwd"]
 
@@ -123,10 +123,10 @@ def logprobs_fwd(
 ) -> RowStats:
     """`prefloss.kernels.logprobs_fwd` through the ``prefloss::logprobs_fwd`` custom op.
 
-    Same arguments and result (`RowStats` of ``[n]`` float32, ``None`` where not asked for).
+    Same arguments and result (`RowStats` of ``[n]`` float32, ``None`` where not asked for), and the
+    launcher's argument checks (`prefloss.rows.check_fwd_args`), on ``meta`` tensors too.
     """
-    if epsilon is not None and ref_logits is None:
-        raise ValueError("`epsilon` needs `ref_logits` (the ε-mixtures combine policy and reference rows).")
+    check_fwd_args(logits, labels, ref_logits, epsilon)
     logp, lse, ref, minus, plus = _logprobs_fwd_op(
         logits,
         labels,
@@ -159,8 +159,10 @@ def logprobs_bwd(
 ) -> torch.Tensor:
     """`prefloss.kernels.logprobs_bwd` through the ``prefloss::logprobs_bwd`` custom op.
 
-    Same arguments; overwrites ``logits`` with ``∂/∂raw`` in place and returns it.
+    Same arguments and checks (`prefloss.rows.check_bwd_args`); overwrites ``logits`` with ``∂/∂raw``
+    in place and returns it.
     """
+    check_bwd_args(logits, labels, lse, grad)
     _logprobs_bwd_op(
         logits,
         labels,

@@ -12,7 +12,8 @@ The logit transform the models use, applied identically to policy and reference 
     z = softcap * tanh(((raw + bias) * logit_scale) / softcap)      (each step only when given)
 
 Both functions may overwrite their ``logits`` / ``ref_logits`` arguments: they are the chunk's
-scratch buffers.
+scratch buffers. `check_fwd_args` / `check_bwd_args` check the shapes and strides the Triton
+launchers take; the launchers and their custom ops (`prefloss.kernel_ops`) call them.
 """
 
 from __future__ import annotations
@@ -138,3 +139,52 @@ def logprobs_bwd(
     if p.data_ptr() != logits.data_ptr():
         logits.copy_(p)
     return logits
+
+
+def _check_rows(name: str, rows: torch.Tensor, labels: torch.Tensor) -> None:
+    if rows.dim() != 2 or rows.stride(1) != 1:
+        raise ValueError(
+            f"`{name}` must be a [n, V] tensor with unit stride along V, got shape {tuple(rows.shape)} "
+            f"and strides {tuple(rows.stride())}."
+        )
+    if labels.shape != rows.shape[:1]:
+        raise ValueError(f"`labels` must have shape [{rows.shape[0]}], got {tuple(labels.shape)}.")
+
+
+def check_fwd_args(
+    logits: torch.Tensor, labels: torch.Tensor, ref_logits: torch.Tensor | None, epsilon: float | None
+) -> None:
+    """The arguments of the Triton `logprobs_fwd`: ``[n, V]`` rows with unit stride along V, ``[n]``
+    labels, ``ref_logits`` of the same shape, ``epsilon`` only with ``ref_logits``.
+
+    Shapes and strides only (no host sync). Called by the launcher and by the custom op's wrapper
+    (`prefloss.kernel_ops`), whose fake implementation never reaches the launcher.
+
+    Raises:
+        ValueError: naming the argument, what was expected and what came.
+    """
+    _check_rows("logits", logits, labels)
+    if epsilon is not None and ref_logits is None:
+        raise ValueError("`epsilon` needs `ref_logits` (the ε-mixtures combine policy and reference rows).")
+    if ref_logits is not None:
+        if ref_logits.shape != logits.shape:
+            raise ValueError(
+                f"`ref_logits` must have the shape of `logits` {tuple(logits.shape)}, "
+                f"got {tuple(ref_logits.shape)}."
+            )
+        _check_rows("ref_logits", ref_logits, labels)
+
+
+def check_bwd_args(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor) -> None:
+    """The arguments of the Triton `logprobs_bwd`: ``[n, V]`` rows with unit stride along V, ``[n]``
+    labels, ``lse`` and ``grad``. Shapes and strides only, as `check_fwd_args`.
+
+    Raises:
+        ValueError: naming the argument, what was expected and what came.
+    """
+    _check_rows("logits", logits, labels)
+    n = logits.shape[0]
+    if lse.shape != (n,) or grad.shape != (n,):
+        raise ValueError(
+            f"`lse` and `grad` must have shape [{n}], got {tuple(lse.shape)} and {tuple(grad.shape)}."
+        )

@@ -101,6 +101,22 @@ def test_bwd_op_passes_opcheck_and_writes_in_place(dtype):
     assert kernel_ops.logprobs_bwd(meta, labels.to("meta"), lse.to("meta"), grad.to("meta")) is meta
 
 
+def test_wrappers_check_arguments_as_the_launchers_on_meta_tensors():
+    """The fake kernels never reach the launchers: the wrappers run the launchers' checks themselves."""
+    raw, labels = torch.empty(4, 64, device="meta"), torch.empty(4, dtype=torch.long, device="meta")
+    with pytest.raises(ValueError, match="`epsilon` needs `ref_logits`"):
+        kernel_ops.logprobs_fwd(raw, labels, epsilon=0.1)
+    with pytest.raises(ValueError, match="unit stride"):
+        kernel_ops.logprobs_fwd(raw.T.contiguous().T, labels)
+    with pytest.raises(ValueError, match="`labels` must have shape"):
+        kernel_ops.logprobs_fwd(raw, labels[:3])
+    with pytest.raises(ValueError, match="`ref_logits` must have the shape"):
+        kernel_ops.logprobs_fwd(raw, labels, ref_logits=raw[:, :32])
+    lse = torch.empty(4, device="meta")
+    with pytest.raises(ValueError, match="`lse` and `grad` must have shape"):
+        kernel_ops.logprobs_bwd(raw, labels, lse[:3], lse)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_bwd_on_a_column_tile_with_shifted_labels_equals_the_full_rows(dtype):
     """The vocabulary-tiled backward hands the kernel ``[n, V_t]`` tiles and ``labels − v0``."""
