@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 from collections import defaultdict
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from prefloss.hf.adapters import AdaptersDisabled, check_peft_head, is_peft_mode
 from prefloss.hf.collator import PreferenceCollator
 from prefloss.hf.data import BOS_MODES, OVERLONG_MODES, load_preferences, tokenize_preferences
 from prefloss.hf.engines import gathered_heads, prepare_reference
+from prefloss.hf.loss_fields import LossFields
 from prefloss.hf.model import check_output_head, decoder_hidden_states, output_head, unwrap_model
 from prefloss.hf.step import preference_loss
 from prefloss.losses import LOSSES as LOSS_CLASSES
@@ -76,29 +76,17 @@ _HYPERPARAMETERS = ("beta", "gamma_beta_ratio", "alpha", "epsilon")
 
 
 @dataclass
-class PreferenceConfig(TrainingArguments):
+class PreferenceConfig(LossFields, TrainingArguments):
     """``TrainingArguments`` plus the preference loss and data settings.
 
-    Loss hyperparameters left at ``None`` take the loss module's defaults (the published configs,
-    SPEC.md): α-DPO β=2.5, γ/β=0.6, α=0.2; ε-DPO β=0.01, ε=0.01; DPO β=0.1; SimPO β=2.0, γ/β=0.25.
+    The loss settings are `LossFields`' (``beta``, ``gamma_beta_ratio``, ``alpha``, ``epsilon``,
+    ``loss_kwargs``, with its help texts). Loss hyperparameters left at ``None`` take the loss module's
+    defaults (the published configs, SPEC.md): α-DPO β=2.5, γ/β=0.6, α=0.2; ε-DPO β=0.01, ε=0.01;
+    DPO β=0.1; SimPO β=2.0, γ/β=0.25.
     """
 
     loss: str = field(
         default="alpha_dpo", metadata={"help": "Preference loss: alpha_dpo, epsilon_dpo, dpo or simpo."}
-    )
-    beta: float | None = field(default=None, metadata={"help": "β (all losses); None: the loss default."})
-    gamma_beta_ratio: float | None = field(
-        default=None, metadata={"help": "γ/β target margin (alpha_dpo, simpo); None: the loss default."}
-    )
-    alpha: float | None = field(
-        default=None, metadata={"help": "α, weight of the adaptive margin (alpha_dpo); None: default."}
-    )
-    epsilon: float | None = field(
-        default=None, metadata={"help": "ε, the KL-control step (epsilon_dpo); None: the loss default."}
-    )
-    loss_kwargs: dict[str, Any] | str | None = field(
-        default=None,
-        metadata={"help": "Extra keyword arguments of the loss module (a dict or a JSON string)."},
     )
     max_length: int = field(default=512, metadata={"help": "Most tokens of prompt + response."})
     max_prompt_length: int | None = field(
@@ -145,8 +133,7 @@ class PreferenceConfig(TrainingArguments):
                     f"{name}={getattr(self, name)} does not apply to loss {self.loss!r}, "
                     f"which takes {list(takes)}"
                 )
-        if isinstance(self.loss_kwargs, str):
-            self.loss_kwargs = json.loads(self.loss_kwargs)
+        self.parse_loss_kwargs()
         if self.precompute_ref_log_probs and self.loss == "epsilon_dpo":
             raise ValueError(
                 "precompute_ref_log_probs=True does not work with loss 'epsilon_dpo': ε-DPO mixes the "

@@ -28,7 +28,6 @@ change the loss is refused with a ``ValueError`` naming it (`check_dpo_args`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +40,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from prefloss.hf.adapters import check_peft_head, is_peft_model
 from prefloss.hf.engines import gathered_heads
+from prefloss.hf.loss_fields import LossFields, loss_field
 from prefloss.hf.model import check_output_head, decoder_hidden_states, unwrap_model
 from prefloss.hf.step import preference_loss
 from prefloss.hf.trainer import LOSSES, build_loss
@@ -198,32 +198,28 @@ def check_dpo_args(args: Any) -> str:
 
 
 @dataclass
-class DPOConfig(trl.DPOConfig):
+class DPOConfig(LossFields, trl.DPOConfig):
     """``trl.DPOConfig`` plus prefloss's losses (module docstring of `prefloss.trl.dpo`).
 
-    ``beta=None`` takes the loss's default (0.1 for ``"sigmoid"``, as TRL; α-DPO 2.5; ε-DPO 0.01)
-    and is set to that value after construction. Options prefloss does not implement are refused
-    here (`check_dpo_args`), before any model is loaded.
+    The loss settings are `LossFields`' (they replace TRL's ``beta``); their help texts here name
+    ``loss_type``'s values and give each default. ``beta=None`` takes the loss's default (0.1 for
+    ``"sigmoid"``, as TRL; α-DPO 2.5; ε-DPO 0.01) and is set to that value after construction.
+    Options prefloss does not implement are refused here (`check_dpo_args`), before any model is
+    loaded.
     """
 
+    # As TRL's dict fields: a JSON object string is parsed by TrainingArguments first, which also turns
+    # its string values such as "0.9" or "true" into numbers and booleans (PreferenceConfig does not).
     _VALID_DICT_FIELDS = trl.DPOConfig._VALID_DICT_FIELDS + ["loss_kwargs"]
 
-    beta: float | None = field(
-        default=None,
-        metadata={"help": "β of the loss; None: its default (sigmoid 0.1, alpha_dpo 2.5, epsilon_dpo 0.01)."},
+    beta: float | None = loss_field(
+        "β of the loss; None: its default (sigmoid 0.1, alpha_dpo 2.5, epsilon_dpo 0.01)."
     )
-    gamma_beta_ratio: float | None = field(
-        default=None, metadata={"help": "γ/β target margin (alpha_dpo); None: 0.6."}
-    )
-    alpha: float | None = field(
-        default=None, metadata={"help": "α, weight of α-DPO's adaptive margin (alpha_dpo); None: 0.2."}
-    )
-    epsilon: float | None = field(
-        default=None, metadata={"help": "ε, ε-DPO's KL-control step (epsilon_dpo); None: 0.01."}
-    )
-    loss_kwargs: dict[str, Any] | str | None = field(
-        default=None,
-        metadata={"help": "Other keyword arguments of the prefloss loss module (a dict or a JSON string)."},
+    gamma_beta_ratio: float | None = loss_field("γ/β target margin (alpha_dpo); None: 0.6.")
+    alpha: float | None = loss_field("α, weight of α-DPO's adaptive margin (alpha_dpo); None: 0.2.")
+    epsilon: float | None = loss_field("ε, ε-DPO's KL-control step (epsilon_dpo); None: 0.01.")
+    loss_kwargs: dict[str, Any] | str | None = loss_field(
+        "Other keyword arguments of the prefloss loss module (a dict or a JSON string)."
     )
     log_vocab_metrics: bool = field(
         default=False,
@@ -235,8 +231,7 @@ class DPOConfig(trl.DPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.loss_kwargs, str):
-            self.loss_kwargs = json.loads(self.loss_kwargs)
+        self.parse_loss_kwargs()
         kind = check_dpo_args(self)
         if self.beta is None:
             self.beta = float(build_loss(kind).beta)
