@@ -1,10 +1,14 @@
-"""Test-wide set-up.
+"""Test-wide set-up, and the builders several test files share.
 
 Without CUDA the Triton kernels run under Triton's interpreter on CPU tensors. The variable must be
 set before any module defining ``@triton.jit`` kernels is imported (jit decides at decoration time),
 which is why it is set here, at collection, and why prefloss imports its kernels lazily.
+
+``tests/`` is not a package (``--import-mode=importlib``): test files cannot import each other, so
+what they share comes as fixtures from here.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -61,3 +65,100 @@ def kernel_device() -> torch.device:
     """Where Triton kernels launched directly can run: CPU tensors under the interpreter (set above when
     there is no CUDA, and what CI runs), CUDA tensors when compiling them for a GPU."""
     return torch.device("cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda")
+
+
+# --- fused log-prob inputs (test_ops_fused_logprobs.py, test_ops_frozen_head.py) ---------------------
+
+
+def _make_logprob_inputs(case, dtype: torch.dtype, seed: int = 0) -> tuple:
+    """``(hidden, weight, labels, bias, ref_hidden, ref_weight)`` for a test file's ``Case``.
+
+    ``hidden`` ``[rows, T, H]`` and ``weight`` ``[V, H]`` at ``dtype``; ``labels`` ``[rows, T]`` with
+    a fraction ``ignore_frac`` of -100, row 1 all -100 with ``empty_row``, and with ``peaked`` a larger
+    scale and the arg-max as label for most tokens (confident, near-zero log-probs); ``bias`` ``[V]``
+    with ``case.bias``; a reference near the policy with ``case.ref`` (else ``None``s).
+    """
+    g = torch.Generator().manual_seed(seed)
+    scale = 3.0 if case.peaked else 0.5
+    hidden = (torch.randn(case.rows, case.T, case.H, generator=g) * scale).to(dtype)
+    weight = torch.randn(case.V, case.H, generator=g) / case.H**0.5 * (4.0 if case.peaked else 1.0)
+    weight = weight.to(dtype)
+    labels = torch.randint(0, case.V, (case.rows, case.T), generator=g)
+    labels[torch.rand(case.rows, case.T, generator=g) < case.ignore_frac] = -100
+    if case.empty_row:
+        labels[1] = -100
+    if case.peaked:  # the label is the arg-max for most tokens: confident, near-zero log-probs
+        labels = torch.where(labels == -100, labels, (hidden.float() @ weight.float().T).argmax(-1))
+    bias = (torch.randn(case.V, generator=g) * 0.3).to(dtype) if case.bias else None
+    ref_hidden = ref_weight = None
+    if case.ref:
+        ref_hidden = (hidden.float() + 0.5 * torch.randn(hidden.shape, generator=g)).to(dtype)
+        ref_weight = (weight.float() + 0.5 * torch.randn(weight.shape, generator=g) / case.H**0.5).to(dtype)
+    return hidden, weight, labels, bias, ref_hidden, ref_weight
+
+
+@pytest.fixture(scope="session")
+def make_logprob_inputs():
+    """`_make_logprob_inputs`: ``make_logprob_inputs(case, dtype, seed=0)``."""
+    return _make_logprob_inputs
+
+
+@pytest.fixture
+def small_vocab_tiles(monkeypatch):
+    """The torch backend's vocabulary tile at 32 (default 4096): small V spans several tiles, the last
+    one partial, so the online rescaling across tiles is exercised."""
+    import prefloss.torch_backend
+
+    monkeypatch.setattr(prefloss.torch_backend, "VOCAB_TILE", 32)
+
+
+# --- tiny trainers, prefloss.trl's against TRL's (test_trl_dpo.py, test_trl_cpo.py) -----------------
+
+
+def _preference_rows(n: int = 12) -> list[dict]:
+    """The first ``n`` pairs (``prompt``/``chosen``/``rejected``) of prefloss's synthetic training data."""
+    from prefloss.data import synthetic_preferences_path
+
+    with open(synthetic_preferences_path("train")) as f:
+        return [json.loads(line) for line in f][:n]
+
+
+def _tiny_training_args(output_dir, pairs: int) -> dict:
+    """The training arguments both trainers of a comparison get: CPU, fp32 (not TRL's bf16), no
+    gradient checkpointing, ``pairs`` pairs per micro-batch, 3 steps each logged, no checkpoints,
+    learning rate 1e-3, seed 0."""
+    return dict(
+        output_dir=str(output_dir),
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=pairs,
+        max_steps=3,
+        logging_steps=1,
+        save_strategy="no",
+        learning_rate=1e-3,
+        seed=0,
+    )
+
+
+@pytest.fixture(scope="session")
+def preference_rows():
+    """`_preference_rows`: ``preference_rows(n=12)``."""
+    return _preference_rows
+
+
+@pytest.fixture(scope="session")
+def tiny_training_args():
+    """`_tiny_training_args`: ``tiny_training_args(output_dir, pairs)``."""
+    return _tiny_training_args
+
+
+@pytest.fixture
+def quiet_hf():
+    """Hugging Face logging at errors only, no dataset progress bars."""
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()

@@ -24,12 +24,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BACKENDS = ["torch", "triton"]
 
 
-@pytest.fixture(autouse=True)
-def small_vocab_tiles(monkeypatch):
-    """Several vocabulary tiles, the last one partial, so the online rescaling of J is exercised."""
-    import prefloss.torch_backend
-
-    monkeypatch.setattr(prefloss.torch_backend, "VOCAB_TILE", 32)
+# Several vocabulary tiles on these small V, the last one partial (conftest.py).
+pytestmark = pytest.mark.usefixtures("small_vocab_tiles")
 
 
 @dataclass(frozen=True)
@@ -58,26 +54,6 @@ CASES = {
     "ref-epsilon-softcap": Case(ref=True, epsilon=0.3, softcap=3.0),
     "V-below-one-tile": Case(V=13, chunk_size=64),
 }
-
-
-def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    scale = 3.0 if case.peaked else 0.5
-    hidden = (torch.randn(case.rows, case.T, case.H, generator=g) * scale).to(dtype)
-    weight = torch.randn(case.V, case.H, generator=g) / case.H**0.5 * (4.0 if case.peaked else 1.0)
-    weight = weight.to(dtype)
-    labels = torch.randint(0, case.V, (case.rows, case.T), generator=g)
-    labels[torch.rand(case.rows, case.T, generator=g) < case.ignore_frac] = -100
-    if case.empty_row:
-        labels[1] = -100
-    if case.peaked:  # the label is the arg-max for most tokens: confident, near-zero log-probs
-        labels = torch.where(labels == -100, labels, (hidden.float() @ weight.float().T).argmax(-1))
-    bias = (torch.randn(case.V, generator=g) * 0.3).to(dtype) if case.bias else None
-    ref_hidden = ref_weight = None
-    if case.ref:
-        ref_hidden = (hidden.float() + 0.5 * torch.randn(hidden.shape, generator=g)).to(dtype)
-        ref_weight = (weight.float() + 0.5 * torch.randn(weight.shape, generator=g) / case.H**0.5).to(dtype)
-    return hidden, weight, labels, bias, ref_hidden, ref_weight
 
 
 def _fused(case, hidden, weight, labels, bias, ref_hidden, ref_weight, backend):
@@ -127,10 +103,10 @@ class GemmCounter(TorchDispatchMode):
 @pytest.mark.parametrize("dtype_name", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("case_name", list(CASES), ids=list(CASES))
 @pytest.mark.parametrize("backend", BACKENDS, ids=BACKENDS)
-def test_frozen_head_against_float64(backend, case_name, dtype_name, monkeypatch):
+def test_frozen_head_against_float64(backend, case_name, dtype_name, monkeypatch, make_logprob_inputs):
     monkeypatch.setenv("PREFLOSS_COMPILE", "never")  # the compiled tile path: test_compiled_tiles_*
     case, dtype = CASES[case_name], DTYPES[dtype_name]
-    hidden, weight, labels, bias, ref_hidden, ref_weight = make_inputs(case, dtype)
+    hidden, weight, labels, bias, ref_hidden, ref_weight = make_logprob_inputs(case, dtype)
     hidden.requires_grad_(True)  # weight and bias stay frozen
     out = _fused(case, hidden, weight, labels, bias, ref_hidden, ref_weight, backend)
 
@@ -165,13 +141,13 @@ def test_frozen_head_against_float64(backend, case_name, dtype_name, monkeypatch
     assert weight.grad is None
 
 
-def test_compiled_tiles_against_float64(monkeypatch):
+def test_compiled_tiles_against_float64(monkeypatch, make_logprob_inputs):
     """The torch backend's compiled tile arithmetic (softcap's chain factor included)."""
     from prefloss import tile_math
 
     monkeypatch.setenv("PREFLOSS_COMPILE", "always")
     case = CASES["softcap-logit-scale-bias"]
-    hidden, weight, labels, bias, *_ = make_inputs(case, torch.float32)
+    hidden, weight, labels, bias, *_ = make_logprob_inputs(case, torch.float32)
     hidden.requires_grad_(True)
     out = _fused(case, hidden, weight, labels, bias, None, None, "torch")
     h64 = hidden.detach().double().requires_grad_(True)
@@ -188,11 +164,11 @@ def test_compiled_tiles_against_float64(monkeypatch):
 
 
 @pytest.mark.parametrize("case_name", ["plain", "softcap-logit-scale-bias", "fully-ignored-sequence"])
-def test_frozen_equals_trainable_in_float64(case_name, monkeypatch):
+def test_frozen_equals_trainable_in_float64(case_name, monkeypatch, make_logprob_inputs):
     """Same ∂hidden from both paths, to float64 rounding (torch backend: it runs float64)."""
     monkeypatch.setenv("PREFLOSS_COMPILE", "never")
     case = CASES[case_name]
-    hidden, weight, labels, bias, *_ = make_inputs(case, torch.float64)
+    hidden, weight, labels, bias, *_ = make_logprob_inputs(case, torch.float64)
     upstream = torch.randn(labels.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     grads = []
     for trainable in (False, True):
@@ -208,12 +184,12 @@ def test_frozen_equals_trainable_in_float64(case_name, monkeypatch):
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("backend", BACKENDS, ids=BACKENDS)
-def test_frozen_and_trainable_paths_agree(backend, dtype_name, monkeypatch):
+def test_frozen_and_trainable_paths_agree(backend, dtype_name, monkeypatch, make_logprob_inputs):
     """At fp32/bf16/fp16 the two paths round differently; each is within the criterion of the float64
     ∂hidden, so they differ by at most the sum of the two bounds (here: twice the one bound)."""
     monkeypatch.setenv("PREFLOSS_COMPILE", "never")
     case, dtype = CASES["softcap-logit-scale-bias"], DTYPES[dtype_name]
-    hidden, weight, labels, bias, *_ = make_inputs(case, dtype)
+    hidden, weight, labels, bias, *_ = make_logprob_inputs(case, dtype)
     upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(3))
     grads = []
     for trainable in (False, True):
@@ -257,10 +233,10 @@ EXPECTED_UNITS = {
 
 @pytest.mark.parametrize("head", list(HEADS), ids=list(HEADS))
 @pytest.mark.parametrize("backend", BACKENDS, ids=BACKENDS)
-def test_gemm_work_per_path(backend, head, monkeypatch):
+def test_gemm_work_per_path(backend, head, monkeypatch, make_logprob_inputs):
     monkeypatch.setenv("PREFLOSS_COMPILE", "never")
     case = Case(rows=4, T=40, H=16, V=200, chunk_size=16, bias=True, ref=True, epsilon=0.1)
-    hidden, weight, labels, bias, ref_hidden, ref_weight = make_inputs(case, torch.float32)
+    hidden, weight, labels, bias, ref_hidden, ref_weight = make_logprob_inputs(case, torch.float32)
     need_h, need_w, need_b, grad_on = HEADS[head]
     hidden.requires_grad_(need_h), weight.requires_grad_(need_w), bias.requires_grad_(need_b)
     n = int((labels != -100).sum())
@@ -284,10 +260,10 @@ def test_gemm_work_per_path(backend, head, monkeypatch):
     assert max(fwd.largest, bwd.largest) <= largest_allowed < n * case.V
 
 
-def test_backward_twice_with_retain_graph(monkeypatch):
+def test_backward_twice_with_retain_graph(monkeypatch, make_logprob_inputs):
     """J is read, not consumed: a second backward through the same graph gives the same gradient."""
     monkeypatch.setenv("PREFLOSS_COMPILE", "never")
-    hidden, weight, labels, *_ = make_inputs(Case(), torch.float32)
+    hidden, weight, labels, *_ = make_logprob_inputs(Case(), torch.float32)
     hidden.requires_grad_(True)
     out = prefloss.fused_logprobs(hidden, weight, labels, chunk_size=8, backend="torch")
     upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(4))

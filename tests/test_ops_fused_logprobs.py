@@ -19,12 +19,8 @@ from prefloss.testing import assert_close_to_reference, plain_token_logprobs
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@pytest.fixture(autouse=True)
-def small_vocab_tiles(monkeypatch):
-    """Several vocabulary tiles, the last one partial, on these small V (default tile is 4096)."""
-    import prefloss.torch_backend
-
-    monkeypatch.setattr(prefloss.torch_backend, "VOCAB_TILE", 32)
+# Several vocabulary tiles on these small V, the last one partial (conftest.py).
+pytestmark = pytest.mark.usefixtures("small_vocab_tiles")
 
 
 @dataclass(frozen=True)
@@ -62,27 +58,6 @@ CASES = {
 }
 
 
-def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    scale = 3.0 if case.peaked else 0.5
-    hidden = (torch.randn(case.rows, case.T, case.H, generator=g) * scale).to(dtype)
-    weight = (torch.randn(case.V, case.H, generator=g) / case.H**0.5 * (4.0 if case.peaked else 1.0)).to(
-        dtype
-    )
-    labels = torch.randint(0, case.V, (case.rows, case.T), generator=g)
-    labels[torch.rand(case.rows, case.T, generator=g) < case.ignore_frac] = -100
-    if case.empty_row:
-        labels[1] = -100
-    if case.peaked:  # make the label the arg-max for most tokens: confident, near-zero log-probs
-        labels = torch.where(labels == -100, labels, (hidden.float() @ weight.float().T).argmax(-1))
-    bias = (torch.randn(case.V, generator=g) * 0.3).to(dtype) if case.bias else None
-    ref_hidden = ref_weight = None
-    if case.ref:
-        ref_hidden = (hidden.float() + 0.5 * torch.randn(hidden.shape, generator=g)).to(dtype)
-        ref_weight = (weight.float() + 0.5 * torch.randn(weight.shape, generator=g) / case.H**0.5).to(dtype)
-    return hidden, weight, labels, bias, ref_hidden, ref_weight
-
-
 def _grads(out, inputs, upstream):
     needed = [x for x in inputs if x is not None and x.requires_grad]
     return torch.autograd.grad((out.float() * upstream).sum(), needed)
@@ -101,9 +76,9 @@ def tile_arithmetic(request, monkeypatch):
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("case_name", list(CASES), ids=list(CASES))
-def test_forward_backward_against_float64(case_name, dtype_name, tile_arithmetic):
+def test_forward_backward_against_float64(case_name, dtype_name, tile_arithmetic, make_logprob_inputs):
     case, dtype = CASES[case_name], DTYPES[dtype_name]
-    hidden, weight, labels, bias, ref_hidden, ref_weight = make_inputs(case, dtype)
+    hidden, weight, labels, bias, ref_hidden, ref_weight = make_logprob_inputs(case, dtype)
     leaves = [hidden, weight, bias]
     hidden.requires_grad_(True)
     weight.requires_grad_(not case.frozen_head)
@@ -198,8 +173,8 @@ def test_gradcheck_float64_all_options(tile_arithmetic):
     assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
 
 
-def test_chunk_size_does_not_change_results(tile_arithmetic):
-    hidden, weight, labels, *_ = make_inputs(Case(rows=4, T=11, V=53), torch.float64)
+def test_chunk_size_does_not_change_results(tile_arithmetic, make_logprob_inputs):
+    hidden, weight, labels, *_ = make_logprob_inputs(Case(rows=4, T=11, V=53), torch.float64)
     outs = [
         prefloss.fused_logprobs(hidden, weight, labels, chunk_size=c, backend="torch").policy
         for c in (1, 3, 7, 1000)
@@ -208,9 +183,9 @@ def test_chunk_size_does_not_change_results(tile_arithmetic):
         torch.testing.assert_close(o, outs[0], rtol=0, atol=1e-12)
 
 
-def test_sequence_logprobs_sums_lengths_and_empty_rows():
+def test_sequence_logprobs_sums_lengths_and_empty_rows(make_logprob_inputs):
     case = Case(rows=3, T=9, V=29, empty_row=True, ref=True, epsilon=0.2)
-    hidden, weight, labels, _, rh, rw = make_inputs(case, torch.float64)
+    hidden, weight, labels, _, rh, rw = make_logprob_inputs(case, torch.float64)
     seq = prefloss.sequence_logprobs(hidden, weight, labels, ref_hidden=rh, ref_weight=rw, epsilon=0.2)
     ref = reference.token_logprobs(hidden, weight, labels, ref_hidden=rh, ref_weight=rw, epsilon=0.2)
     lengths = (labels != -100).sum(-1)
@@ -233,9 +208,9 @@ def test_every_token_ignored_gives_zeros_and_zero_grads():
     assert weight.grad is None or torch.equal(weight.grad, torch.zeros_like(weight))
 
 
-def test_non_finite_hidden_propagates_only_from_counted_rows():
+def test_non_finite_hidden_propagates_only_from_counted_rows(make_logprob_inputs):
     """Documented behaviour: no check on the hot path; NaN in a counted row gives NaN there."""
-    hidden, weight, labels, *_ = make_inputs(Case(rows=2, T=6, V=19, ignore_frac=0.0), torch.float32)
+    hidden, weight, labels, *_ = make_logprob_inputs(Case(rows=2, T=6, V=19, ignore_frac=0.0), torch.float32)
     labels[0, 0] = -100
     hidden[0, 0] = float("nan")  # ignored row: no effect
     clean = prefloss.fused_logprobs(hidden, weight, labels, backend="torch").policy
@@ -248,8 +223,8 @@ def test_non_finite_hidden_propagates_only_from_counted_rows():
     assert torch.isfinite(out[finite]).all()
 
 
-def test_int32_labels_and_leading_dims_are_flattened():
-    hidden, weight, labels, *_ = make_inputs(Case(rows=4, T=5, V=23), torch.float64)
+def test_int32_labels_and_leading_dims_are_flattened(make_logprob_inputs):
+    hidden, weight, labels, *_ = make_logprob_inputs(Case(rows=4, T=5, V=23), torch.float64)
     out = prefloss.fused_logprobs(
         hidden.reshape(2, 2, 5, -1), weight, labels.reshape(2, 2, 5).int(), backend="torch"
     )
@@ -257,10 +232,10 @@ def test_int32_labels_and_leading_dims_are_flattened():
     torch.testing.assert_close(out.policy.reshape(4, 5), ref.policy, rtol=0, atol=1e-12)
 
 
-def test_auto_backend_uses_torch_on_cpu(monkeypatch):
+def test_auto_backend_uses_torch_on_cpu(monkeypatch, make_logprob_inputs):
     import prefloss.ops as ops
 
     monkeypatch.setattr(ops.triton_backend, "_kernels", lambda: pytest.fail("Triton backend used on CPU"))
-    hidden, weight, labels, *_ = make_inputs(Case(rows=2, T=3, V=7), torch.float32)
+    hidden, weight, labels, *_ = make_logprob_inputs(Case(rows=2, T=3, V=7), torch.float32)
     out = prefloss.fused_logprobs(hidden, weight, labels)
     torch.testing.assert_close(out.policy, plain_token_logprobs(hidden, weight, labels))

@@ -11,7 +11,6 @@ same sums in other orders, `GRAD_RTOL` relative.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -22,12 +21,10 @@ trl = pytest.importorskip("trl")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import datasets  # noqa: E402
-import transformers  # noqa: E402
 from trl.experimental.cpo import CPOConfig  # noqa: E402
 from trl.experimental.cpo import CPOTrainer as TRLCPOTrainer  # noqa: E402
 
 from prefloss import reference  # noqa: E402
-from prefloss.data import synthetic_preferences_path  # noqa: E402
 from prefloss.hf.tiny import byte_level_tokenizer, tiny_llama  # noqa: E402
 from prefloss.testing import ERROR_MARGIN, loss_error_bounds, plain_logprobs, sequence_error_scale  # noqa: E402
 from prefloss.trl import CPOTrainer  # noqa: E402
@@ -38,35 +35,29 @@ U32 = torch.finfo(torch.float32).eps / 2
 BETA, GAMMA = 2.0, 0.5  # SimPO's β and CPO's absolute margin simpo_gamma (prefloss: γ/β = 0.25)
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    transformers.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
+pytestmark = pytest.mark.usefixtures("quiet_hf")
 
 
-def _trainer(cls, tmp_path, **config):
-    tok = byte_level_tokenizer()
-    rows = [json.loads(line) for line in open(synthetic_preferences_path("train"))][:12]
-    args = CPOConfig(
-        output_dir=str(tmp_path / cls.__module__.split(".")[0]),
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        per_device_train_batch_size=PAIRS,
-        max_steps=3,
-        logging_steps=1,
-        save_strategy="no",
-        learning_rate=1e-3,
-        seed=0,
-        **{"loss_type": "simpo", "cpo_alpha": 0.0, "beta": BETA, "simpo_gamma": GAMMA, **config},
-    )
-    return cls(
-        model=tiny_llama(tok, hidden_size=32, seed=0),
-        args=args,
-        train_dataset=datasets.Dataset.from_list(rows),
-        processing_class=tok,
-    )
+@pytest.fixture
+def make_trainer(preference_rows, tiny_training_args):
+    """``make_trainer(cls, root, **config)``: SimPO (``cls``: TRL's or prefloss's CPOTrainer) on the tiny
+    Llama (seed 0), 12 synthetic pairs and conftest's tiny training arguments."""
+
+    def make(cls, root, **config):
+        tok = byte_level_tokenizer()
+        rows = preference_rows()
+        args = CPOConfig(
+            **tiny_training_args(root / cls.__module__.split(".")[0], pairs=PAIRS),
+            **{"loss_type": "simpo", "cpo_alpha": 0.0, "beta": BETA, "simpo_gamma": GAMMA, **config},
+        )
+        return cls(
+            model=tiny_llama(tok, hidden_size=32, seed=0),
+            args=args,
+            train_dataset=datasets.Dataset.from_list(rows),
+            processing_class=tok,
+        )
+
+    return make
 
 
 def _step(trainer, batch):
@@ -79,8 +70,8 @@ def _step(trainer, batch):
     return loss.item(), metrics, grads
 
 
-def test_simpo_matches_trl_cpo(tmp_path):
-    stock, ours = _trainer(TRLCPOTrainer, tmp_path), _trainer(CPOTrainer, tmp_path)
+def test_simpo_matches_trl_cpo(tmp_path, make_trainer):
+    stock, ours = make_trainer(TRLCPOTrainer, tmp_path), make_trainer(CPOTrainer, tmp_path)
     batch = stock.data_collator([stock.train_dataset[i] for i in range(PAIRS)])
     loss_t, metrics_t, grads_t = _step(stock, batch)
     loss_p, metrics_p, grads_p = _step(ours, batch)
@@ -136,10 +127,10 @@ def test_simpo_matches_trl_cpo(tmp_path):
         assert rel <= GRAD_RTOL, (name, rel)
 
 
-def test_simpo_three_steps_match_trl_cpo(tmp_path):
+def test_simpo_three_steps_match_trl_cpo(tmp_path, make_trainer):
     logs = []
     for cls in (TRLCPOTrainer, CPOTrainer):
-        trainer = _trainer(cls, tmp_path)
+        trainer = make_trainer(cls, tmp_path)
         trainer.train()
         logs.append([h for h in trainer.state.log_history if "loss" in h])
     assert len(logs[0]) == len(logs[1]) == 3

@@ -29,7 +29,6 @@ import torch
 trl = pytest.importorskip("trl")
 
 import datasets  # noqa: E402
-import transformers  # noqa: E402
 
 import prefloss.trl as ptrl  # noqa: E402
 from prefloss import reference  # noqa: E402
@@ -43,69 +42,71 @@ PAIRS = 4  # per batch
 U32 = torch.finfo(torch.float32).eps / 2
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    transformers.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
+pytestmark = pytest.mark.usefixtures("quiet_hf")
 
 
-def _rows(n: int = 12, origin: str = "") -> list[dict]:
-    rows = [json.loads(line) for line in open(synthetic_preferences_path("train"))][:n]
+def _with_origin(rows: list[dict], origin: str) -> list[dict]:
     # `origin` only changes the dataset's fingerprint, so that TRL's precompute cache (keyed by it)
     # is never shared between the two trainers of a test.
     return [dict(r, origin=origin) for r in rows]
 
 
-def _trainer(
-    cls,
-    config_cls,
-    tmp_path,
-    *,
-    ref=True,
-    rows=None,
-    peft_config=None,
-    peft_model=None,
-    eval_rows=None,
-    **config,
-):
-    tok = byte_level_tokenizer()
-    policy = tiny_llama(tok, hidden_size=32, seed=0)
-    if peft_model is not None:  # a PeftModel with a trained adapter, given as the model
-        import peft
+@pytest.fixture
+def make_trainer(preference_rows, tiny_training_args):
+    """``make_trainer(cls, config_cls, root, ...)``: a DPO trainer on the tiny Llama policy (seed 0) and
+    reference (seed 1, ``ref=True``), 12 synthetic pairs and conftest's tiny training arguments."""
 
-        torch.manual_seed(0)
-        policy = peft.get_peft_model(policy, peft_model)
-    ref_model = tiny_llama(tok, hidden_size=32, seed=1) if ref else None
-    defaults = dict(
-        output_dir=str(tmp_path / cls.__module__.split(".")[0]),
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        per_device_train_batch_size=PAIRS,
-        max_steps=3,
-        logging_steps=1,
-        save_strategy="no",
-        learning_rate=1e-3,
-        seed=0,
-    )
-    args = config_cls(**{**defaults, **config})
-    return cls(
-        model=policy,
-        ref_model=ref_model,
-        args=args,
-        train_dataset=datasets.Dataset.from_list(rows if rows is not None else _rows()),
-        processing_class=tok,
-        peft_config=peft_config,
-        eval_dataset=None if eval_rows is None else datasets.Dataset.from_list(eval_rows),
-    )
+    def make(
+        cls,
+        config_cls,
+        root,
+        *,
+        ref=True,
+        rows=None,
+        peft_config=None,
+        peft_model=None,
+        eval_rows=None,
+        **config,
+    ):
+        tok = byte_level_tokenizer()
+        policy = tiny_llama(tok, hidden_size=32, seed=0)
+        if peft_model is not None:  # a PeftModel with a trained adapter, given as the model
+            import peft
+
+            torch.manual_seed(0)
+            policy = peft.get_peft_model(policy, peft_model)
+        ref_model = tiny_llama(tok, hidden_size=32, seed=1) if ref else None
+        defaults = tiny_training_args(root / cls.__module__.split(".")[0], pairs=PAIRS)
+        args = config_cls(**{**defaults, **config})
+        return cls(
+            model=policy,
+            ref_model=ref_model,
+            args=args,
+            train_dataset=datasets.Dataset.from_list(
+                rows if rows is not None else _with_origin(preference_rows(), "")
+            ),
+            processing_class=tok,
+            peft_config=peft_config,
+            eval_dataset=None if eval_rows is None else datasets.Dataset.from_list(eval_rows),
+        )
+
+    return make
 
 
-def _pair(tmp_path, **kwargs):
-    """(stock TRL trainer, prefloss.trl trainer) on the same models and rows."""
-    stock = _trainer(trl.DPOTrainer, trl.DPOConfig, tmp_path, rows=_rows(origin="trl"), **kwargs)
-    ours = _trainer(ptrl.DPOTrainer, ptrl.DPOConfig, tmp_path, rows=_rows(origin="prefloss"), **kwargs)
-    return stock, ours
+@pytest.fixture
+def make_pair(make_trainer, preference_rows):
+    """``make_pair(root, **kwargs)``: (stock TRL trainer, prefloss.trl trainer) on the same models and
+    rows."""
+
+    def make(root, **kwargs):
+        rows = preference_rows()
+        stock = make_trainer(trl.DPOTrainer, trl.DPOConfig, root, rows=_with_origin(rows, "trl"), **kwargs)
+        ours = make_trainer(
+            ptrl.DPOTrainer, ptrl.DPOConfig, root, rows=_with_origin(rows, "prefloss"), **kwargs
+        )
+        return stock, ours
+
+    return make
 
 
 def _batch(trainer) -> dict[str, torch.Tensor]:
@@ -223,13 +224,13 @@ def _assert_same_step(stock, ours, truth_models, beta=0.1):
     return abs(loss_p - loss_t), worst
 
 
-def test_dpo_matches_trl_live_reference(tmp_path):
-    stock, ours = _pair(tmp_path)
+def test_dpo_matches_trl_live_reference(tmp_path, make_pair):
+    stock, ours = make_pair(tmp_path)
     _assert_same_step(stock, ours, (stock.model, stock.ref_model))
 
 
-def test_dpo_matches_trl_precomputed_reference(tmp_path):
-    stock, ours = _pair(tmp_path, precompute_ref_log_probs=True)
+def test_dpo_matches_trl_precomputed_reference(tmp_path, make_pair):
+    stock, ours = make_pair(tmp_path, precompute_ref_log_probs=True)
     assert ours.ref_model is not None  # TRL keeps a given ref_model; the loss must not use it
     # prefloss computed the reference sums itself (the caches are not shared: different fingerprints)
     truth_ref = tiny_llama(byte_level_tokenizer(), hidden_size=32, seed=1)
@@ -245,11 +246,11 @@ def test_dpo_matches_trl_precomputed_reference(tmp_path):
     _assert_same_step(stock, ours, (stock.model, truth_ref))
 
 
-def test_dpo_matches_trl_lora_policy(tmp_path):
+def test_dpo_matches_trl_lora_policy(tmp_path, make_pair):
     peft = pytest.importorskip("peft")
     # init_lora_weights=False: random B, so the policy differs from its reference (adapters off)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    stock, ours = _pair(tmp_path, ref=False, peft_config=config)
+    stock, ours = make_pair(tmp_path, ref=False, peft_config=config)
     assert stock.ref_model is None and ours.ref_model is None
 
     class Disabled(torch.nn.Module):  # the float64 truth's reference: the PEFT model, adapters off
@@ -269,7 +270,7 @@ def test_dpo_matches_trl_lora_policy(tmp_path):
     assert grads and all("lora_" in n for n in grads)  # only the adapters train; the head is frozen
 
 
-def test_dpo_matches_trl_peft_model_ref_adapter(tmp_path):
+def test_dpo_matches_trl_peft_model_ref_adapter(tmp_path, make_pair):
     """A PeftModel given without ref_model: TRL copies its adapter into one named "ref" (with its own
     saved lm_head when lm_head is in modules_to_save) and runs the reference with that adapter."""
     peft = pytest.importorskip("peft")
@@ -282,7 +283,7 @@ def test_dpo_matches_trl_peft_model_ref_adapter(tmp_path):
         modules_to_save=["lm_head"],
         init_lora_weights=False,
     )
-    stock, ours = _pair(tmp_path, ref=False, peft_model=config)
+    stock, ours = make_pair(tmp_path, ref=False, peft_model=config)
     for trainer in (stock, ours):
         assert "ref" in trainer.model.peft_config
         gen = torch.Generator().manual_seed(1)  # the same step away from the "ref" copy in both
@@ -312,9 +313,9 @@ def _train_logs(trainer) -> list[dict[str, float]]:
 
 
 @pytest.mark.parametrize("sync", [False, True], ids=["fixed-ref", "sync-ref"])
-def test_dpo_three_steps_match_trl(tmp_path, sync):
+def test_dpo_three_steps_match_trl(tmp_path, sync, make_pair, make_trainer):
     kwargs = dict(sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5) if sync else {}
-    stock, ours = _pair(tmp_path, **kwargs)
+    stock, ours = make_pair(tmp_path, **kwargs)
     logs_t, logs_p = _train_logs(stock), _train_logs(ours)
     assert len(logs_t) == len(logs_p) == 3
     # Each step's inputs (weights) differ only by the previous steps' fp32 rounding; Adam's update is
@@ -332,7 +333,7 @@ def test_dpo_three_steps_match_trl(tmp_path, sync):
             assert math.isclose(p[name], t[name], rel_tol=1e-4, abs_tol=1e-5), (name, t[name], p[name])
         assert p["rewards/accuracies"] == t["rewards/accuracies"]
     if sync:  # the reference moved: the run differs from one with a fixed reference
-        fixed = _train_logs(_trainer(ptrl.DPOTrainer, ptrl.DPOConfig, tmp_path / "fixed"))
+        fixed = _train_logs(make_trainer(ptrl.DPOTrainer, ptrl.DPOConfig, tmp_path / "fixed"))
         assert fixed[-1]["rewards/chosen"] != pytest.approx(logs_p[-1]["rewards/chosen"], rel=1e-3)
 
 
@@ -345,10 +346,10 @@ PREFLOSS_LOSSES = [
 
 
 @pytest.mark.parametrize(("loss_type", "hp"), PREFLOSS_LOSSES, ids=[n for n, _ in PREFLOSS_LOSSES])
-def test_prefloss_losses_first_step_float64(tmp_path, loss_type, hp):
+def test_prefloss_losses_first_step_float64(tmp_path, loss_type, hp, make_trainer):
     # compare_dtype=None: the float64 reference decides ε-DPO's steps by an exact comparison
     extra = {"loss_kwargs": {"compare_dtype": None}} if loss_type == "epsilon_dpo" else {}
-    ours = _trainer(ptrl.DPOTrainer, ptrl.DPOConfig, tmp_path, loss_type=loss_type, **hp, **extra)
+    ours = make_trainer(ptrl.DPOTrainer, ptrl.DPOConfig, tmp_path, loss_type=loss_type, **hp, **extra)
     batch = _batch(ours)
     loss, metrics, _ = _step(ours, batch)
     bounds, _, _ = _truth(loss_type, ours.model, ours.ref_model, batch, **hp)
@@ -359,8 +360,10 @@ def test_prefloss_losses_first_step_float64(tmp_path, loss_type, hp):
 
 
 @pytest.mark.parametrize(("loss_type", "hp"), PREFLOSS_LOSSES, ids=[n for n, _ in PREFLOSS_LOSSES])
-def test_prefloss_losses_three_steps_match_preference_trainer(tmp_path, loss_type, hp):
-    ours = _trainer(ptrl.DPOTrainer, ptrl.DPOConfig, tmp_path, loss_type=loss_type, **hp)
+def test_prefloss_losses_three_steps_match_preference_trainer(
+    tmp_path, loss_type, hp, make_trainer, preference_rows
+):
+    ours = make_trainer(ptrl.DPOTrainer, ptrl.DPOConfig, tmp_path, loss_type=loss_type, **hp)
     tok = byte_level_tokenizer()
     theirs = PreferenceTrainer(
         model=tiny_llama(tok, hidden_size=32, seed=0),
@@ -379,7 +382,7 @@ def test_prefloss_losses_three_steps_match_preference_trainer(tmp_path, loss_typ
             max_length=1024,  # TRL's default, so both keep every token
             **hp,
         ),
-        train_dataset=_rows(),
+        train_dataset=_with_origin(preference_rows(), ""),
         processing_class=tok,
     )
     logs_p, logs_h = _train_logs(ours), _train_logs(theirs)
@@ -393,11 +396,11 @@ def test_prefloss_losses_three_steps_match_preference_trainer(tmp_path, loss_typ
         assert torch.equal(ours.loss_fn.beta, theirs.loss_fn.beta)  # β updated once per step by both
 
 
-def test_loss_state_checkpointed_and_resumed(tmp_path):
+def test_loss_state_checkpointed_and_resumed(tmp_path, make_trainer):
     """ε-DPO's β lives in the loss module: every checkpoint holds it and resuming restores it, so a
     resumed run ends where the uninterrupted one ended."""
     kw = dict(loss_type="epsilon_dpo", epsilon=0.1, loss_kwargs={"compare_dtype": None}, max_steps=2)
-    full = _trainer(
+    full = make_trainer(
         ptrl.DPOTrainer, ptrl.DPOConfig, tmp_path / "a", save_strategy="steps", save_steps=1, **kw
     )
     initial = full.loss_fn.beta.clone()
@@ -406,19 +409,19 @@ def test_loss_state_checkpointed_and_resumed(tmp_path):
     checkpoint = tmp_path / "a" / "prefloss" / "checkpoint-1"
     saved = torch.load(checkpoint / "prefloss_loss_state.pt", weights_only=True)
     assert not torch.equal(saved["beta"], initial)
-    resumed = _trainer(ptrl.DPOTrainer, ptrl.DPOConfig, tmp_path / "b", **kw)
+    resumed = make_trainer(ptrl.DPOTrainer, ptrl.DPOConfig, tmp_path / "b", **kw)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert torch.equal(resumed.loss_fn.beta, full.loss_fn.beta)
 
 
-def test_dpo_with_trl_defaults_bf16_autocast_and_checkpointing(tmp_path):
+def test_dpo_with_trl_defaults_bf16_autocast_and_checkpointing(tmp_path, make_pair):
     """A TRL user's defaults: ``bf16=True`` (autocast, fp32 weights) and gradient checkpointing.
 
     Both trainers run the same autocast forward; their heads then round differently (TRL's tiles in
     bf16, prefloss's GEMMs as autocast gives them), so they agree to bf16 precision, not fp32:
     ``u_bf16·|loss|`` on the loss and ``4·u_bf16`` relative on gradients (measured: 2e-5 and 2e-4).
     """
-    stock, ours = _pair(tmp_path, bf16=True, gradient_checkpointing=True)
+    stock, ours = make_pair(tmp_path, bf16=True, gradient_checkpointing=True)
     assert ours.args.bf16 and ours.args.gradient_checkpointing
     batch = _batch(stock)
     with stock.compute_loss_context_manager():
@@ -431,12 +434,12 @@ def test_dpo_with_trl_defaults_bf16_autocast_and_checkpointing(tmp_path):
     assert worst[0] <= 4 * u_bf16, worst
 
 
-def test_dpo_accumulation_and_evaluation_match_trl(tmp_path):
+def test_dpo_accumulation_and_evaluation_match_trl(tmp_path, make_pair):
     """Gradient accumulation (2 micro-batches of 2 pairs per step) and ``evaluate()`` (the eval
     metrics, prefixed ``eval_``; prefloss's prediction step forms no logits) as stock TRL."""
     kwargs = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, per_device_eval_batch_size=4)
     held_out = [json.loads(line) for line in open(synthetic_preferences_path("eval"))][:8]
-    stock, ours = _pair(tmp_path, eval_rows=held_out, **kwargs)
+    stock, ours = make_pair(tmp_path, eval_rows=held_out, **kwargs)
     logs_t, logs_p = _train_logs(stock), _train_logs(ours)
     for t, p in zip(logs_t, logs_p, strict=True):  # tolerance: as in test_dpo_three_steps_match_trl
         assert math.isclose(p["loss"], t["loss"], rel_tol=1e-5, abs_tol=1e-6), (t["loss"], p["loss"])
@@ -452,12 +455,12 @@ def test_dpo_accumulation_and_evaluation_match_trl(tmp_path):
         )
 
 
-def test_vocab_metrics_match_trl(tmp_path):
+def test_vocab_metrics_match_trl(tmp_path, make_trainer):
     """``log_vocab_metrics=True`` adds TRL's entropy, logits/chosen, logits/rejected and
     mean_token_accuracy, equal to stock TRL's on the same batch (token means of fp32 values computed
     in other orders: a few u relative; 1e-5 relative, 1e-6 absolute). Without it they are absent."""
-    stock = _trainer(trl.DPOTrainer, trl.DPOConfig, tmp_path)
-    ours = _trainer(ptrl.DPOTrainer, ptrl.DPOConfig, tmp_path, log_vocab_metrics=True)
+    stock = make_trainer(trl.DPOTrainer, trl.DPOConfig, tmp_path)
+    ours = make_trainer(ptrl.DPOTrainer, ptrl.DPOConfig, tmp_path, log_vocab_metrics=True)
     for trainer in (stock, ours):  # head ≈ embedding: the argmax is often the current token, so
         with torch.no_grad():  # doubled letters make mean_token_accuracy non-zero
             trainer.model.lm_head.weight.copy_(4 * trainer.model.model.embed_tokens.weight)
@@ -472,6 +475,6 @@ def test_vocab_metrics_match_trl(tmp_path):
             metrics_p[name],
             metrics_t[name],
         )
-    plain = _trainer(ptrl.DPOTrainer, ptrl.DPOConfig, tmp_path / "plain")
+    plain = make_trainer(ptrl.DPOTrainer, ptrl.DPOConfig, tmp_path / "plain")
     _, metrics, _ = _step(plain, batch)
     assert not set(names) & set(metrics)
