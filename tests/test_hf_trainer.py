@@ -73,6 +73,10 @@ def make_trainer(tmp_path, *, model=None, **kwargs) -> PreferenceTrainer:
         (dict(loss="simpo", epsilon=0.1), "epsilon=0.1 does not apply to loss 'simpo'"),
         (dict(remove_unused_columns=True), "remove_unused_columns"),
         (dict(max_length=16, max_prompt_length=16), "max_prompt_length"),
+        (
+            dict(loss="epsilon_dpo", loss_kwargs='{"compare_dtype": "bf16"}'),
+            r"loss_kwargs\['compare_dtype'\] must be 'bfloat16', 'float16', 'float32' or None, got 'bf16'",
+        ),
     ],
     ids=[
         "unknown-loss",
@@ -81,11 +85,38 @@ def make_trainer(tmp_path, *, model=None, **kwargs) -> PreferenceTrainer:
         "epsilon-for-simpo",
         "remove-columns",
         "prompt-length",
+        "compare-dtype-name",
     ],
 )
 def test_bad_config_is_an_error(tmp_path, kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         config(tmp_path, **kwargs)
+
+
+COMPARE_DTYPES = {
+    "bfloat16": ("bfloat16", torch.bfloat16),
+    "float32": ("float32", None),
+    "null": (None, None),
+}
+
+
+@pytest.mark.parametrize("name", list(COMPARE_DTYPES), ids=list(COMPARE_DTYPES))
+def test_compare_dtype_by_name_from_the_command_line(tmp_path, name: str) -> None:
+    """``--loss_kwargs '{"compare_dtype": "bfloat16"}'`` builds ε-DPO with ``torch.bfloat16`` (the name
+    is turned into the dtype as `prefloss.trl.DPOConfig` does: `loss_module_kwargs`); the config keeps
+    the name, so it still serializes to JSON."""
+    from transformers import HfArgumentParser
+
+    value, dtype = COMPARE_DTYPES[name]
+    argv = ["--output_dir", str(tmp_path), "--loss", "epsilon_dpo", "--use_cpu", "--report_to", "none"]
+    argv += ["--loss_kwargs", json.dumps({"compare_dtype": value})]
+    (args,) = HfArgumentParser(PreferenceConfig).parse_args_into_dataclasses(argv)
+    assert args.loss_kwargs == {"compare_dtype": value}
+    tok = byte_level_tokenizer()
+    model = tiny_llama(tok, hidden_size=32, intermediate_size=64, num_heads=2, seed=0)
+    trainer = PreferenceTrainer(model, args=args, train_dataset=ROWS[:4], processing_class=tok)
+    assert trainer.loss_fn.compare_dtype is dtype
+    assert json.loads(args.to_json_string())["loss_kwargs"] == {"compare_dtype": value}
 
 
 def test_simpo_with_reference_model_is_an_error(tmp_path) -> None:

@@ -396,6 +396,22 @@ def test_prefloss_losses_three_steps_match_preference_trainer(
         assert torch.equal(ours.loss_fn.beta, theirs.loss_fn.beta)  # β updated once per step by both
 
 
+def test_compare_dtype_by_name(tmp_path, make_trainer):
+    """``loss_kwargs={"compare_dtype": "bfloat16"}`` (JSON) builds ε-DPO with ``torch.bfloat16``; an
+    unknown name is refused by the config, naming ``loss_kwargs['compare_dtype']`` (`loss_module_kwargs`,
+    shared with `PreferenceConfig`)."""
+    kw = dict(loss_type="epsilon_dpo", max_steps=1)
+    ours = make_trainer(
+        ptrl.DPOTrainer, ptrl.DPOConfig, tmp_path, loss_kwargs='{"compare_dtype": "bfloat16"}', **kw
+    )
+    assert ours.loss_fn.compare_dtype is torch.bfloat16
+    assert ours.args.loss_kwargs == {"compare_dtype": "bfloat16"}
+    with pytest.raises(ValueError, match=r"loss_kwargs\['compare_dtype'\] must be .* got 'bf16'"):
+        ptrl.DPOConfig(
+            output_dir=str(tmp_path), use_cpu=True, bf16=False, loss_kwargs={"compare_dtype": "bf16"}, **kw
+        )
+
+
 def test_loss_state_checkpointed_and_resumed(tmp_path, make_trainer):
     """ε-DPO's β lives in the loss module: every checkpoint holds it and resuming restores it, so a
     resumed run ends where the uninterrupted one ended."""

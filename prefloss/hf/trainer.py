@@ -40,7 +40,7 @@ from prefloss.hf.adapters import AdaptersDisabled, check_peft_head, is_peft_mode
 from prefloss.hf.collator import PreferenceCollator
 from prefloss.hf.data import BOS_MODES, OVERLONG_MODES, load_preferences, tokenize_preferences
 from prefloss.hf.engines import gathered_heads, prepare_reference
-from prefloss.hf.loss_fields import LossFields
+from prefloss.hf.loss_fields import LossFields, loss_module_kwargs
 from prefloss.hf.model import check_output_head, decoder_hidden_states, output_head, unwrap_model
 from prefloss.hf.step import preference_loss
 from prefloss.losses import LOSSES as LOSS_CLASSES
@@ -330,7 +330,7 @@ class PreferenceTrainer(Trainer):
                 gamma_beta_ratio=args.gamma_beta_ratio,
                 alpha=args.alpha,
                 epsilon=args.epsilon,
-                **(args.loss_kwargs or {}),
+                **loss_module_kwargs(args.loss_kwargs),
             )
         kind = loss_name(loss_fn)
         needs_reference = LOSSES[kind].needs_reference

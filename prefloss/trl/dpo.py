@@ -40,7 +40,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from prefloss.hf.adapters import check_peft_head, is_peft_model
 from prefloss.hf.engines import gathered_heads
-from prefloss.hf.loss_fields import LossFields, loss_field
+from prefloss.hf.loss_fields import LossFields, loss_field, loss_module_kwargs
 from prefloss.hf.model import check_output_head, decoder_hidden_states, unwrap_model
 from prefloss.hf.step import preference_loss
 from prefloss.hf.trainer import LOSSES, build_loss
@@ -63,20 +63,6 @@ _TRL_DEFAULTS = {
 }
 # The keys of TRL's text collator's batches; anything else is an extra model input (vision, ...).
 _BATCH_KEYS = {"input_ids", "attention_mask", "completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None, None: None}
-
-
-def _loss_kwargs(args: Any) -> dict[str, Any]:
-    kwargs = dict(getattr(args, "loss_kwargs", None) or {})
-    if "compare_dtype" in kwargs and not isinstance(kwargs["compare_dtype"], torch.dtype):
-        value = kwargs["compare_dtype"]
-        if value not in _DTYPES:
-            raise ValueError(
-                "loss_kwargs['compare_dtype'] must be 'bfloat16', 'float16', 'float32' or None, "
-                f"got {value!r}"
-            )
-        kwargs["compare_dtype"] = _DTYPES[value]
-    return kwargs
 
 
 def check_dpo_args(args: Any) -> str:
@@ -285,7 +271,7 @@ class DPOTrainer(trl.DPOTrainer):
             beta=args.beta,
             **{h: getattr(args, h, None) for h in _HYPERPARAMETERS if h in LOSSES[self._loss_kind].takes},
             **({"label_smoothing": args.label_smoothing} if self._loss_kind != "dpo" else {}),
-            **_loss_kwargs(args),
+            **loss_module_kwargs(getattr(args, "loss_kwargs", None)),
         )
         self._loss_weight = float(args.loss_weights[0]) if args.loss_weights else 1.0
         self._peft_reference: nn.Module | None = None
