@@ -34,6 +34,11 @@ def _kernels():
     return kernels
 
 
+def _float_or_none(value) -> float | None:
+    # The ops' schemas take ``float?``: an int or a NumPy scalar is converted before the call.
+    return None if value is None else float(value)
+
+
 def _absent(like: torch.Tensor) -> torch.Tensor:
     # A custom op returns a fixed number of tensors: an output not asked for is an empty [0] tensor.
     return torch.empty(0, dtype=torch.float32, device=like.device)
@@ -133,9 +138,9 @@ def logprobs_fwd(
         bias,
         ref_logits,
         ref_bias,
-        None if epsilon is None else float(epsilon),
-        None if logit_scale is None else float(logit_scale),
-        None if softcap is None else float(softcap),
+        _float_or_none(epsilon),
+        _float_or_none(logit_scale),
+        _float_or_none(softcap),
         block_v,
         num_warps,
     )
@@ -169,8 +174,8 @@ def logprobs_bwd(
         lse,
         grad,
         bias,
-        None if logit_scale is None else float(logit_scale),
-        None if softcap is None else float(softcap),
+        _float_or_none(logit_scale),
+        _float_or_none(softcap),
         block_v,
         num_warps,
     )

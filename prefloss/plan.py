@@ -197,48 +197,24 @@ class StepPlan:
         """GEMMs grouped by (phase, role, dtypes) and kernels by (phase, name), in step order."""
         groups: dict[tuple, dict] = {}
         for g in self.gemms:
-            key = ("gemm", g.phase, g.role, g.a_dtype, g.b_dtype, g.out_dtype)
-            row = groups.setdefault(
-                key,
-                {
-                    "kind": "gemm",
-                    "phase": g.phase,
-                    "part": g.role,
-                    "operands": f"{_short(g.a_dtype)}×{_short(g.b_dtype)}→{_short(g.out_dtype)}",
-                    "calls": 0,
-                    "shapes": set(),
-                    "flops": 0.0,
-                    "bytes": 0.0,
-                    "time_s": 0.0,
-                },
+            _add_to_part(
+                groups,
+                ("gemm", g.phase, g.role, g.a_dtype, g.b_dtype, g.out_dtype),
+                operands=f"{_short(g.a_dtype)}×{_short(g.b_dtype)}→{_short(g.out_dtype)}",
+                shape=f"[{g.m}x{g.k}]@[{g.k}x{g.n}]" + (f" x{g.batch}" if g.batch > 1 else ""),
+                flops=g.flops,
+                nbytes=g.bytes,
+                time_s=g.time_s,
             )
-            row["calls"] += 1
-            row["shapes"].add(f"[{g.m}x{g.k}]@[{g.k}x{g.n}]" + (f" x{g.batch}" if g.batch > 1 else ""))
-            row["flops"] += g.flops
-            row["bytes"] += g.bytes
-            row["time_s"] += g.time_s
         for kind, records in (("kernel", self.kernels), ("other", self.other)):
             for r in records:
-                key = (kind, r.phase, r.name)
-                row = groups.setdefault(
-                    key,
-                    {
-                        "kind": kind,
-                        "phase": r.phase,
-                        "part": r.name,
-                        "operands": "",
-                        "calls": 0,
-                        "shapes": set(),
-                        "flops": 0.0,
-                        "bytes": 0.0,
-                        "time_s": 0.0,
-                    },
+                _add_to_part(
+                    groups,
+                    (kind, r.phase, r.name),
+                    shape=f"[{r.rows}x{r.cols}]" if kind == "kernel" else None,
+                    nbytes=r.bytes_read + r.bytes_written,
+                    time_s=r.time_s,
                 )
-                row["calls"] += 1
-                if kind == "kernel":
-                    row["shapes"].add(f"[{r.rows}x{r.cols}]")
-                row["bytes"] += r.bytes_read + r.bytes_written
-                row["time_s"] += r.time_s
         out = []
         for row in groups.values():
             row["shapes"] = sorted(row["shapes"])
@@ -286,12 +262,50 @@ def _short(dtype: str) -> str:
     return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}.get(dtype, dtype)
 
 
+def _add_to_part(
+    groups: dict[tuple, dict],
+    key: tuple,
+    *,
+    operands: str = "",
+    shape: str | None = None,
+    flops: float = 0.0,
+    nbytes: float = 0.0,
+    time_s: float = 0.0,
+) -> None:
+    """Adds one call to the row of `StepPlan.parts` under ``key`` (``(kind, phase, part, ...)``)."""
+    kind, phase, part = key[:3]
+    row = groups.setdefault(
+        key,
+        {
+            "kind": kind,
+            "phase": phase,
+            "part": part,
+            "operands": operands,
+            "calls": 0,
+            "shapes": set(),
+            "flops": 0.0,
+            "bytes": 0.0,
+            "time_s": 0.0,
+        },
+    )
+    row["calls"] += 1
+    if shape is not None:
+        row["shapes"].add(shape)
+    row["flops"] += flops
+    row["bytes"] += nbytes
+    row["time_s"] += time_s
+
+
 def _dtype_name(t) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
 def _nbytes(t) -> int:
     return t.numel() * t.element_size()
+
+
+def _total_bytes(tensors) -> int:
+    return sum(_nbytes(t) for t in tensors)
 
 
 class _StepRecorder:
@@ -359,6 +373,9 @@ class _StepRecorder:
                 elif isinstance(v, (list, tuple)):
                     yield from tensors(v)
 
+        def unmutated(values, mutated):
+            return [t for t in tensors(values) if all(t is not m for m in mutated)]
+
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
@@ -374,27 +391,16 @@ class _StepRecorder:
                 if base in _GEMMS and name.startswith("aten::"):
                     recorder.gemm(base, args, outs[0])
                 elif name in _KERNELS:
-                    ins = [t for t in tensors(list(args)) if all(t is not m for m in mutated)]
-                    written = sum(_nbytes(t) for t in outs + mutated)
+                    # a row kernel reads the buffers it writes in place (mutated) as well
+                    read = _total_bytes(unmutated(args, mutated)) + _total_bytes(mutated)
+                    written = _total_bytes(outs + mutated)
                     rows, cols = args[0].shape
                     recorder.kernels.append(
-                        KernelRecord(
-                            _KERNELS[name],
-                            recorder.phase,
-                            rows,
-                            cols,
-                            sum(_nbytes(t) for t in ins) + sum(_nbytes(t) for t in mutated),
-                            written,
-                        )
+                        KernelRecord(_KERNELS[name], recorder.phase, rows, cols, read, written)
                     )
                 elif not func.is_view and base not in _ALLOCATION_ONLY and outs + mutated:
-                    ins = [
-                        t
-                        for t in tensors(list(args) + list(kwargs.values()))
-                        if all(t is not m for m in mutated)
-                    ]
-                    read = sum(_nbytes(t) for t in ins)
-                    written = sum(_nbytes(t) for t in (mutated or outs))
+                    read = _total_bytes(unmutated((*args, *kwargs.values()), mutated))
+                    written = _total_bytes(mutated or outs)
                     if read + written:
                         recorder.other.append(KernelRecord(base, recorder.phase, 0, 0, read, written))
                 if base == "_to_copy" and recorder.key(args[0]) in recorder.names:  # a cast keeps its name
@@ -521,7 +527,7 @@ def plan_step(
         recorder.other,
         recorder.peak_bytes,
         recorder.live_bytes,
-        sum(_nbytes(g) for g in grads),
+        _total_bytes(grads),
     )
     _roofline(plan)
     return plan
@@ -604,24 +610,12 @@ def _positive_int(name: str):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loss", choices=LOSSES, default="epsilon_dpo", help="loss (default epsilon_dpo)")
-    parser.add_argument(
-        "--tokens",
-        type=_positive_int("tokens"),
-        default=DEFAULTS["tokens"],
-        help="counted tokens (default 8192)",
-    )
-    parser.add_argument(
-        "--hidden",
-        type=_positive_int("hidden"),
-        default=DEFAULTS["hidden"],
-        help="hidden size H (default 4096)",
-    )
-    parser.add_argument(
-        "--vocab",
-        type=_positive_int("vocab"),
-        default=DEFAULTS["vocab"],
-        help="vocabulary V (default 128256)",
-    )
+    for name, help_text in (
+        ("tokens", "counted tokens (default 8192)"),
+        ("hidden", "hidden size H (default 4096)"),
+        ("vocab", "vocabulary V (default 128256)"),
+    ):
+        parser.add_argument(f"--{name}", type=_positive_int(name), default=DEFAULTS[name], help=help_text)
     parser.add_argument(
         "--dtype", choices=DTYPES, default=DEFAULTS["dtype"], help="input dtype (default bfloat16)"
     )

@@ -19,7 +19,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 peft = pytest.importorskip("peft")
 
-from prefloss.data import synthetic_preferences_path  # noqa: E402
 from prefloss.hf import PreferenceConfig, PreferenceTrainer  # noqa: E402
 from prefloss.hf.adapters import AdaptersDisabled  # noqa: E402
 from prefloss.hf.tiny import byte_level_tokenizer, tiny_llama  # noqa: E402
@@ -32,10 +31,6 @@ LOSS_SETTINGS = {
 }
 
 
-def _rows(n: int = 16) -> list[dict]:
-    return [json.loads(line) for line in open(synthetic_preferences_path("train"))][:n]
-
-
 def _lora(modules_to_save=None):
     return peft.LoraConfig(
         r=4,
@@ -46,7 +41,9 @@ def _lora(modules_to_save=None):
     )
 
 
-def _train(tmp_path, loss: str, *, explicit_reference: bool, modules_to_save=None) -> PreferenceTrainer:
+def _train(
+    tmp_path, preference_rows, loss: str, *, explicit_reference: bool, modules_to_save=None
+) -> PreferenceTrainer:
     tok = byte_level_tokenizer()
     base = tiny_llama(tok, hidden_size=32, intermediate_size=64, num_heads=2, seed=0)
     ref = copy.deepcopy(base) if explicit_reference and loss != "simpo" else None
@@ -72,7 +69,7 @@ def _train(tmp_path, loss: str, *, explicit_reference: bool, modules_to_save=Non
         base,
         ref_model=ref,
         args=args,
-        train_dataset=_rows(),
+        train_dataset=preference_rows(16),
         processing_class=tok,
         peft_config=_lora(modules_to_save),
     )
@@ -86,9 +83,15 @@ def _losses(trainer) -> list[float]:
 
 @pytest.mark.parametrize("modules_to_save", [None, ["lm_head"]], ids=["lora", "lora+saved-head"])
 @pytest.mark.parametrize("loss", list(LOSS_SETTINGS), ids=list(LOSS_SETTINGS))
-def test_adapters_disabled_reference_equals_a_frozen_copy(tmp_path, loss, modules_to_save) -> None:
-    view = _train(tmp_path / "view", loss, explicit_reference=False, modules_to_save=modules_to_save)
-    copied = _train(tmp_path / "copy", loss, explicit_reference=True, modules_to_save=modules_to_save)
+def test_adapters_disabled_reference_equals_a_frozen_copy(
+    tmp_path, loss, modules_to_save, preference_rows
+) -> None:
+    view = _train(
+        tmp_path / "view", preference_rows, loss, explicit_reference=False, modules_to_save=modules_to_save
+    )
+    copied = _train(
+        tmp_path / "copy", preference_rows, loss, explicit_reference=True, modules_to_save=modules_to_save
+    )
     if loss != "simpo":
         assert isinstance(view.ref_model, AdaptersDisabled)
         assert not isinstance(copied.ref_model, AdaptersDisabled)
@@ -123,8 +126,8 @@ class _ParameterReads(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("explicit", [False, True], ids=["adapters-disabled", "frozen-copy"])
-def test_reference_holds_no_second_copy_of_the_weights(tmp_path, explicit) -> None:
-    trainer = _train(tmp_path, "dpo", explicit_reference=explicit)
+def test_reference_holds_no_second_copy_of_the_weights(tmp_path, explicit, preference_rows) -> None:
+    trainer = _train(tmp_path, preference_rows, "dpo", explicit_reference=explicit)
     policy_bytes = {p.untyped_storage().data_ptr() for p in trainer.model.parameters()}
     ref = trainer.ref_model
     others = [p for p in ref.parameters() if p.untyped_storage().data_ptr() not in policy_bytes]
@@ -140,7 +143,7 @@ def test_reference_holds_no_second_copy_of_the_weights(tmp_path, explicit) -> No
         assert sum(p.numel() for p in ref.parameters()) == 0  # the view registers nothing
 
 
-def test_lora_on_the_head_is_refused(tmp_path) -> None:
+def test_lora_on_the_head_is_refused(tmp_path, preference_rows) -> None:
     tok = byte_level_tokenizer()
     config = peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"])
     args = PreferenceConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_length=48)
@@ -148,7 +151,7 @@ def test_lora_on_the_head_is_refused(tmp_path) -> None:
         PreferenceTrainer(
             tiny_llama(tok, hidden_size=32),
             args=args,
-            train_dataset=_rows(2),
+            train_dataset=preference_rows(2),
             processing_class=tok,
             peft_config=config,
         )

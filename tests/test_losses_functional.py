@@ -46,6 +46,17 @@ def check(actual: torch.Tensor, expected, dtype):
     torch.testing.assert_close(actual.detach().double(), expected, rtol=RTOL[dtype], atol=ATOL[dtype])
 
 
+def check_bitwise_equal(a, b, a_inputs: list, b_inputs: list, upstream: torch.Tensor) -> None:
+    """Losses, rewards and the gradients of ``Σ losses·upstream`` (``a``'s w.r.t. ``a_inputs``, ``b``'s
+    w.r.t. ``b_inputs``) equal to the bit."""
+    assert torch.equal(a.losses, b.losses)
+    assert torch.equal(a.chosen_rewards, b.chosen_rewards)
+    assert torch.equal(a.rejected_rewards, b.rejected_rewards)
+    ga = torch.autograd.grad((a.losses * upstream).sum(), a_inputs)
+    gb = torch.autograd.grad((b.losses * upstream).sum(), b_inputs)
+    assert all(torch.equal(x, y) for x, y in zip(ga, gb, strict=True))
+
+
 # --- DPO ------------------------------------------------------------------------------------------
 
 
@@ -184,13 +195,7 @@ def test_alpha_zero_is_simpo_exactly(std, ls):
         pc1, pr1, rc, rr, beta=2.5, gamma_beta_ratio=0.6, alpha=0.0, mean=0.3, std=std, label_smoothing=ls
     )
     s = simpo_loss(pc2, pr2, beta=2.5, gamma_beta_ratio=0.6, label_smoothing=ls)
-    assert torch.equal(a.losses, s.losses)
-    assert torch.equal(a.chosen_rewards, s.chosen_rewards)
-    assert torch.equal(a.rejected_rewards, s.rejected_rewards)
-    upstream = torch.randn(33, generator=g)
-    ga = torch.autograd.grad((a.losses * upstream).sum(), [pc1, pr1])
-    gs = torch.autograd.grad((s.losses * upstream).sum(), [pc2, pr2])
-    assert all(torch.equal(x, y) for x, y in zip(ga, gs, strict=True))
+    check_bitwise_equal(a, s, [pc1, pr1], [pc2, pr2], upstream=torch.randn(33, generator=g))
 
 
 # --- ε-DPO steps ----------------------------------------------------------------------------------
@@ -327,10 +332,4 @@ def test_epsilon_zero_is_dpo_exactly(compare_dtype, mixtures):
     d = dpo_loss(pc2, pr2, rc, rr, beta=0.1)
     if mixtures == "policy":
         assert e.steps.eq(0).all()
-    assert torch.equal(e.losses, d.losses)
-    assert torch.equal(e.chosen_rewards, d.chosen_rewards)
-    assert torch.equal(e.rejected_rewards, d.rejected_rewards)
-    upstream = torch.randn(17, generator=g)
-    ge = torch.autograd.grad((e.losses * upstream).sum(), [pc1, pr1])
-    gd = torch.autograd.grad((d.losses * upstream).sum(), [pc2, pr2])
-    assert all(torch.equal(x, y) for x, y in zip(ge, gd, strict=True))
+    check_bitwise_equal(e, d, [pc1, pr1], [pc2, pr2], upstream=torch.randn(17, generator=g))

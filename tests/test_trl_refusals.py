@@ -8,7 +8,6 @@ model or the batch: a MoE model's auxiliary loss, extra model inputs). Options t
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -21,21 +20,17 @@ import datasets  # noqa: E402
 import transformers  # noqa: E402
 
 import prefloss.trl as ptrl  # noqa: E402
-from prefloss.data import synthetic_preferences_path  # noqa: E402
 from prefloss.hf.tiny import byte_level_tokenizer, tiny_llama  # noqa: E402
 
 COMMON = dict(report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False, save_strategy="no")
 
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    transformers.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
+pytestmark = pytest.mark.usefixtures("quiet_hf")
 
 
-def _dataset(n: int = 4):
-    rows = [json.loads(line) for line in open(synthetic_preferences_path("train"))][:n]
-    return datasets.Dataset.from_list(rows)
+@pytest.fixture
+def dataset(preference_rows):
+    """``dataset()``: a new `datasets.Dataset` of the first 4 synthetic preference pairs at each call."""
+    return lambda: datasets.Dataset.from_list(preference_rows(4))
 
 
 def _message_names(err: pytest.ExceptionInfo, option: str, value) -> None:
@@ -75,12 +70,12 @@ def test_dpo_config_refuses(tmp_path, option, value, extra):
         assert "prefloss.trl.CPOTrainer" in str(err.value)
 
 
-def test_dpo_trainer_refuses_a_plain_trl_config(tmp_path):
+def test_dpo_trainer_refuses_a_plain_trl_config(tmp_path, dataset):
     tok = byte_level_tokenizer()
     args = trl.DPOConfig(output_dir=str(tmp_path), **COMMON, loss_type="hinge")
     with pytest.raises(ValueError) as err:
         ptrl.DPOTrainer(
-            model=tiny_llama(tok, hidden_size=32), args=args, train_dataset=_dataset(), processing_class=tok
+            model=tiny_llama(tok, hidden_size=32), args=args, train_dataset=dataset(), processing_class=tok
         )
     _message_names(err, "loss_type", "hinge")
 
@@ -102,7 +97,7 @@ def _tiny_mixtral(tok):
     return transformers.AutoModelForCausalLM.from_config(config)
 
 
-def test_dpo_trainer_refuses_moe_aux_loss_but_trains_without_it(tmp_path):
+def test_dpo_trainer_refuses_moe_aux_loss_but_trains_without_it(tmp_path, dataset):
     tok = byte_level_tokenizer()
     model = _tiny_mixtral(tok)
     coef = model.config.router_aux_loss_coef
@@ -112,7 +107,7 @@ def test_dpo_trainer_refuses_moe_aux_loss_but_trains_without_it(tmp_path):
             model=model,
             ref_model=_tiny_mixtral(tok),
             args=ptrl.DPOConfig(str(tmp_path), **COMMON),
-            train_dataset=_dataset(),
+            train_dataset=dataset(),
             processing_class=tok,
         )
     _message_names(err, "router_aux_loss_coef", coef)
@@ -121,27 +116,34 @@ def test_dpo_trainer_refuses_moe_aux_loss_but_trains_without_it(tmp_path):
         model=_tiny_mixtral(tok),
         ref_model=_tiny_mixtral(tok),
         args=args,
-        train_dataset=_dataset(),
+        train_dataset=dataset(),
         processing_class=tok,
     )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     assert torch.isfinite(trainer.compute_loss(trainer.model, batch))
 
 
-def _dpo_trainer(tmp_path, **config):
-    tok = byte_level_tokenizer()
-    args = ptrl.DPOConfig(str(tmp_path), **COMMON, per_device_train_batch_size=2, **config)
-    return ptrl.DPOTrainer(
-        model=tiny_llama(tok, hidden_size=32, seed=0),
-        ref_model=tiny_llama(tok, hidden_size=32, seed=1),
-        args=args,
-        train_dataset=_dataset(),
-        processing_class=tok,
-    )
+@pytest.fixture
+def dpo_trainer(tmp_path, dataset):
+    """``dpo_trainer(**config)``: a `prefloss.trl.DPOTrainer` on tiny Llamas (policy seed 0, reference
+    seed 1), 2 pairs a batch, ``config`` added to its `prefloss.trl.DPOConfig`."""
+
+    def make(**config):
+        tok = byte_level_tokenizer()
+        args = ptrl.DPOConfig(str(tmp_path), **COMMON, per_device_train_batch_size=2, **config)
+        return ptrl.DPOTrainer(
+            model=tiny_llama(tok, hidden_size=32, seed=0),
+            ref_model=tiny_llama(tok, hidden_size=32, seed=1),
+            args=args,
+            train_dataset=dataset(),
+            processing_class=tok,
+        )
+
+    return make
 
 
-def test_dpo_trainer_refuses_extra_model_inputs(tmp_path):
-    trainer = _dpo_trainer(tmp_path)
+def test_dpo_trainer_refuses_extra_model_inputs(dpo_trainer):
+    trainer = dpo_trainer()
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     batch["pixel_values"] = torch.zeros(4, 3, 8, 8)
     with pytest.raises(ValueError) as err:
@@ -155,11 +157,11 @@ def _loss(trainer) -> float:
     return trainer.compute_loss(trainer.model, batch).item()
 
 
-def test_honoured_options_change_the_loss(tmp_path):
-    base = _loss(_dpo_trainer(tmp_path))
-    assert _loss(_dpo_trainer(tmp_path, loss_weights=[0.5])) == pytest.approx(0.5 * base, rel=1e-6)
-    alpha = _loss(_dpo_trainer(tmp_path, loss_type="alpha_dpo"))
-    smoothed = _loss(_dpo_trainer(tmp_path, loss_type="alpha_dpo", label_smoothing=0.2))
+def test_honoured_options_change_the_loss(tmp_path, dpo_trainer):
+    base = _loss(dpo_trainer())
+    assert _loss(dpo_trainer(loss_weights=[0.5])) == pytest.approx(0.5 * base, rel=1e-6)
+    alpha = _loss(dpo_trainer(loss_type="alpha_dpo"))
+    smoothed = _loss(dpo_trainer(loss_type="alpha_dpo", label_smoothing=0.2))
     assert smoothed != pytest.approx(alpha, rel=1e-3)
     # beta=None takes the loss's default (α-DPO: 2.5), written back into the config
     assert ptrl.DPOConfig(str(tmp_path), **COMMON, loss_type="alpha_dpo").beta == 2.5
@@ -176,25 +178,25 @@ CPO_REFUSED = [
 @pytest.mark.parametrize(
     ("option", "value", "extra"), CPO_REFUSED, ids=[f"{o}={v}" for o, v, _ in CPO_REFUSED]
 )
-def test_cpo_trainer_refuses(tmp_path, option, value, extra):
+def test_cpo_trainer_refuses(tmp_path, option, value, extra, dataset):
     tok = byte_level_tokenizer()
     config = {"loss_type": "simpo", "cpo_alpha": 0.0, option: value, **extra}
     args = ptrl.CPOConfig(output_dir=str(tmp_path), **COMMON, **config)
     with pytest.raises(ValueError) as err:
         ptrl.CPOTrainer(
-            model=tiny_llama(tok, hidden_size=32), args=args, train_dataset=_dataset(), processing_class=tok
+            model=tiny_llama(tok, hidden_size=32), args=args, train_dataset=dataset(), processing_class=tok
         )
     _message_names(err, option, value)
 
 
-def test_cpo_trainer_refuses_compute_metrics(tmp_path):
+def test_cpo_trainer_refuses_compute_metrics(tmp_path, dataset):
     tok = byte_level_tokenizer()
     args = ptrl.CPOConfig(output_dir=str(tmp_path), **COMMON, loss_type="simpo", cpo_alpha=0.0)
     with pytest.raises(ValueError) as err:
         ptrl.CPOTrainer(
             model=tiny_llama(tok, hidden_size=32),
             args=args,
-            train_dataset=_dataset(),
+            train_dataset=dataset(),
             processing_class=tok,
             compute_metrics=len,
         )
