@@ -257,7 +257,11 @@ def test_bench_cli_end_to_end(tmp_path):
                 assert r["ratios"]["time_to_best_other"] > 0
                 assert "memory_to_best_other" in r["ratios"]
     assert "WRONG (not timed)" in proc.stdout
-    assert "prefloss-torch/epsilon_dpo  ok, eager" in proc.stdout
+    lines = proc.stdout.splitlines()
+    status_column = next(line for line in lines if line.startswith("case ")).index("status")
+    for name in ("prefloss-torch/epsilon_dpo", "prefloss-torch-frozen/epsilon_dpo"):  # the longest name
+        row = next(line for line in lines if line.startswith(name + " "))
+        assert row[status_column:].startswith("ok, eager"), row
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
         "memory_vs_seq_len_batch2_hidden16_vocab203.png",
         "time_vs_seq_len_batch2_hidden16_vocab203.png",

@@ -42,7 +42,8 @@ def table(document: dict) -> str:
         f"step: forward+backward, {cfg['repeats']} timed repeats after 1 checked warm-up; "
         f"peak = {document['memory_method']}"
     )
-    head = f"{'case':<28}{'status':<19}{'median s':>10}{'p10-p90 s':>17}{'cpu s':>8}"
+    width = 2 + max([len("prefloss-triton/*")] + [len(r["case"]) for r in document["results"]])
+    head = f"{'case':<{width}}{'status':<19}{'median s':>10}{'p10-p90 s':>17}{'cpu s':>8}"
     head += f"{'x floor':>9}{'x best':>8}{'peak MiB':>10}{'-grads':>8}{'mem x best':>11}"
     current = None
     for r in document["results"]:
@@ -66,7 +67,7 @@ def table(document: dict) -> str:
         )
         if r["status"] != "ok":
             why = r.get("error") or (r.get("check") or {}).get("detail", "")
-            lines.append(f"{name:<28}{_status(r):<19}  {why[:90]}")
+            lines.append(f"{name:<{width}}{_status(r):<19}  {why[:90]}")
             continue
         t = r["time_s"]
         ratios = r.get("ratios", {})
@@ -76,7 +77,7 @@ def table(document: dict) -> str:
         cpu_text = f"{cpu['median']:.2f}" if cpu else "-"
         status = "ok" + (f", {r['tile_arithmetic']}" if r.get("tile_arithmetic") else "")
         lines.append(
-            f"{name:<28}{status:<19}{t['median']:>10.3f}{spread:>17}{cpu_text:>8}"
+            f"{name:<{width}}{status:<19}{t['median']:>10.3f}{spread:>17}{cpu_text:>8}"
             f"{_fmt_ratio(ratios.get('time_to_floor')):>9}{_fmt_ratio(ratios.get('time_to_best_other')):>8}"
             f"{peak:>10.1f}{r.get('peak_beyond_grads_mib', peak):>8.1f}"
             f"{_fmt_ratio(ratios.get('memory_to_best_other')):>11}"
