@@ -8,6 +8,7 @@ and per-row sums); a case passes when that is ≤ 1.
 
     python scripts/gate_over_seeds.py --sweep quick --seeds 0-9
     python scripts/gate_over_seeds.py --sweep default --seeds 0-9 --cases prefloss-torch --json out.json
+    python scripts/gate_over_seeds.py --sweep default --seq-len 512 --seeds 0-2
 
 Run it with the working directory outside the repository root (see CONTRIBUTING.md).
 """
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         default="prefloss-torch,authors,liger",
         help="comma-separated case-name prefixes (default: prefloss-torch,authors,liger)",
     )
+    p.add_argument("--seq-len", help="T values to use instead of the sweep's, comma-separated")
     p.add_argument("--json", help="write every record here")
     args = p.parse_args(argv)
     prefixes = args.cases.split(",")
@@ -65,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     losses = sorted({c.loss for c in cases})
     records, failed = [], 0
     print(f"{'shape':<34} {'seed':>4} {'case':<28} {'worst err/bound':>16}  quantity")
-    for shape in _shapes(SWEEPS[args.sweep]):
+    sweep = dict(SWEEPS[args.sweep], **({"seq_len": args.seq_len} if args.seq_len else {}))
+    for shape in _shapes(sweep):
         for seed in _seeds(args.seeds):
             t0 = time.perf_counter()
             x = make_inputs(shape, seed=seed)
