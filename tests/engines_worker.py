@@ -27,6 +27,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from worker_setup import distributed_env  # noqa: E402
 
 import prefloss  # noqa: E402
 from prefloss.hf import engines  # noqa: E402
@@ -289,14 +290,7 @@ def run_config(config: str, rank: int, world: int, counter: GatherCounter) -> di
 def main(rank: int, world: int, family: str, out_dir: str, port: int) -> None:
     torch.set_num_threads(1)
     if world > 1:
-        os.environ.update(
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(world),
-            LOCAL_WORLD_SIZE=str(world),
-        )
+        os.environ.update(distributed_env(rank, world, port))
         if family == "zero3":
             import deepspeed
 

@@ -319,6 +319,13 @@ class _Gradients(TrainerCallback):
         self.grads = {n: p.grad.detach().clone() for n, p in unwrap_model(model).named_parameters()}
 
 
+def bf16_dpo_step_config(tmp_path, pairs: int, **kwargs) -> PreferenceConfig:
+    """`config` for one DPO step (β 0.1) with ``bf16=True`` on batches of ``pairs`` pairs."""
+    return config(
+        tmp_path, loss="dpo", beta=0.1, max_steps=1, bf16=True, per_device_train_batch_size=pairs, **kwargs
+    )
+
+
 def test_bf16_autocast_on_fp32_weights_matches_autocast_pytorch(tmp_path) -> None:
     """One DPO step with ``bf16=True`` on fp32 weights equals plain PyTorch under the same autocast.
 
@@ -339,15 +346,7 @@ def test_bf16_autocast_on_fp32_weights_matches_autocast_pytorch(tmp_path) -> Non
     grad_rtol = 1e-5
     pairs = 2
     recorder = _Gradients()
-    args = config(
-        tmp_path,
-        loss="dpo",
-        beta=0.1,
-        max_steps=1,
-        bf16=True,
-        max_grad_norm=0.0,
-        per_device_train_batch_size=pairs,
-    )
+    args = bf16_dpo_step_config(tmp_path, pairs, max_grad_norm=0.0)
     trainer = PreferenceTrainer(
         tiny(0, head_scale=20.0),
         ref_model=tiny(1, head_scale=20.0),
@@ -404,15 +403,8 @@ def test_bf16_reference_copy_computes_like_the_policy(tmp_path, precompute: bool
     under bf16 autocast: rewards/chosen was 3.4e-5 (live and precomputed alike).
     """
     pairs = 2
-    args = config(
-        tmp_path,
-        loss="dpo",
-        beta=0.1,
-        max_steps=1,
-        bf16=True,
-        precompute_ref_log_probs=precompute,
-        per_device_train_batch_size=pairs,
-        per_device_eval_batch_size=pairs,
+    args = bf16_dpo_step_config(
+        tmp_path, pairs, precompute_ref_log_probs=precompute, per_device_eval_batch_size=pairs
     )
     trainer = PreferenceTrainer(
         tiny(0), args=args, train_dataset=ROWS[:pairs], processing_class=byte_level_tokenizer()

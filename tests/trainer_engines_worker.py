@@ -29,6 +29,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
+from worker_setup import distributed_env, engine_arguments  # noqa: E402
 
 # run name -> PreferenceConfig settings; the first two are also resumed from their step-2 checkpoint
 RUNS = {
@@ -44,37 +45,10 @@ RUNS = {
 }
 RESUMED = ("alpha_dpo", "epsilon_dpo")
 PAIRS, GAS, STEPS = 2, 2, 4
-
-
-def engine_arguments(engine: str) -> dict:
-    if engine == "zero3":
-        return {
-            "deepspeed": {
-                "zero_optimization": {
-                    "stage": 3,
-                    "stage3_param_persistence_threshold": 0,
-                    "stage3_gather_16bit_weights_on_model_save": True,
-                },
-                "train_micro_batch_size_per_gpu": "auto",
-                "gradient_accumulation_steps": "auto",
-                "train_batch_size": "auto",
-                "gradient_clipping": "auto",
-                "zero_allow_untested_optimizer": True,
-            }
-        }
-    if engine == "fsdp2":
-        return {
-            "fsdp": "full_shard",
-            "fsdp_config": {
-                "fsdp_version": 2,
-                "reshard_after_forward": True,
-                "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-                "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
-                "state_dict_type": "SHARDED_STATE_DICT",
-                "cpu_ram_efficient_loading": False,
-            },
-        }
-    return {}
+# engine settings of the checkpoints the runs save (every 2 steps) and resume from, on top of
+# worker_setup.engine_arguments
+ZERO3_CHECKPOINTS = {"stage3_gather_16bit_weights_on_model_save": True}
+FSDP2_CHECKPOINTS = {"state_dict_type": "SHARDED_STATE_DICT"}
 
 
 def force_fsdp_on_cpu(trainer, args) -> None:
@@ -137,7 +111,7 @@ def train(engine: str, run: str, out_dir: str, resume: str | None) -> dict:
         train_sampling_strategy="sequential",
         seed=0,
         **RUNS[run],
-        **engine_arguments(engine),
+        **engine_arguments(engine, zero_optimization=ZERO3_CHECKPOINTS, fsdp_config=FSDP2_CHECKPOINTS),
     )
     trainer = PreferenceTrainer(model, args=args, train_dataset=rows, processing_class=tok)
     states = StateLog(trainer)
@@ -164,14 +138,7 @@ def train(engine: str, run: str, out_dir: str, resume: str | None) -> dict:
 
 
 def main(rank: int, engine: str, out_dir: str, port: int) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE="2",
-        LOCAL_WORLD_SIZE="2",
-    )
+    os.environ.update(distributed_env(rank, 2, port))
     torch.set_num_threads(1)
     results = {}
     for run in RUNS:

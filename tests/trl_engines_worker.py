@@ -37,6 +37,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import torch  # noqa: E402
+from worker_setup import distributed_env, engine_arguments  # noqa: E402
 
 RUNS = {
     "sigmoid": {"loss_type": "sigmoid", "beta": 0.5},
@@ -51,32 +52,6 @@ RUNS = {
 }
 PAIRS, STEPS = 4, 3
 LOGGED = ("loss", "grad_norm", "rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/chosen")
-
-
-def engine_arguments(engine: str) -> dict:
-    if engine == "zero3":
-        return {
-            "deepspeed": {
-                "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-                "train_micro_batch_size_per_gpu": "auto",
-                "gradient_accumulation_steps": "auto",
-                "train_batch_size": "auto",
-                "gradient_clipping": "auto",
-                "zero_allow_untested_optimizer": True,
-            }
-        }
-    if engine == "fsdp2":
-        return {
-            "fsdp": "full_shard",
-            "fsdp_config": {
-                "fsdp_version": 2,
-                "reshard_after_forward": True,
-                "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-                "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
-                "cpu_ram_efficient_loading": False,
-            },
-        }
-    return {}
 
 
 def trainer_class(engine: str) -> type:
@@ -171,14 +146,7 @@ def train(engine: str, world: int, run: str, out_dir: str) -> dict:
 def main(rank: int, world: int, engine: str, out_dir: str, port: int) -> None:
     torch.set_num_threads(1)
     if world > 1:
-        os.environ.update(
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(world),
-            LOCAL_WORLD_SIZE=str(world),
-        )
+        os.environ.update(distributed_env(rank, world, port))
     results = {run: train(engine, world, run, os.path.join(out_dir, run)) for run in RUNS}
     if rank == 0:
         torch.save(results, os.path.join(out_dir, f"{engine}.pt"))

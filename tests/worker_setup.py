@@ -1,0 +1,60 @@
+"""What the engine workers (``tests/*_worker.py``) share: the process environment and the engine settings.
+
+The workers run as scripts (``python tests/<worker>.py ...``, see ``run_engine_worker`` in conftest.py),
+so ``tests/`` is on their ``sys.path`` and they import this module by its name. Not a test file: pytest
+does not collect it, and test files do not import it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def distributed_env(rank: int, world: int, port: int) -> dict[str, str]:
+    """The ``env://`` rendezvous variables ``torchrun`` would set for process ``rank`` of ``world`` on
+    one machine; ``os.environ.update(...)`` them before ``init_process_group``, ``deepspeed`` or a Trainer."""
+    return {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "LOCAL_WORLD_SIZE": str(world),
+    }
+
+
+def engine_arguments(
+    engine: str, *, zero_optimization: dict[str, Any] | None = None, fsdp_config: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``TrainingArguments`` settings for ``engine``: ``zero3`` (DeepSpeed ZeRO-3, every parameter
+    partitioned, sizes from the Trainer), ``fsdp2`` (``fully_shard`` per Llama decoder layer, then the
+    root) or anything else (none: one process or DDP). A worker's own additions go to ZeRO's
+    ``zero_optimization`` and to ``fsdp_config``."""
+    if engine == "zero3":
+        return {
+            "deepspeed": {
+                "zero_optimization": {
+                    "stage": 3,
+                    "stage3_param_persistence_threshold": 0,
+                    **(zero_optimization or {}),
+                },
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "train_batch_size": "auto",
+                "gradient_clipping": "auto",
+                "zero_allow_untested_optimizer": True,
+            }
+        }
+    if engine == "fsdp2":
+        return {
+            "fsdp": "full_shard",
+            "fsdp_config": {
+                "fsdp_version": 2,
+                "reshard_after_forward": True,
+                "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                "cpu_ram_efficient_loading": False,
+                **(fsdp_config or {}),
+            },
+        }
+    return {}
