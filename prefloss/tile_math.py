@@ -67,15 +67,11 @@ def _stacked(z: torch.Tensor, z_ref: torch.Tensor | None, epsilon: torch.Tensor 
     """
     if z_ref is None:
         return z[:, None, :]
-    weights = [
-        torch.zeros((), dtype=z.dtype, device=z.device),
-        torch.ones((), dtype=z.dtype, device=z.device),
-    ]
-    if epsilon is not None:
-        eps = epsilon.to(z.dtype)
-        weights += [-eps, eps]
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    weights = [zero, zero] + ([] if epsilon is None else [-epsilon.to(z.dtype), epsilon.to(z.dtype)])
     a = torch.stack(weights)[None, :, None]
-    return torch.where(a == 1, z_ref[:, None, :], z[:, None, :] + a * (z_ref - z)[:, None, :])
+    is_ref = (torch.arange(len(weights), device=z.device) == 1)[None, :, None]  # stream 1: z_ref as given
+    return torch.where(is_ref, z_ref[:, None, :], z[:, None, :] + a * (z_ref - z)[:, None, :])
 
 
 def _row_lses(x: torch.Tensor) -> torch.Tensor:
@@ -142,12 +138,11 @@ def log_sum_exps_and_exp_(
     """
     dtype = _compute_dtype(z)
     x = z.to(dtype)
-    stacked = _stacked(x, None if z_ref is None else z_ref.to(dtype), epsilon)
     new_shift = torch.maximum(shift, x.amax(1).double()).to(dtype)
     e = torch.exp(x - new_shift[:, None])
     out = [new_shift.double() + e.sum(1).double().log()]
     if z_ref is not None:
-        out.extend(_row_lses(stacked[:, 1:]).unbind(1))
+        out.extend(_row_lses(_stacked(x, z_ref.to(dtype), epsilon)[:, 1:]).unbind(1))
     if softcap is not None:
         e = e * (1.0 - (x / softcap.to(dtype)).square())
     z.copy_(e)
