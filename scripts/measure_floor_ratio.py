@@ -13,6 +13,10 @@ Markdown table. Usage (outside the repository root, see CONTRIBUTING)::
 
     taskset -c 0 python scripts/measure_floor_ratio.py --threads 1 --seq-len 512,1024,2048,4096 \\
         --cases prefloss-torch/epsilon_dpo,prefloss-torch-frozen/epsilon_dpo,prefloss-torch-frozen/dpo
+
+With ``--parts`` each call runs under torch.profiler instead, and the table splits the step into its
+GEMMs, its compiled tile arithmetic and the rest, each over the floor's time in the same pair: where
+the distance to the floor comes from.
 """
 
 from __future__ import annotations
@@ -35,6 +39,53 @@ def timed(fn) -> tuple[float, float]:
     t0, c0 = time.perf_counter(), time.process_time()
     fn()
     return time.perf_counter() - t0, time.process_time() - c0
+
+
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_")
+
+
+def parts(fn) -> dict[str, float]:
+    """Self CPU seconds of one call of ``fn`` under torch.profiler, in three parts: ``gemm`` (the
+    ops of `GEMM_OPS`), ``tile_arithmetic`` (compiled graphs: the fused tile arithmetic) and
+    ``other``. The profiler adds its own overhead; read the parts as shares of the same run."""
+    with torch.profiler.profile() as prof:
+        fn()
+    out = dict.fromkeys(("gemm", "tile_arithmetic", "other"), 0.0)
+    for e in prof.key_averages():
+        kind = "gemm" if e.key in GEMM_OPS else "tile_arithmetic" if "CompiledFxGraph" in e.key else "other"
+        out[kind] += e.self_cpu_time_total / 1e6
+    return out
+
+
+def measure_parts(case_name: str, shape: Shape, repeats: int, seed: int) -> dict:
+    """Where a step's time goes, in units of its floor: step and floor alternately under the
+    profiler ``repeats`` times; per pair, each part of the step over the floor's total; medians."""
+    case = CASES[case_name]
+    x = make_inputs(shape, seed=seed)
+    step, floor = case.build(x), CASES[case.floor].build(x)
+
+    def one_step():
+        x.hidden.grad = None
+        x.weight.grad = None
+        step()
+
+    one_step(), floor()
+    shares = []
+    for _ in range(repeats):
+        s, f = parts(one_step), parts(floor)
+        total = sum(f.values())
+        shares.append({k: v / total for k, v in s.items()})
+    med = {k: round(statistics.median(p[k] for p in shares), 3) for k in shares[0]}
+    return {
+        "case": case_name,
+        "floor": case.floor,
+        "shape": shape.label(),
+        "threads": torch.get_num_threads(),
+        "parts_to_floor": med,
+        "step_to_floor": round(statistics.median(sum(p.values()) for p in shares), 3),
+        "all": [{k: round(v, 3) for k, v in p.items()} for p in shares],
+        "load": [round(v, 2) for v in os.getloadavg()],
+    }
 
 
 def measure(case_name: str, shape: Shape, repeats: int, seed: int) -> dict:
@@ -83,6 +134,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--parts",
+        action="store_true",
+        help="profile instead: the step's GEMMs, tile arithmetic and the rest, each over the floor",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,8 +153,19 @@ def main() -> None:
     rows = []
     for t in (int(v) for v in args.seq_len.split(",")):
         for name in cases:
-            rows.append(measure(name, Shape(args.batch, t, args.hidden, args.vocab), args.repeats, args.seed))
+            shape = Shape(args.batch, t, args.hidden, args.vocab)
+            rows.append((measure_parts if args.parts else measure)(name, shape, args.repeats, args.seed))
             print(json.dumps(rows[-1]), flush=True)
+    if args.parts:
+        print("\n| case | shape | floor | step × floor | GEMMs | tile arithmetic | other |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            p = r["parts_to_floor"]
+            print(
+                f"| {r['case']} | {r['shape']} | {r['floor']} | {r['step_to_floor']} | {p['gemm']} "
+                f"| {p['tile_arithmetic']} | {p['other']} |"
+            )
+        return
     print("\n| case | shape | floor | CPU s (step / floor) | × floor, CPU time | min / min | × floor, wall |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
