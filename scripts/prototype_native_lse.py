@@ -107,7 +107,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd", "-ffp-contract=fast"]
-    native = load_inline("prefloss_prototype_lse", cpp_sources=SOURCE, functions=["four_lses"], extra_cflags=flags)
+    native = load_inline(
+        "prefloss_prototype_lse", cpp_sources=SOURCE, functions=["four_lses"], extra_cflags=flags
+    )
     gen = torch.Generator().manual_seed(0)
     z = 3 * torch.randn(args.rows, args.cols, generator=gen)
     z_ref = 3 * torch.randn(args.rows, args.cols, generator=gen)
