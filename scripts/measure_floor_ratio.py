@@ -57,10 +57,9 @@ def parts(fn) -> dict[str, float]:
     return out
 
 
-def measure_parts(case_name: str, shape: Shape, repeats: int, seed: int) -> dict:
-    """Where a step's time goes, in units of its floor: step and floor alternately under the
-    profiler ``repeats`` times; per pair, each part of the step over the floor's total; medians."""
-    case = CASES[case_name]
+def warmed_up(case, shape: Shape, seed: int):
+    """``(step, floor)`` callables of ``case`` on fresh inputs, each run once (which also compiles the
+    tile arithmetic); the step clears the gradients first."""
     x = make_inputs(shape, seed=seed)
     step, floor = case.build(x), CASES[case.floor].build(x)
 
@@ -70,6 +69,14 @@ def measure_parts(case_name: str, shape: Shape, repeats: int, seed: int) -> dict
         step()
 
     one_step(), floor()
+    return one_step, floor
+
+
+def measure_parts(case_name: str, shape: Shape, repeats: int, seed: int) -> dict:
+    """Where a step's time goes, in units of its floor: step and floor alternately under the
+    profiler ``repeats`` times; per pair, each part of the step over the floor's total; medians."""
+    case = CASES[case_name]
+    one_step, floor = warmed_up(case, shape, seed)
     shares = []
     for _ in range(repeats):
         s, f = parts(one_step), parts(floor)
@@ -91,15 +98,7 @@ def measure_parts(case_name: str, shape: Shape, repeats: int, seed: int) -> dict
 def measure(case_name: str, shape: Shape, repeats: int, seed: int) -> dict:
     """Step and floor of one case at one shape, alternately ``repeats`` times."""
     case = CASES[case_name]
-    x = make_inputs(shape, seed=seed)
-    step, floor = case.build(x), CASES[case.floor].build(x)
-
-    def one_step():
-        x.hidden.grad = None
-        x.weight.grad = None
-        step()
-
-    one_step(), floor()
+    one_step, floor = warmed_up(case, shape, seed)
     steps, floors = [], []
     for _ in range(repeats):
         steps.append(timed(one_step))
