@@ -28,13 +28,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_engine_worker(script: str, mode: str, out_dir: Path) -> dict:
-    """Run ``tests/<script> MODE OUT_DIR PORT`` (2 gloo processes on CPU) with ``cwd=out_dir``, so the
-    repository's ``kernels/`` folder is never on ``sys.path``, and load the ``OUT_DIR/MODE.pt`` it saves."""
+def _subprocess_env(**settings: str) -> dict[str, str]:
+    """This process's environment for a child process, plus ``settings``: without the rendezvous
+    variables a launcher may have set for pytest itself (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+    ``MASTER_PORT``)."""
     env = {
         k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
     }
-    env.update(
+    env.update(settings)
+    return env
+
+
+def _run_engine_worker(script: str, mode: str, out_dir: Path) -> dict:
+    """Run ``tests/<script> MODE OUT_DIR PORT`` (2 gloo processes on CPU) with ``cwd=out_dir``, so the
+    repository's ``kernels/`` folder is never on ``sys.path``, and load the ``OUT_DIR/MODE.pt`` it saves."""
+    env = _subprocess_env(
         OMP_NUM_THREADS="1",
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
@@ -58,6 +66,18 @@ def _run_engine_worker(script: str, mode: str, out_dir: Path) -> dict:
 def run_engine_worker():
     """`_run_engine_worker`, for the 2-process workers of the engine tests."""
     return _run_engine_worker
+
+
+@pytest.fixture(scope="session")
+def subprocess_env():
+    """`_subprocess_env`: ``subprocess_env(**settings)``, the environment for a child process."""
+    return _subprocess_env
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """`_free_port`: ``free_port()``, a TCP port on 127.0.0.1 free at the time of the call."""
+    return _free_port
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ the final weights must agree.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -92,25 +91,14 @@ if __name__ == "__main__":
 """
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_worker(tmp_path, world_size: int) -> dict:
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
-    }
-    env.update(
+def _run_worker(tmp_path, world_size: int, subprocess_env, free_port) -> dict:
+    env = subprocess_env(
         HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false"
     )
     script = tmp_path / "ddp_worker.py"
     script.write_text(WORKER)
     proc = subprocess.run(
-        [sys.executable, str(script), str(world_size), str(tmp_path), str(_free_port())],
+        [sys.executable, str(script), str(world_size), str(tmp_path), str(free_port())],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -124,9 +112,9 @@ def _run_worker(tmp_path, world_size: int) -> dict:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_on_the_merged_batch(tmp_path) -> None:
-    single = _run_worker(tmp_path, 1)
-    ddp = _run_worker(tmp_path, 2)
+def test_two_processes_match_one_process_on_the_merged_batch(tmp_path, subprocess_env, free_port) -> None:
+    single = _run_worker(tmp_path, 1, subprocess_env, free_port)
+    ddp = _run_worker(tmp_path, 2, subprocess_env, free_port)
     for loss in ("alpha_dpo", "epsilon_dpo"):
         one, two = single[loss], ddp[loss]
         torch.testing.assert_close(two["loss"], one["loss"], atol=1e-5, rtol=1e-5, msg=f"{loss}: loss")

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,25 +19,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _launch_env() -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
-    }
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", DS_ACCELERATOR="cpu")
-    return env
-
-
-def _accelerate(config: str, out: Path, *train_args: str) -> subprocess.CompletedProcess:
+def _accelerate(env: dict[str, str], config: str, out: Path, *train_args: str) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "accelerate.commands.launch"]
     cmd = [*launcher, "--config_file", f"configs/accelerate/{config}", "-m", "prefloss", "train"]
     cmd += ["--output-dir", str(out), "--quiet", "--no-plot", *train_args]
-    return subprocess.run(cmd, cwd=ROOT, env=_launch_env(), capture_output=True, text=True, timeout=900)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture
+def launch_env(subprocess_env) -> dict[str, str]:
+    return subprocess_env(
+        OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", DS_ACCELERATOR="cpu"
+    )
 
 
 @pytest.mark.slow
-def test_zero3_launch_recipe_learns_on_two_cpu_processes(tmp_path) -> None:
+def test_zero3_launch_recipe_learns_on_two_cpu_processes(tmp_path, launch_env) -> None:
     proc = _accelerate(
-        "zero3.yaml", tmp_path, "--max-steps", "20", "--eval-steps", "10", "--save-steps", "10"
+        launch_env, "zero3.yaml", tmp_path, "--max-steps", "20", "--eval-steps", "10", "--save-steps", "10"
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -51,8 +49,8 @@ def test_zero3_launch_recipe_learns_on_two_cpu_processes(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_fsdp2_launch_recipe_on_cpu_is_refused_not_run_as_ddp(tmp_path) -> None:
-    proc = _accelerate("fsdp2.yaml", tmp_path, "--max-steps", "2")
+def test_fsdp2_launch_recipe_on_cpu_is_refused_not_run_as_ddp(tmp_path, launch_env) -> None:
+    proc = _accelerate(launch_env, "fsdp2.yaml", tmp_path, "--max-steps", "2")
     assert proc.returncode != 0
     assert "FSDP was requested" in proc.stderr and "ignores FSDP settings on CPU" in proc.stderr, proc.stderr[
         -4000:
