@@ -1,0 +1,109 @@
+"""Argument types for the ``prefloss`` sub-commands' parsers: checked at parse time.
+
+Each function here is an ``argparse`` ``type=``: it turns the text into a value or raises
+``argparse.ArgumentTypeError`` saying what was expected and what came. argparse prefixes the
+message with the flag (``argument --repeats: ...``) and exits with status 2 before any work runs.
+
+    parser.add_argument("--repeats", type=positive_int)
+    parser.add_argument("--seq-len", type=int_list(minimum=1))
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+__all__ = [
+    "finite_float",
+    "int_at_least",
+    "int_list",
+    "nonnegative_float",
+    "nonnegative_int",
+    "positive_float",
+    "positive_int",
+    "probability",
+]
+
+
+def _int(text: str, expected: str) -> int:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+
+def _float(text: str, expected: str) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An integer ``>= minimum``."""
+    expected = f"an integer >= {minimum}"
+
+    def parse(text: str) -> int:
+        value = _int(text, expected)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"  # argparse names the type in "invalid <name> value"
+    return parse
+
+
+positive_int = int_at_least(1)
+positive_int.__doc__ = "An integer >= 1."
+nonnegative_int = int_at_least(0)
+nonnegative_int.__doc__ = "An integer >= 0."
+
+
+def finite_float(text: str) -> float:
+    """A finite number (no nan, no inf)."""
+    return _float(text, "a finite number")
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    value = _float(text, "a finite number > 0")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """A finite number >= 0."""
+    value = _float(text, "a finite number >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def probability(text: str) -> float:
+    """A number in [0, 1]."""
+    value = _float(text, "a number in [0, 1]")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def int_list(minimum: int = 1, example: str = "") -> Callable[[str], list[int]]:
+    """A comma-separated, non-empty list of integers, each ``>= minimum`` (e.g. ``"128,512"``)."""
+    expected = f"a comma-separated list of integers >= {minimum}" + (f" like {example}" if example else "")
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not values or any(v < minimum for v in values):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return values
+
+    parse.__name__ = "integer list"
+    return parse
