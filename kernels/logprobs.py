@@ -44,7 +44,7 @@ __all__ = [
     "logprobs_fwd_kernel",
 ]
 
-# The interpreter decides at decoration time (see ENVIRONMENT.md); so does the config list below.
+# The interpreter decides at decoration time (see docs/environment.md); so does the config list below.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Triton's interpreter converts fp32 -> bf16 by truncation where GPUs round to nearest even; the
 # truncation biases every stored gradient toward zero and the bias accumulates in the backward GEMMs.

@@ -11,7 +11,7 @@
 - still launch the kernels on real tensors: CUDA, or CPU under ``TRITON_INTERPRET=1``.
 
 They live here, not in `prefloss.kernels`, because that package stays "Triton only, tensors in,
-tensors out" (STYLE.md); registering the ops does not import Triton, so ``TRITON_INTERPRET`` can
+tensors out" (docs/conventions.md); registering the ops does not import Triton, so ``TRITON_INTERPRET`` can
 still be decided after `prefloss` is imported. `prefloss.triton_backend` calls the two Python
 functions below, which have exactly the launchers' signatures.
 

@@ -74,7 +74,7 @@ def token_logprobs(
     return TokenLogProbs(policy, ref, minus, plus, mask)
 
 
-# --- losses on per-sequence values, float64, straight from the papers / SPEC.md ---------------
+# --- losses on per-sequence values, float64, straight from the papers / docs/losses.md -------
 
 
 def _sigmoid_loss(logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:

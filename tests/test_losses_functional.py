@@ -186,7 +186,7 @@ def test_alpha_dpo_z_is_zero_when_std_is_degenerate(std):
 @pytest.mark.parametrize("ls", [0.0, 0.1], ids=["ls0", "ls0.1"])
 @pytest.mark.parametrize("std", [0.7, 0.0], ids=["std0.7", "std0"])
 def test_alpha_zero_is_simpo_exactly(std, ls):
-    """α = 0: margin r + 0·z = r, rewards β·((1−0)π̄ + 0·ρ̄) = β·π̄ — bitwise SimPO (SPEC A2)."""
+    """α = 0: margin r + 0·z = r, rewards β·((1−0)π̄ + 0·ρ̄) = β·π̄ — bitwise SimPO (docs/losses.md)."""
     g = torch.Generator().manual_seed(3)
     pc, pr, rc, rr = (torch.randn(33, generator=g) for _ in range(4))
     pc1, pr1 = pc.clone().requires_grad_(), pr.clone().requires_grad_()
@@ -227,7 +227,7 @@ def test_epsilon_steps_rules(compare_dtype):
 
 def test_epsilon_steps_bf16_rounding_makes_ties():
     """bf16 keeps 8 significant bits: on [256, 512) its spacing is 2, and comparisons run on the
-    rounded sums AND the rounded differences (the authors' bf16 runs, SPEC B3/B8).
+    rounded sums AND the rounded differences (the authors' bf16 runs, docs/losses.md).
 
     pair 0 (sums round): π = (−300, −310), minus = (−299.6, −310), plus = (−300.4, −310):
         exact ℓ⁻ = 10.4 > ℓ = 10 > ℓ⁺ = 9.6 → +1; bf16(−299.6) = bf16(−300.4) = −300 → tie → 0.
@@ -315,7 +315,7 @@ def test_epsilon_dpo_loss_accepts_tensor_beta():
 @pytest.mark.parametrize("mixtures", ["policy", "random"], ids=["mix-equal-policy", "mix-random"])
 @pytest.mark.parametrize("compare_dtype", list(COMPARE_DTYPES.values()), ids=list(COMPARE_DTYPES))
 def test_epsilon_zero_is_dpo_exactly(compare_dtype, mixtures):
-    """ε = 0: both mixtures are the policy itself, every s = 0 (SPEC B8) and β_i = β/(1 + 0) = β,
+    """ε = 0: both mixtures are the policy itself, every s = 0 (docs/losses.md) and β_i = β/(1 + 0) = β,
     so losses, rewards and gradients are DPO's bitwise; even with arbitrary mixture sums the
     factor 1 + 0·s keeps β_i = β."""
     g = torch.Generator().manual_seed(5)

@@ -3,7 +3,7 @@
 Inputs are ``[2B, T, H]`` hidden states (rows ``[0, B)`` chosen, ``[B, 2B)`` rejected) with masked
 prompts and right padding. Ground truth is `prefloss.reference` in float64 (full logits), judged
 with `prefloss.testing.assert_close_to_reference`; batch-level state (α-DPO's running statistics,
-ε-DPO's β) is checked against float64 recurrences written out here from SPEC.md / DESIGN.md.
+ε-DPO's β) is checked against float64 recurrences written out here from docs/losses.md.
 Float64 inputs run the module converted with ``.to(torch.float64)`` (its statistics / β buffers
 too), as any ``nn.Module`` is for float64 work.
 """
@@ -202,7 +202,7 @@ def all_finite(out, *grads) -> bool:
 @pytest.mark.parametrize("name", NAMES, ids=NAMES)
 def test_module_matches_reference(name, shape, dtype):
     """Loss and gradients w.r.t. hidden and weight (random upstream gradient) at the first
-    training step, vs `reference.preference_loss` in float64; metric names as SPEC.md A4/B6."""
+    training step, vs `reference.preference_loss` in float64; metric names as in docs/losses.md."""
     batch = make_batch(shape, dtype, seed=11)
     if name == "epsilon_dpo":
         reference_steps(batch, HPARAMS[name]["epsilon"])
@@ -345,7 +345,7 @@ def test_epsilon_dpo_rejects_ref_logps():
 
 
 def test_alpha_dpo_ema_statistics_over_training_calls():
-    """SPEC A3, from zero: μ_k = 0.9·μ_{k−1} + 0.1·mean(M_k), σ_k = 0.9·σ_{k−1} + 0.1·std(M_k)
+    """From zero (docs/losses.md, α-DPO): μ_k = 0.9·μ_{k−1} + 0.1·mean(M_k), σ_k = 0.9·σ_{k−1} + 0.1·std(M_k)
     (unbiased), updated BEFORE use: call k's loss is `reference.alpha_dpo_losses` with (μ_k, σ_k).
     Micro-batches of 3, 4 and 3 pairs (float64 module and inputs: tight)."""
     module = make_module("alpha_dpo").double()
@@ -428,7 +428,7 @@ def test_alpha_dpo_batch_normalization(training):
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 def test_epsilon_dpo_update_beta_over_micro_batches(dtype):
-    """SPEC B5 / DESIGN: β ← β / (1 + ε·mean(s)), the mean over every pair seen in training
+    """docs/losses.md (ε-DPO): β ← β / (1 + ε·mean(s)), the mean over every pair seen in training
     since the last call (micro-batches of 3, 1 and 4 pairs: an exact pooled mean, not a mean of
     means). Losses before the update use the old β; eval-mode calls accumulate nothing, so an
     update after them leaves β unchanged; the step-fraction metrics are per micro-batch."""

@@ -1,6 +1,6 @@
 """The authors-style unfused losses: full ``[2B, T, V]`` logits of policy and reference.
 
-Written from SPEC.md (what the published α-DPO / ε-DPO code does), in plain PyTorch, as the
+Written from docs/losses.md (what the published α-DPO / ε-DPO code does), in plain PyTorch, as the
 baseline a user would otherwise run: one GEMM over every position (prompt and padding included),
 ``log_softmax`` over the whole vocabulary, ``gather`` at the labels, masked sums. ε-DPO also builds
 the two perturbed logit tensors ``(1+ε)·f − ε·f_ref`` and ``(1−ε)·f + ε·f_ref``.

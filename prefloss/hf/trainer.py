@@ -81,7 +81,7 @@ class PreferenceConfig(LossFields, TrainingArguments):
 
     The loss settings are `LossFields`' (``beta``, ``gamma_beta_ratio``, ``alpha``, ``epsilon``,
     ``loss_kwargs``, with its help texts). Loss hyperparameters left at ``None`` take the loss module's
-    defaults (the published configs, SPEC.md): α-DPO β=2.5, γ/β=0.6, α=0.2; ε-DPO β=0.01, ε=0.01;
+    defaults (the published configs, docs/losses.md): α-DPO β=2.5, γ/β=0.6, α=0.2; ε-DPO β=0.01, ε=0.01;
     DPO β=0.1; SimPO β=2.0, γ/β=0.25.
     """
 

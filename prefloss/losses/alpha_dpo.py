@@ -1,4 +1,4 @@
-"""α-DPO (Wu et al., 2024, papers/alpha-dpo.txt): SimPO with an adaptive, standardised reward margin.
+"""α-DPO (Wu et al., 2024, https://arxiv.org/abs/2410.10148): SimPO with an adaptive, standardised margin.
 
 On length-normalised sequence log-probs π̄ (policy) and ρ̄ (reference), per pair::
 
@@ -9,7 +9,7 @@ On length-normalised sequence log-probs π̄ (policy) and ρ̄ (reference), per 
 μ, σ are running statistics of M (``normalization="ema"``, the authors' code: an EMA with
 momentum 0.9 from zero of each gathered batch's mean and unbiased std, updated before use, over
 all data-parallel ranks) or the current gathered batch's (``"batch"``). α = 0 gives SimPO.
-Deliberate differences from the authors' code (DESIGN.md): the statistics are buffers (saved in
+Deliberate differences from the authors' code (docs/losses.md): the statistics are buffers (saved in
 ``state_dict``), updated only in training mode; z = 0 where σ is 0 or undefined (the authors'
 code gives NaN when policy == reference); a gathered batch of one pair leaves σ unchanged.
 """

@@ -16,7 +16,7 @@ class LossOutput:
 
     Attributes:
         loss: 0-dim mean loss over the pairs of this (micro-)batch, differentiable.
-        metrics: name → 0-dim detached tensor; names follow the authors' trainers (SPEC.md).
+        metrics: name → 0-dim detached tensor; names follow the authors' trainers (docs/losses.md).
         chosen_rewards, rejected_rewards: ``[B]`` detached per-pair rewards, as in the metrics.
     """
 

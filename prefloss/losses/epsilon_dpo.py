@@ -1,4 +1,4 @@
-"""ε-DPO (Lee et al., 2025, papers/epsilon-dpo.txt): per-pair KL-penalty control by logit mixing.
+"""ε-DPO (Lee et al., 2025, https://arxiv.org/abs/2502.13177): per-pair KL-penalty control by logit mixing.
 
 For each pair, the policy's chosen-minus-rejected log-ratio of sequence SUMS is evaluated under
 three logit rows (`prefloss.fused_logprobs` gives them in one pass)::
@@ -15,7 +15,7 @@ rank (`EpsilonDPOLoss.update_beta`). ε = 0 makes every s = 0: plain DPO.
 The comparison: the authors' runs compared bf16 sums (transformers ≥ 4.45 stopped upcasting
 logits), so most pairs tie (s = 0) early in training; ``compare_dtype=torch.bfloat16`` (default)
 rounds the three sums and their differences to bf16 to reproduce that, ``compare_dtype=None``
-compares the fp32 sums exactly. Deliberate differences (DESIGN.md): β is a buffer (saved in
+compares the fp32 sums exactly. Deliberate differences (docs/losses.md): β is a buffer (saved in
 ``state_dict``), updated only in training mode; label smoothing works (the authors' sign bug is
 not reproduced); the step mean is exact over all pairs even when micro-batches are uneven.
 """
