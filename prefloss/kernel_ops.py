@@ -1,6 +1,6 @@
 """The Triton launchers of `prefloss.kernels` as ``torch.library`` custom ops, with fake implementations.
 
-``prefloss::logprobs_fwd`` and ``prefloss::logprobs_bwd`` wrap `prefloss.kernels.logprobs_fwd` /
+``prefloss::logprobs_fwd`` and ``prefloss::logprobs_bwd`` wrap `prefloss.kernels.logprobs.logprobs_fwd` /
 `logprobs_bwd` (whose contract `prefloss.rows` states in PyTorch). As custom ops they
 
 - trace on ``meta`` tensors and under ``FakeTensorMode`` without a GPU: the fake implementation
@@ -29,9 +29,9 @@ __all__ = ["logprobs_bwd", "logprobs_fwd"]
 
 
 def _kernels():
-    from prefloss import kernels
+    from prefloss.kernels import logprobs
 
-    return kernels
+    return logprobs
 
 
 def _float_or_none(value) -> float | None:
@@ -126,7 +126,7 @@ def logprobs_fwd(
     block_v: int | None = None,
     num_warps: int | None = None,
 ) -> RowStats:
-    """`prefloss.kernels.logprobs_fwd` through the ``prefloss::logprobs_fwd`` custom op.
+    """`prefloss.kernels.logprobs.logprobs_fwd` through the ``prefloss::logprobs_fwd`` custom op.
 
     Same arguments and result (`RowStats` of ``[n]`` float32, ``None`` where not asked for), and the
     launcher's argument checks (`prefloss.rows.check_fwd_args`), on ``meta`` tensors too.
@@ -162,7 +162,7 @@ def logprobs_bwd(
     block_v: int | None = None,
     num_warps: int | None = None,
 ) -> torch.Tensor:
-    """`prefloss.kernels.logprobs_bwd` through the ``prefloss::logprobs_bwd`` custom op.
+    """`prefloss.kernels.logprobs.logprobs_bwd` through the ``prefloss::logprobs_bwd`` custom op.
 
     Same arguments and checks (`prefloss.rows.check_bwd_args`); overwrites ``logits`` with ``∂/∂raw``
     in place and returns it.

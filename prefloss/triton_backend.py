@@ -1,9 +1,9 @@
 """The ``"triton"`` backend: ``[C, V]`` row chunks, GEMMs in torch, row reductions in Triton.
 
 For each chunk of ``C`` counted rows, one GEMM per model (cuBLAS on a GPU) writes the chunk's raw
-logit rows into a reused ``[C, V]`` buffer, and `prefloss.kernels.logprobs_fwd` reduces them in one
+logit rows into a reused ``[C, V]`` buffer, and `prefloss.kernels.logprobs.logprobs_fwd` reduces them in one
 pass (policy, reference and the two ε-mixtures from the same loads). Backward recomputes the policy
-rows tile by tile over the vocabulary, `prefloss.kernels.logprobs_bwd` overwrites them in place
+rows tile by tile over the vocabulary, `prefloss.kernels.logprobs.logprobs_bwd` overwrites them in place
 with ``∂/∂raw``, then ``∂h += G @ W[tile]`` (fp32 accumulator) and ``∂W[tile] = Gᵀ @ h`` (one
 full-depth GEMM rounded once; see `backward`): with 16-bit inputs every GEMM takes 16-bit operands
 and accumulates in fp32, and no fp32 copy of a chunk or of ``W`` exists. Matmul work per step, in units of one
@@ -51,8 +51,8 @@ def forward(
     ``hidden``/``ref_hidden`` are the full ``[N, H]`` inputs; ``labels`` ``[n]`` are the counted
     rows' labels, in the order of ``rows``.
 
-    ``J`` (frozen head): once `prefloss.kernels.logprobs_fwd` has each row's lse, the chunk's raw
-    rows are not needed any more, so `prefloss.kernels.logprobs_bwd` with an upstream gradient of
+    ``J`` (frozen head): once `prefloss.kernels.logprobs.logprobs_fwd` has each row's lse, the chunk's raw
+    rows are not needed any more, so `prefloss.kernels.logprobs.logprobs_bwd` with an upstream gradient of
     ones overwrites them with ``∂logp/∂raw`` and ``J = buf @ W`` (one GEMM, ``hidden``'s dtype,
     the same GEMM as the trainable backward's ``∂h``).
     """
@@ -156,7 +156,7 @@ def backward(hidden, weight, bias, labels, rows: CountedRows, lse, grad, opts, n
     ``V_t`` vocabulary columns (``R·V_t`` about the forward's ``C·V`` buffer):
 
     1. ``D = h_R @ W[tile]ᵀ`` into one reused ``[R, V_t]`` buffer (the recompute, 16-bit);
-    2. `prefloss.kernels.logprobs_bwd` overwrites ``D`` with ``∂/∂raw`` (labels shifted by the
+    2. `prefloss.kernels.logprobs.logprobs_bwd` overwrites ``D`` with ``∂/∂raw`` (labels shifted by the
        tile's start: a label outside the tile adds no one-hot term), rounded once to 16 bits;
     3. ``∂h_R += D @ W[tile]`` into an ``[R, H]`` fp32 accumulator (16-bit operands, fp32 result);
     4. ``∂W[tile] = Dᵀ @ h_R``: one GEMM over the block's whole depth R, accumulating in fp32 and

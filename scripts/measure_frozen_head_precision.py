@@ -63,7 +63,7 @@ def fp32_jacobian_torch(hidden, weight, labels, upstream):
 
 def fp32_jacobian_triton(hidden, weight, labels, upstream, chunk: int = 512):
     """∂h with J = (∂logp/∂raw) @ W as an fp32 result, the kernels run as the backend runs them."""
-    from prefloss import kernels
+    from prefloss.kernels import logprobs as kernels
 
     keep = labels.reshape(-1) != -100
     h = hidden.reshape(-1, hidden.shape[-1])[keep]

@@ -10,14 +10,18 @@ CPU tensors under the interpreter, CUDA tensors when the kernels are compiled fo
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import prefloss
-from prefloss import kernels, reference
+import prefloss.kernels
+from prefloss import reference
 from prefloss import rows as torch_rows
+from prefloss.kernels import logprobs as kernels
 from prefloss.testing import assert_close_to_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -25,11 +29,30 @@ DTYPE_IDS = ["fp32", "bf16", "fp16"]
 
 
 def test_kernels_import_name():
-    assert kernels.__name__ == "prefloss.kernels"
+    assert prefloss.kernels.__name__ == "prefloss.kernels"
+    assert kernels.__name__ == "prefloss.kernels.logprobs"
     folder = Path(kernels.__file__).resolve().parent
     spec = importlib.util.find_spec("kernels")
     # A bare `kernels` must never be our folder (it would shadow Hugging Face's `kernels` package).
     assert spec is None or spec.origin is None or folder not in Path(spec.origin).resolve().parents
+
+
+def test_repository_root_does_not_shadow_hugging_face_kernels():
+    # `python -c`, `python -m` and Jupyter put the current directory first on sys.path. From the
+    # repository root, the top-level kernels/ folder (no __init__.py) must lose to an installed
+    # `kernels` package, which transformers >= 5.25 imports, and prefloss.kernels must still resolve.
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import importlib.util, pathlib, transformers.modeling_utils, prefloss.kernels.logprobs as k\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        f"root = pathlib.Path({str(root)!r})\n"
+        "origin = spec and spec.origin and pathlib.Path(spec.origin).resolve()\n"
+        "assert origin is None or root not in origin.parents, spec\n"
+        "print(k.__name__)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "prefloss.kernels.logprobs"
 
 
 # --- launchers on raw rows ----------------------------------------------------------------------

@@ -18,6 +18,7 @@ import torch
 import prefloss
 from prefloss import kernel_ops, reference, triton_backend
 from prefloss import rows as torch_rows
+from prefloss.kernels import logprobs as kernel_launchers
 from prefloss.testing import assert_close_to_reference
 
 # CUDA when there is one (scripts/gpu_check.sh runs this file there), else CPU under the interpreter.
@@ -77,7 +78,7 @@ def test_fwd_op_passes_opcheck_and_fake_matches_real(variant):
         logit_scale=args[6],
         softcap=args[7],
     )
-    direct = prefloss.kernels.logprobs_fwd(
+    direct = kernel_launchers.logprobs_fwd(
         raw, labels, bias=args[2], ref_logits=args[3], epsilon=args[5], logit_scale=args[6], softcap=args[7]
     )
     for got, want in zip(wrapped, direct, strict=True):
@@ -95,7 +96,7 @@ def test_bwd_op_passes_opcheck_and_writes_in_place(dtype):
     torch.library.opcheck(kernel_ops._logprobs_bwd_op, args)
     out = raw.clone()
     assert kernel_ops.logprobs_bwd(out, labels, lse, grad, bias=bias, logit_scale=1.3) is out
-    want = prefloss.kernels.logprobs_bwd(raw.clone(), labels, lse, grad, bias=bias, logit_scale=1.3)
+    want = kernel_launchers.logprobs_bwd(raw.clone(), labels, lse, grad, bias=bias, logit_scale=1.3)
     assert torch.equal(out, want)
     meta = raw.to("meta")
     assert kernel_ops.logprobs_bwd(meta, labels.to("meta"), lse.to("meta"), grad.to("meta")) is meta
@@ -124,7 +125,7 @@ def test_bwd_on_a_column_tile_with_shifted_labels_equals_the_full_rows(dtype):
     labels[:3] = torch.tensor([100, 149, 150], device=DEVICE)  # at the tile's edges
     lse = raw.float().logsumexp(1)
     grad = torch.randn(6, generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    for bwd in (prefloss.kernels.logprobs_bwd, torch_rows.logprobs_bwd):
+    for bwd in (kernel_launchers.logprobs_bwd, torch_rows.logprobs_bwd):
         full = bwd(raw.clone(), labels, lse, grad, bias=bias)
         tile = bwd(raw[:, 100:150].contiguous(), labels - 100, lse, grad, bias=bias[100:150])
         assert torch.equal(tile, full[:, 100:150]), bwd.__module__
