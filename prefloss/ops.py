@@ -38,6 +38,7 @@ Compacting the counted rows costs one host synchronisation per call (its size is
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -155,6 +156,9 @@ class _FusedLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, *_unused):
+        # autograd runs a backward with grad mode on only under create_graph=True
+        if torch.is_grad_enabled():
+            raise RuntimeError(_FIRST_ORDER_ONLY)
         if ctx.frozen:
             (jac,) = ctx.saved_tensors
             grad = grad_logp.to(_accumulate_dtype(jac)).contiguous()
@@ -170,6 +174,14 @@ class _FusedLogProbs(torch.autograd.Function):
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
         return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
+_FIRST_ORDER_ONLY = (
+    "prefloss's fused log-probs (`fused_logprobs`, `sequence_logprobs` and the losses) support "
+    "first-order gradients only: their backward is not differentiable, so a backward with "
+    "`create_graph=True` (double backward: gradient penalties, Hessian-vector products) is refused. "
+    "Call `backward()` / `torch.autograd.grad` without `create_graph=True`."
+)
 
 
 def _scale_rows(jac, grad, rows: CountedRows, hidden_like, chunk_size: int) -> torch.Tensor:
@@ -196,20 +208,121 @@ def _check_tensor(name: str, x, *, floating: bool = True) -> None:
         raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {x.dtype}.")
 
 
-def _check_positive(name: str, value) -> float | None:
-    if value is None:
-        return None
+def check_number(name: str, value, *, gt=None, ge=None, lt=None, tensors: bool = False) -> float:
+    """``value`` as a finite Python float within the bounds, else an error naming ``name``.
+
+    The one check of every numeric option of the op and the losses: ``TypeError`` for what is not a
+    real number (``bool``, strings, ``None``; tensors unless ``tensors``: a 1-element tensor is then
+    read with ``float()``), ``ValueError`` for NaN, ±inf or a value out of range. Bounds: ``gt`` /
+    ``ge`` (lower, open / closed), ``lt`` (upper, open).
+    """
     if isinstance(value, torch.Tensor):
-        raise TypeError(f"`{name}` must be a Python float, got a tensor (pass float(x)).")
-    v = float(value)
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
+        if not tensors:
+            raise TypeError(f"`{name}` must be a Python float, got a tensor (pass float(x)).")
+        if value.numel() != 1 or value.is_complex():
+            raise TypeError(f"`{name}` must be a real number, got a tensor of shape {tuple(value.shape)}.")
+        v = float(value)
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__} {value!r}.")
+    else:
+        v = float(value)
+    low = f"({gt}" if gt is not None else f"[{ge}" if ge is not None else None
+    if low is not None and lt is not None:
+        expected = f"in {low}, {lt})"
+    elif gt is not None:
+        expected = f"a finite number > {gt}"
+    elif ge is not None:
+        expected = f"a finite number >= {ge}"
+    elif lt is not None:
+        expected = f"a finite number < {lt}"
+    else:
+        expected = "a finite number"
+    if (
+        not math.isfinite(v)
+        or (gt is not None and not v > gt)
+        or (ge is not None and not v >= ge)
+        or (lt is not None and not v < lt)
+    ):
+        raise ValueError(f"`{name}` must be {expected}, got {value!r}.")
     return v
+
+
+def _check_positive(name: str, value) -> float | None:
+    return None if value is None else check_number(name, value, gt=0)
+
+
+def check_chunk_size(chunk_size) -> int | None:
+    """``None`` (the backend's default) or a positive int, else an error naming `chunk_size`."""
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be a positive int or None, got {chunk_size!r}.")
+    return int(chunk_size)
+
+
+def check_backend(backend) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}.")
+    return backend
+
+
+def check_ignore_index(ignore_index) -> int:
+    """The label value of tokens that do not count: a Python int (``bool`` and tensors refused)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(
+            f"`ignore_index` must be an int (the label of tokens that do not count, e.g. -100), "
+            f"got {type(ignore_index).__name__} {ignore_index!r}."
+        )
+    return int(ignore_index)
+
+
+try:  # torch built without distributed has no DTensor
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover
+    _DTensor = None
+
+_GATHER_HINT = (
+    "Inside a training step use `prefloss.hf.preference_loss(loss_fn, model, input_ids, attention_mask, "
+    "labels, ref_model=...)`, which gathers the output heads for the fused forward and backward; in a "
+    "hand-written loop gather them with `with prefloss.hf.gathered_heads(model, ref_model) as heads:` and "
+    "pass `heads.policy.weight` / `heads.ref.weight`, wrapping the hidden states and the loss with "
+    "`heads.release_after_backward` / `heads.gather_before_backward` for the backward (see "
+    "`prefloss.hf.engines`)."
+)
+
+
+def check_not_sharded(name: str, t) -> None:
+    """Refuse a head parameter that a sharding engine holds only in part (the op needs it whole).
+
+    * DeepSpeed ZeRO-3: a partitioned parameter (attribute ``ds_id``) outside a gather is a ``[0]``
+      placeholder (``ds_status`` NOT_AVAILABLE, ``ds_shape`` the whole shape);
+    * FSDP2 / tensor parallelism: a ``torch.distributed.tensor.DTensor`` (FSDP2's sharded parameter
+      outside the unit's forward; with a bf16 ``MixedPrecisionPolicy`` also still in fp32).
+    """
+    if t is None:
+        return
+    if hasattr(t, "ds_id"):
+        status = getattr(t, "ds_status", None)
+        whole = tuple(getattr(t, "ds_shape", t.shape))
+        if getattr(status, "name", None) == "NOT_AVAILABLE" or tuple(t.shape) != whole:
+            raise ValueError(
+                f"`{name}` is a DeepSpeed ZeRO-3 partitioned parameter (ds_id {t.ds_id}, whole shape "
+                f"{whole}, held here as shape {tuple(t.shape)}): the fused op needs the whole tensor. "
+                + _GATHER_HINT
+            )
+    if _DTensor is not None and isinstance(t, _DTensor):
+        raise ValueError(
+            f"`{name}` is a torch.distributed.tensor.DTensor (placements {tuple(t.placements)}, local "
+            f"shape {tuple(t.to_local().shape)} of {tuple(t.shape)}; an FSDP2 or tensor-parallel "
+            "parameter): the fused op needs a plain tensor holding the whole weight. " + _GATHER_HINT
+        )
 
 
 def _check_head(prefix: str, hidden, weight, bias, lead_shape, device) -> None:
     _check_tensor(f"{prefix}hidden", hidden)
     _check_tensor(f"{prefix}weight", weight)
+    check_not_sharded(f"{prefix}weight", weight)
+    check_not_sharded(f"{prefix}bias", bias)
     if weight.dim() != 2:
         raise ValueError(f"`{prefix}weight` must be [V, H], got shape {tuple(weight.shape)}.")
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
@@ -241,8 +354,7 @@ def _check_head(prefix: str, hidden, weight, bias, lead_shape, device) -> None:
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}.")
+    check_backend(backend)
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
     # meta tensors only trace (the kernels are custom ops with fake implementations)
@@ -312,6 +424,12 @@ def fused_logprobs(
 
     Non-finite values in counted rows of ``hidden`` propagate (NaN log-probs at those tokens, so a
     NaN loss), no check is made on the hot path; ignored rows never enter any computation.
+    Gradients are first order only: a backward with ``create_graph=True`` raises ``RuntimeError``.
+
+    Raises:
+        TypeError, ValueError: a bad argument (named in the message), including a ``weight`` /
+            ``ref_weight`` that a sharding engine holds only in part (a DeepSpeed ZeRO-3 partitioned
+            parameter, an FSDP2 ``DTensor``): gather it first (`prefloss.hf.gathered_heads`).
     """
     _check_tensor("labels", labels, floating=False)
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -336,21 +454,17 @@ def fused_logprobs(
     elif ref_bias is not None:
         raise ValueError("`ref_bias` was given without `ref_hidden` / `ref_weight`.")
     if epsilon is not None:
-        if isinstance(epsilon, torch.Tensor):
-            raise TypeError("`epsilon` must be a Python float, got a tensor.")
-        if not (0.0 < float(epsilon) < 1.0):
-            raise ValueError(f"`epsilon` must be in (0, 1), got {epsilon!r}.")
+        epsilon = check_number("epsilon", epsilon, gt=0, lt=1)
         if not has_ref:
             raise ValueError("`epsilon` needs the reference model: pass `ref_hidden` and `ref_weight`.")
-        epsilon = float(epsilon)
     logit_scale = _check_positive("logit_scale", logit_scale)
     softcap = _check_positive("softcap", softcap)
+    ignore_index = check_ignore_index(ignore_index)
     vocab = weight.shape[0]
     resolved = _resolve_backend(backend, hidden.device)
+    chunk_size = check_chunk_size(chunk_size)
     if chunk_size is None:
         chunk_size = default_chunk_size(vocab, resolved)
-    elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}.")
 
     flat_labels = labels.reshape(-1).long()
     mask = flat_labels != ignore_index

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -109,3 +113,159 @@ def test_tensors_on_different_devices_meta():
         prefloss.fused_logprobs(
             torch.randn(2, 5, 8, device="meta"), torch.randn(11, 8), torch.randint(0, 11, (2, 5))
         )
+
+
+# --- numeric options and ignore_index: finite numbers of the right type, or an error naming them ----
+
+NAN, INF = float("nan"), float("inf")
+REF = dict(ref_hidden=torch.randn(2, 5, 8), ref_weight=torch.randn(11, 8))
+BAD_OPTIONS = {
+    "epsilon-nan": (dict(REF, epsilon=NAN), ValueError, "`epsilon` must be in (0, 1), got nan"),
+    "epsilon-inf": (dict(REF, epsilon=INF), ValueError, "`epsilon` must be in (0, 1), got inf"),
+    "epsilon-str": (dict(REF, epsilon="0.1"), TypeError, "`epsilon` must be a real number, got str"),
+    "epsilon-tensor": (dict(REF, epsilon=torch.tensor(0.1)), TypeError, "`epsilon` must be a Python float"),
+    "softcap-inf": (dict(softcap=INF), ValueError, "`softcap` must be a finite number > 0, got inf"),
+    "softcap-bool": (dict(softcap=True), TypeError, "`softcap` must be a real number, got bool"),
+    "logit-scale-inf": (dict(logit_scale=-INF), ValueError, "`logit_scale` must be a finite number > 0"),
+    "logit-scale-str": (dict(logit_scale="2"), TypeError, "`logit_scale` must be a real number, got str"),
+    "chunk-size-float": (dict(chunk_size=1.5), ValueError, "`chunk_size` must be a positive int or None"),
+    "chunk-size-bool": (dict(chunk_size=True), ValueError, "`chunk_size` must be a positive int or None"),
+    "ignore-index-none": (dict(ignore_index=None), TypeError, "`ignore_index` must be an int"),
+    "ignore-index-float": (dict(ignore_index=-100.0), TypeError, "`ignore_index` must be an int"),
+    "ignore-index-bool": (dict(ignore_index=False), TypeError, "`ignore_index` must be an int"),
+    "ignore-index-tensor": (
+        dict(ignore_index=torch.tensor(-100)),
+        TypeError,
+        "`ignore_index` must be an int",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_OPTIONS), ids=list(BAD_OPTIONS))
+def test_bad_option_raises_naming_it(name):
+    over, exc, message = BAD_OPTIONS[name]
+    with pytest.raises(exc) as info:
+        call(**dict(over))
+    assert message in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("fn", ["fused_logprobs", "sequence_logprobs"], ids=["fused", "sequence"])
+def test_numpy_integer_options_are_accepted(fn):
+    """Integral / real numbers of any kind (NumPy's included) are fine: only the type's kind counts."""
+    np = pytest.importorskip("numpy")
+    labels = torch.randint(0, 11, (2, 5))
+    labels[0, :2] = -1
+    out = getattr(prefloss, fn)(
+        torch.randn(2, 5, 8),
+        torch.randn(11, 8),
+        labels,
+        ignore_index=np.int64(-1),
+        chunk_size=np.int32(3),
+        softcap=np.float32(30.0),
+        backend="torch",
+    )
+    assert out.policy.shape[0] == 2
+
+
+# --- first-order gradients only -----------------------------------------------------------------
+
+BACKENDS_ON_CPU = ["torch", "triton"]  # triton: Triton's interpreter on CPU (tests/conftest.py)
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable-head", "frozen-head"])
+@pytest.mark.parametrize("backend", BACKENDS_ON_CPU, ids=BACKENDS_ON_CPU)
+def test_double_backward_is_refused(backend, frozen):
+    """``create_graph=True`` asks for a differentiable gradient; the backward is not differentiable
+    (the frozen head's ``∂h = g·J`` would silently drop ``∂J/∂h``): a clear RuntimeError, for both
+    backward paths. A plain backward after it still works."""
+    hidden = torch.randn(2, 5, 8, requires_grad=True)
+    weight = torch.randn(11, 8, requires_grad=not frozen)
+    labels = torch.randint(0, 11, (2, 5))
+    out = prefloss.fused_logprobs(hidden, weight, labels, backend=backend)
+    with pytest.raises(RuntimeError, match="first-order gradients only") as info:
+        torch.autograd.grad(out.policy.sum(), hidden, create_graph=True, retain_graph=True)
+    assert "create_graph=True" in str(info.value)
+    (grad,) = torch.autograd.grad(out.policy.sum(), hidden)
+    assert torch.isfinite(grad).all()
+
+
+def test_double_backward_through_a_loss_is_refused():
+    batch = inputs(hidden=torch.randn(2, 5, 8, requires_grad=True))
+    out = prefloss.SimPOLoss(backend="torch")(batch["hidden"], batch["weight"], batch["labels"])
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        torch.autograd.grad(out.loss, batch["hidden"], create_graph=True)
+
+
+# --- a head parameter that a sharding engine holds only in part ---------------------------------
+
+# Run in a child process: one gloo process group of world size 1, a real FSDP-style DTensor
+# (Shard(0) over a 1-device CPU mesh) and a real DeepSpeed ZeRO-3 partitioned parameter
+# (`deepspeed.zero.Init`), each passed as `weight` and as `ref_weight`; then the same ZeRO-3
+# parameter inside `GatheredParameters` (whole again) must work.
+SHARDED_SCRIPT = r"""
+import json, os, sys
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", LOCAL_RANK="0",
+                  WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+import torch
+import torch.distributed as dist
+dist.init_process_group("gloo")
+import prefloss
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+
+h, lab = torch.randn(2, 5, 8), torch.randint(0, 11, (2, 5))
+results = {}
+
+def attempt(key, weight):
+    for role, kwargs in (("weight", {}), ("ref_weight", {"ref_hidden": h, "ref_weight": weight})):
+        try:
+            prefloss.fused_logprobs(h, weight if role == "weight" else torch.randn(11, 8), lab, **kwargs)
+            results[f"{key}/{role}"] = "no error"
+        except Exception as e:
+            results[f"{key}/{role}"] = f"{type(e).__name__}: {e}"
+
+attempt("dtensor", distribute_tensor(torch.randn(11, 8), init_device_mesh("cpu", (1,)), [Shard(0)]))
+import deepspeed
+config = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
+with deepspeed.zero.Init(config_dict_or_path=config):
+    head = torch.nn.Linear(8, 11, bias=False)
+results["zero3/shape"] = list(head.weight.shape)
+attempt("zero3", head.weight)
+with deepspeed.zero.GatheredParameters([head.weight]):
+    got = prefloss.fused_logprobs(h, head.weight, lab).policy
+    w64 = head.weight.detach().double()
+    want = torch.log_softmax(h.double() @ w64.T, -1).gather(-1, lab[..., None])[..., 0]
+    results["zero3/gathered_max_error"] = float((got.double() - want).abs().max())
+dist.destroy_process_group()
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def test_sharded_head_parameters_are_refused(tmp_path, subprocess_env, free_port):
+    """A ZeRO-3 partitioned parameter (a ``[0]`` placeholder) and a sharded DTensor, passed straight
+    to the op as ``weight`` or ``ref_weight``, raise a ValueError saying what the tensor is and what
+    to call instead (`prefloss.hf.preference_loss` / `prefloss.hf.gathered_heads`); the ZeRO-3
+    parameter once gathered is whole and works (its log-probs against float64 log_softmax)."""
+    pytest.importorskip("deepspeed")
+    script = tmp_path / "sharded.py"
+    script.write_text(SHARDED_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(free_port())],
+        cwd=tmp_path,
+        env=subprocess_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULTS "))
+    results = json.loads(line[len("RESULTS ") :])
+    assert results["zero3/shape"] == [0]
+    for role in ("weight", "ref_weight"):
+        dtensor, zero3 = results[f"dtensor/{role}"], results[f"zero3/{role}"]
+        assert dtensor.startswith(f"ValueError: `{role}` is a torch.distributed.tensor.DTensor"), dtensor
+        assert zero3.startswith(f"ValueError: `{role}` is a DeepSpeed ZeRO-3 partitioned parameter"), zero3
+        assert "whole shape (11, 8), held here as shape (0,)" in zero3
+        for message in (dtensor, zero3):
+            assert "prefloss.hf.preference_loss" in message and "prefloss.hf.gathered_heads" in message
+    assert results["zero3/gathered_max_error"] < 1e-5
