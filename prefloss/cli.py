@@ -12,6 +12,8 @@ import argparse
 import importlib
 import sys
 
+from prefloss.cli_args import InputError
+
 SUBCOMMANDS = {
     "train": ("prefloss.train", "train a small model with alpha-DPO / epsilon-DPO / DPO / SimPO (default)"),
     "check": ("prefloss.check", "kernel-correctness harness: fused op vs the float64 reference"),
@@ -43,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     sub_parser = argparse.ArgumentParser(prog=f"prefloss {name}", description=SUBCOMMANDS[name][1])
     module.add_arguments(sub_parser)
     args = sub_parser.parse_args(argv[1:])
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except InputError as exc:  # bad arguments or data, said in the message: no traceback
+        print(f"prefloss {name}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

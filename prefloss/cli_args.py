@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable
 
 __all__ = [
+    "InputError",
     "finite_float",
     "int_at_least",
     "int_list",
@@ -24,6 +25,14 @@ __all__ = [
     "positive_int",
     "probability",
 ]
+
+
+class InputError(ValueError):
+    """Bad input from the user (an argument, a data file), said in the message.
+
+    The ``prefloss`` command prints such an error as one line, ``prefloss <command>: error: ...``,
+    with no traceback, and exits with status 2.
+    """
 
 
 def _int(text: str, expected: str) -> int:
