@@ -24,6 +24,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from prefloss.cli_args import int_list, nonnegative_float, random_seed
+
 KINDS = ("policy", "ref", "minus", "plus")
 QUANTITIES = (*KINDS, *(f"{k} sums" for k in KINDS), "d hidden", "d weight", "d bias")
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
@@ -97,13 +99,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtypes", default=None, help="comma-separated among fp32,bf16,fp16 (default: all)")
     parser.add_argument(
-        "--targets", default="80,90", help="compute capabilities to compile for (default 80,90)"
+        "--targets",
+        type=int_list(minimum=50, example="80,90"),
+        default="80,90",
+        help="CUDA compute capabilities to compile for, comma-separated (default 80,90)",
     )
     parser.add_argument("--no-compile", action="store_true", help="skip the compile report")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=random_seed, default=0, help="input seed (default 0)")
     parser.add_argument(
         "--inject-error",
-        type=float,
+        type=nonnegative_float,
         default=0.0,
         metavar="X",
         help="self-test of the harness: add X to every Triton output and gradient before judging "
@@ -131,13 +136,7 @@ def _validate(args) -> tuple[tuple[str, ...], tuple[str, ...], tuple[int, ...]] 
     dtypes = _parse_list(
         errors.append, args.dtypes, DTYPE_NAMES, QUICK_DTYPES if args.quick else DTYPE_NAMES, "dtypes"
     )
-    try:
-        targets = tuple(int(t) for t in args.targets.split(","))
-    except ValueError:
-        errors.append(f"--targets must be comma-separated integers like 80,90, got {args.targets!r}")
-        targets = ()
-    if args.inject_error < 0 or args.inject_error != args.inject_error:
-        errors.append(f"--inject-error must be a number >= 0, got {args.inject_error!r}")
+    targets = tuple(dict.fromkeys(args.targets))  # checked by the parser (`add_arguments`)
     if args.json is not None and not args.json.parent.is_dir():
         errors.append(f"--json: directory {str(args.json.parent)!r} does not exist")
     return "; ".join(errors) if errors else (cases, dtypes, targets)

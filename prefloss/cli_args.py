@@ -24,6 +24,7 @@ __all__ = [
     "positive_float",
     "positive_int",
     "probability",
+    "random_seed",
 ]
 
 
@@ -70,6 +71,15 @@ positive_int = int_at_least(1)
 positive_int.__doc__ = "An integer >= 1."
 nonnegative_int = int_at_least(0)
 nonnegative_int.__doc__ = "An integer >= 0."
+
+
+def random_seed(text: str) -> int:
+    """A seed every generator takes (torch, numpy, Python's ``random``): an integer in [0, 2**32 - 1]."""
+    expected = "an integer in [0, 4294967295]"
+    value = _int(text, expected)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
 
 
 def finite_float(text: str) -> float:

@@ -3,6 +3,7 @@ passing it over seeds, injected errors failing it."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -12,11 +13,12 @@ import sys
 import pytest
 import torch
 
+from prefloss import benchmark as bench
 from prefloss import reference
 from prefloss.benchmark import QUICK
 from prefloss.benchmark.authors import authors_loss
 from prefloss.benchmark.cases import CASES, HYPERPARAMS, LOSS_NAMES, select_cases
-from prefloss.benchmark.inputs import Shape, counted_tokens, make_inputs
+from prefloss.benchmark.inputs import DTYPES, Shape, counted_tokens, make_inputs
 from prefloss.benchmark.machine import describe
 from prefloss.benchmark.oracle import ground_truth
 from prefloss.benchmark.report import plot_title
@@ -185,19 +187,69 @@ def test_unknown_case_lists_valid_names(capsys):
     assert "unknown case 'nope/dpo'" in err and "prefloss-torch/epsilon_dpo" in err and "liger/dpo" in err
 
 
+SIZES = "expected a comma-separated list of integers >= 1 like 512,1024"
+
+
 @pytest.mark.parametrize(
     "argv, fragment",
     [
-        (["--seq-len", "12,x"], "--seq-len"),
-        (["--vocab", "0"], "--vocab"),
-        (["--repeats", "0"], "--repeats"),
-        (["--dtype", "float8"], "--dtype"),
+        (["--seq-len", "12,x"], f"argument --seq-len: {SIZES}, got '12,x'"),
+        (["--seq-len", ","], f"argument --seq-len: {SIZES}, got ','"),
+        (["--batch", "0"], f"argument --batch: {SIZES}, got '0'"),
+        (["--hidden", "16,-3"], f"argument --hidden: {SIZES}, got '16,-3'"),
+        (["--vocab", "0"], f"argument --vocab: {SIZES}, got '0'"),
+        (["--repeats", "0"], "argument --repeats: expected an integer >= 1, got '0'"),
+        (["--repeats", "2.5"], "argument --repeats: expected an integer >= 1, got '2.5'"),
+        (["--seed", "-1"], "argument --seed: expected an integer in [0, 4294967295], got '-1'"),
+        (["--mem-limit-gib", "-1"], "argument --mem-limit-gib: expected a finite number >= 0, got '-1'"),
+        (["--mem-limit-gib", "nan"], "argument --mem-limit-gib: expected a finite number >= 0, got 'nan'"),
+        (["--timeout", "0"], "argument --timeout: expected a finite number > 0, got '0'"),
+        (["--timeout", "inf"], "argument --timeout: expected a finite number > 0, got 'inf'"),
+        (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
+        (["--device", "gpu"], "argument --device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
+        (["--device", "cuda:x"], "argument --device: expected auto, cpu, cuda or cuda:N, got 'cuda:x'"),
     ],
-    ids=["seq-len-not-int", "vocab-zero", "repeats-zero", "dtype"],
 )
-def test_bad_arguments(capsys, argv, fragment):
-    assert main(["bench", *argv]) == 2
+def test_bad_arguments_exit_at_parse_time(capsys, argv, fragment):
+    """Every number (and the dtype and device) is checked by the parser: exit 2 before any case runs."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", *argv])
+    assert exit_info.value.code == 2
     assert fragment in capsys.readouterr().err
+
+
+def test_argument_defaults_and_good_values():
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args([])
+    assert (args.seq_len, args.repeats, args.seed, args.mem_limit_gib, args.timeout) == (
+        None,
+        None,
+        0,
+        16.0,
+        1800.0,
+    )
+    argv = [
+        "--seq-len",
+        "24,40",
+        "--batch",
+        "2",
+        "--mem-limit-gib",
+        "0",
+        "--timeout",
+        "5",
+        "--device",
+        "cuda:1",
+    ]
+    args = parser.parse_args(argv)
+    assert (args.seq_len, args.batch, args.mem_limit_gib, args.timeout, args.device) == (
+        [24, 40],
+        [2],
+        0.0,
+        5.0,
+        "cuda:1",
+    )
+    assert set(bench.DTYPE_NAMES) == set(DTYPES)
 
 
 def test_explicit_only_cases_need_their_name():

@@ -16,6 +16,7 @@ import pytest
 
 from prefloss import check
 from prefloss.check import QUICK_CASES, QUICK_DTYPES
+from prefloss.cli import main
 
 
 def _check(tmp_path, *args):
@@ -62,11 +63,9 @@ def test_check_detects_injected_error(tmp_path):
     [
         (["--cases", "no-such-case"], "--cases"),
         (["--dtypes", "fp8"], "--dtypes"),
-        (["--targets", "sm90"], "--targets"),
-        (["--inject-error", "-1"], "--inject-error"),
         (["--json", "missing/out.json"], "does not exist"),
     ],
-    ids=["case", "dtype", "target", "inject", "json-dir"],
+    ids=["case", "dtype", "json-dir"],
 )
 def test_check_rejects_bad_arguments(tmp_path, monkeypatch, capsys, args, message):
     """Argument errors are reported (exit 2) before anything runs; checked in-process for speed."""
@@ -75,3 +74,53 @@ def test_check_rejects_bad_arguments(tmp_path, monkeypatch, capsys, args, messag
     check.add_arguments(parser)
     assert check.run(parser.parse_args(args)) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--targets", "sm90"],
+            "argument --targets: expected a comma-separated list of integers >= 50 like 80,90, got 'sm90'",
+        ),
+        (
+            ["--targets", "-5"],
+            "argument --targets: expected a comma-separated list of integers >= 50 like 80,90, got '-5'",
+        ),
+        (["--targets", "80,8"], "argument --targets: expected a comma-separated list of integers >= 50"),
+        (["--targets", ","], "argument --targets: expected a comma-separated list of integers >= 50"),
+        (["--inject-error", "-1"], "argument --inject-error: expected a finite number >= 0, got '-1'"),
+        (["--inject-error", "nan"], "argument --inject-error: expected a finite number >= 0, got 'nan'"),
+        (["--inject-error", "inf"], "argument --inject-error: expected a finite number >= 0, got 'inf'"),
+        (["--seed", "-1"], "argument --seed: expected an integer in [0, 4294967295], got '-1'"),
+        (["--seed", "1.5"], "argument --seed: expected an integer in [0, 4294967295], got '1.5'"),
+        (["--seed", str(2**32)], "argument --seed: expected an integer in [0, 4294967295]"),
+    ],
+    ids=[
+        "targets-name",
+        "targets-negative",
+        "targets-too-low",
+        "targets-empty",
+        "inject-negative",
+        "inject-nan",
+        "inject-inf",
+        "seed-negative",
+        "seed-float",
+        "seed-too-big",
+    ],
+)
+def test_check_rejects_bad_numbers_at_parse_time(capsys, args, message):
+    """Every number is checked by the parser: `prefloss check` exits 2 before any check runs."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check", *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_check_number_defaults_and_good_values():
+    parser = argparse.ArgumentParser()
+    check.add_arguments(parser)
+    args = parser.parse_args([])
+    assert (args.targets, args.seed, args.inject_error) == ([80, 90], 0, 0.0)
+    args = parser.parse_args(["--targets", "90", "--seed", "7", "--inject-error", "0.5"])
+    assert (args.targets, args.seed, args.inject_error) == ([90], 7, 0.5)

@@ -10,8 +10,17 @@ CONTRIBUTING.md ("Benchmarks").
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
+
+from prefloss.cli_args import (
+    int_list,
+    nonnegative_float,
+    positive_float,
+    positive_int,
+    random_seed,
+)
 
 QUICK = {"seq_len": "128,512", "batch": "2", "hidden": "128", "vocab": "4096", "repeats": 2}
 DEFAULTS = {"seq_len": "512,1024,2048,4096", "batch": "2", "hidden": "512", "vocab": "32000", "repeats": 3}
@@ -29,28 +38,53 @@ def _int_list(name: str, text: str) -> list[int]:
     return values
 
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # = prefloss.benchmark.inputs.DTYPES (a test checks)
+
+
+def _device(text: str) -> str:
+    if text in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options; every number is checked here, at parse time, before any case runs."""
     p = parser
-    p.add_argument("--seq-len", help=f"sequence lengths T, comma-separated (default {DEFAULTS['seq_len']})")
-    p.add_argument("--batch", help=f"pairs per batch B (default {DEFAULTS['batch']})")
-    p.add_argument("--hidden", help=f"hidden sizes H (default {DEFAULTS['hidden']})")
-    p.add_argument("--vocab", help=f"vocabulary sizes V (default {DEFAULTS['vocab']})")
-    p.add_argument("--dtype", default="float32", help="input dtype: float32 (default), bfloat16, float16")
+    sizes = int_list(minimum=1, example="512,1024")
+    for flag, what in (
+        ("seq-len", "sequence lengths T"),
+        ("batch", "pairs per batch B"),
+        ("hidden", "hidden sizes H"),
+        ("vocab", "vocabulary sizes V"),
+    ):
+        p.add_argument(
+            f"--{flag}",
+            type=sizes,
+            help=f"{what}, comma-separated (default {DEFAULTS[flag.replace('-', '_')]})",
+        )
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="input dtype (default float32)")
     p.add_argument(
         "--cases",
         action="append",
         help="case names or globs, comma-separated or repeated (default: all); see --list",
     )
-    p.add_argument("--repeats", type=int, help=f"timed repeats per case (default {DEFAULTS['repeats']})")
-    p.add_argument("--seed", type=int, default=0, help="input seed (default 0)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--repeats", type=positive_int, help=f"timed repeats per case (default {DEFAULTS['repeats']})"
+    )
+    p.add_argument("--seed", type=random_seed, default=0, help="input seed (default 0)")
+    p.add_argument(
+        "--device", type=_device, default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N"
+    )
     p.add_argument(
         "--mem-limit-gib",
-        type=float,
+        type=nonnegative_float,
         default=16.0,
-        help="private-memory cap per case process on CPU; a case above it is reported OOM (default 16)",
+        help="private-memory cap per case process on CPU; a case above it is reported OOM; 0: no cap "
+        "(default 16)",
     )
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per case process (default 1800)")
+    p.add_argument(
+        "--timeout", type=positive_float, default=1800.0, help="seconds per case process (default 1800)"
+    )
     p.add_argument("--quick", action="store_true", help=f"small shapes, ~1 minute on 2 CPU cores: {QUICK}")
     p.add_argument("--json", metavar="PATH", help="write the full results as JSON")
     p.add_argument("--plot", metavar="DIR", help="write PNG plots (memory and time vs each swept axis)")
@@ -85,8 +119,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     try:
         base = QUICK if args.quick else DEFAULTS
-        pick = lambda name: getattr(args, name) or base[name]
-        lists = {n: _int_list(n.replace("_", "-"), pick(n)) for n in ("seq_len", "batch", "hidden", "vocab")}
+        lists = {
+            n: getattr(args, n) or _int_list(n.replace("_", "-"), base[n])
+            for n in ("seq_len", "batch", "hidden", "vocab")
+        }
         repeats = args.repeats if args.repeats is not None else base["repeats"]
         if repeats < 1:
             raise ValueError(f"`--repeats` must be >= 1, got {repeats}.")
