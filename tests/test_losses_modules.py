@@ -284,25 +284,60 @@ def test_alpha_dpo_policy_equal_to_reference_is_finite():
     assert_close_to_reference(gw, gw64, dtype=torch.float32, name="d weight")
 
 
-EMPTY = {"one-response": (1,), "both-responses-of-a-pair": (0, 3), "every-response": tuple(range(6))}
+EMPTY = {
+    "one-response": ((1,), ["pair 1 chosen (row 1)"]),
+    "both-responses-of-a-pair": ((0, 3), ["pair 0 chosen (row 0)", "pair 0 rejected (row 3)"]),
+    "every-response": (tuple(range(6)), ["6 of 6 responses have", "pair 2 rejected (row 5)"]),
+}
 
 
-@pytest.mark.parametrize("empty", list(EMPTY.values()), ids=list(EMPTY))
+def state(module) -> dict:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def same_state(module, before: dict) -> bool:
+    after = module.state_dict()
+    return set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("empty", list(EMPTY), ids=list(EMPTY))
 @pytest.mark.parametrize("name", NAMES, ids=NAMES)
-def test_fully_masked_response_has_no_nan(name, empty):
-    """A response with no counted token has sum 0 and mean 0 (not 0/0): no NaN in the loss,
-    gradients or metrics, and the values still match the float64 reference (which clamps the
-    length at 1 the same way)."""
-    batch = make_batch(SHAPES["B3-T7-H10-V37"], torch.float32, seed=3, empty_rows=empty)
-    module = make_module(name)
-    out, gh, gw = run_module(module, batch)
-    assert all_finite(out, gh, gw), {k: float(v) for k, v in out.metrics.items()}
-    for buf in module.buffers():
-        assert torch.isfinite(buf).all()
-    loss, rgh, rgw = run_reference(name, batch)
-    assert_close_to_reference(out.loss, loss, dtype=torch.float32, name="loss")
-    assert_close_to_reference(gh, rgh, dtype=torch.float32, name="d hidden")
-    assert_close_to_reference(gw, rgw, dtype=torch.float32, name="d weight")
+def test_empty_response_is_refused(name, empty, training):
+    """A response with no counted token would get log-prob 0, the best possible (SimPO: reward 0,
+    accuracy 1): every loss refuses the batch, naming the pair, which response and its row, before
+    any log-prob is computed; a batch whose labels are all ``ignore_index`` is refused the same way.
+    The loss's state (α-DPO's statistics, ε-DPO's step accumulators) is unchanged."""
+    rows, names = EMPTY[empty]
+    batch = make_batch(SHAPES["B3-T7-H10-V37"], torch.float32, seed=3, empty_rows=rows)
+    module = make_module(name).train(training)
+    before = state(module)
+    with pytest.raises(ValueError, match="no counted token") as info:
+        module(batch.hidden, batch.weight, batch.labels, **batch.ref)
+    message = str(info.value)
+    assert message.startswith(type(module).__name__) and "`ignore_index` = -100" in message
+    for part in names:
+        assert part in message, message
+    assert same_state(module, before)
+    assert batch.hidden.grad is None
+
+
+@pytest.mark.parametrize("name", NAMES, ids=NAMES)
+def test_empty_response_follows_ignore_index(name):
+    """Emptiness is judged with the call's ``ignore_index``: rows of -1 with ``ignore_index=-1``
+    are empty; the same batch with its -1 rows counted is accepted."""
+    batch = make_batch(SHAPES["B3-T7-H10-V37"], torch.float32, seed=3)
+    labels = batch.labels.masked_fill(batch.labels == -100, -1)
+    labels[4] = -1
+    with pytest.raises(ValueError, match=r"`ignore_index` = -1\): pair 1 rejected \(row 4\)"):
+        make_module(name)(batch.hidden, batch.weight, labels, ignore_index=-1, **batch.ref)
+
+
+@pytest.mark.parametrize("name", NAMES, ids=NAMES)
+def test_ignore_index_must_be_an_int(name):
+    batch = make_batch(SHAPES["B3-T7-H10-V37"], torch.float32)
+    with pytest.raises(TypeError, match="`ignore_index` must be an int"):
+        make_module(name)(batch.hidden, batch.weight, batch.labels, ignore_index=None, **batch.ref)
 
 
 # --- precomputed reference log-probs --------------------------------------------------------------
@@ -421,6 +456,113 @@ def test_alpha_dpo_batch_normalization(training):
     assert_close_to_reference(out.loss, expected, dtype=torch.float64, name="loss")
     assert float(module.running_mean) == 0.0 and float(module.running_std) == 0.0
     assert int(module.num_updates) == 0
+
+
+def first_counted(labels: torch.Tensor, row: int) -> int:
+    return int((labels[row] != -100).nonzero()[0, 0])
+
+
+NON_FINITE = {
+    # where: (tensor to spoil, row, value, the culprit the message names)
+    "nan-ref-hidden": ("ref_hidden", 1, float("nan"), "pair 1: reference chosen"),
+    "inf-ref-hidden": ("ref_hidden", 4, float("inf"), "pair 1: reference rejected"),
+    "nan-hidden": ("hidden", 0, float("nan"), "pair 0: policy chosen"),
+    "nan-ref-logps": ("ref_logps", 5, float("nan"), "pair 2: reference rejected"),
+}
+STATISTICS_MODES = {
+    "ema-train": ("ema", True),
+    "batch-train": ("batch", True),
+    "batch-eval": ("batch", False),
+}
+
+
+@pytest.mark.parametrize("mode", list(STATISTICS_MODES), ids=list(STATISTICS_MODES))
+@pytest.mark.parametrize("where", list(NON_FINITE), ids=list(NON_FINITE))
+def test_alpha_dpo_non_finite_margin_is_refused(where, mode):
+    """One NaN/inf in the inputs makes that pair's M non-finite, and with it the batch's μ and σ:
+    the EMA would be NaN for good and every later loss SimPO's. Wherever the statistics are taken
+    the call raises, naming the pair and the log-prob, and the buffers are unchanged: the next clean
+    batch's loss and gradients are the float64 reference's first step."""
+    tensor, row, value, culprit = NON_FINITE[where]
+    normalization, training = STATISTICS_MODES[mode]
+    module = make_module("alpha_dpo", normalization=normalization).train(training)
+    before = state(module)
+    batch = make_batch(SHAPES["B3-T7-H10-V37"], torch.float32, seed=5)
+    hidden, kwargs = batch.hidden, dict(batch.ref)
+    if tensor == "ref_logps":
+        ref_logps = prefloss.sequence_logprobs(batch.ref_hidden, batch.ref_weight, batch.labels).policy
+        kwargs = {"ref_logps": ref_logps.index_fill(0, torch.tensor([row]), value)}
+    elif tensor == "ref_hidden":
+        kwargs["ref_hidden"] = batch.ref_hidden.clone()
+        kwargs["ref_hidden"][row, first_counted(batch.labels, row), 0] = value
+    else:
+        hidden = batch.hidden.detach().clone()
+        hidden[row, first_counted(batch.labels, row), 0] = value
+        hidden.requires_grad_()
+    with pytest.raises(ValueError, match="margin statistics are non-finite") as info:
+        module(hidden, batch.weight, batch.labels, **kwargs)
+    assert culprit in str(info.value) and "1 of 3 gathered pairs" in str(info.value), str(info.value)
+    assert same_state(module, before)
+    clean = make_batch(SHAPES["B3-T7-H10-V37"], torch.float32, seed=11)
+    out, gh, gw = run_module(module, clean)
+    # momentum 0: the reference's first-step statistics are the batch's own
+    loss, rgh, rgw = run_reference("alpha_dpo", clean, momentum=0.0 if normalization == "batch" else 0.9)
+    assert_close_to_reference(out.loss, loss, dtype=torch.float32, name="loss after the refusal")
+    assert_close_to_reference(gh, rgh, dtype=torch.float32, name="d hidden")
+    assert_close_to_reference(gw, rgw, dtype=torch.float32, name="d weight")
+    assert int(module.num_updates) == (1 if mode == "ema-train" else 0)
+
+
+def test_alpha_dpo_eval_ema_non_finite_input_gives_nan_loss():
+    """In eval mode with ``"ema"`` no statistics are taken: a NaN input gives a NaN loss (loud) and
+    a NaN reward for its pair only (the others' rewards are the float64 reference's); the state is
+    unchanged."""
+    module = make_module("alpha_dpo").double()
+    first = make_batch(SHAPES["B3-T7-H10-V37"], torch.float64, seed=40)
+    module(first.hidden, first.weight, first.labels, **first.ref)
+    before = state(module)
+    module.eval()
+    batch = make_batch(SHAPES["B3-T7-H10-V37"], torch.float64, seed=41)
+    spoiled = batch.ref_hidden.clone()
+    spoiled[2, first_counted(batch.labels, 2), 0] = float("nan")
+    out = module(batch.hidden, batch.weight, batch.labels, ref_hidden=spoiled, ref_weight=batch.ref_weight)
+    assert torch.isnan(out.loss)
+    assert same_state(module, before)
+    pol, ref, _, _ = reference_sequences(batch, normalise=True)
+    hp = HPARAMS["alpha_dpo"]
+    want = hp["beta"] * ((1 - hp["alpha"]) * pairs(pol)[0] + hp["alpha"] * pairs(ref)[0])
+    assert torch.isnan(out.chosen_rewards[2])
+    torch.testing.assert_close(out.chosen_rewards[:2], want[:2], rtol=1e-10, atol=1e-12)
+
+
+EPSILON_NON_FINITE = {"nan-hidden": "hidden", "nan-ref-hidden": "ref_hidden"}
+
+
+@pytest.mark.parametrize("tensor", list(EPSILON_NON_FINITE.values()), ids=list(EPSILON_NON_FINITE))
+def test_epsilon_dpo_non_finite_pair_is_not_counted(tensor):
+    """A NaN in one pair's hidden states gives a NaN loss (loud), and that pair is left out of β's
+    step mean (its s would be 0 only because NaN compares false): the accumulators hold the other
+    pairs' float64 reference steps, and `update_beta` uses their mean."""
+    hp = HPARAMS["epsilon_dpo"]
+    batch = make_batch(SHAPES["B4-T9-H6-V23"], torch.float64, seed=11)
+    steps = reference_steps(batch, hp["epsilon"])
+    module = make_module("epsilon_dpo").double()
+    spoiled = getattr(batch, tensor).detach().clone()
+    spoiled[5, first_counted(batch.labels, 5), 0] = float("nan")  # pair 1, rejected
+    kwargs = dict(batch.ref)
+    hidden = batch.hidden
+    if tensor == "hidden":
+        hidden = spoiled.requires_grad_()
+    else:
+        kwargs["ref_hidden"] = spoiled
+    out = module(hidden, batch.weight, batch.labels, **kwargs)
+    assert torch.isnan(out.loss)
+    kept = torch.tensor([0, 2, 3])
+    assert float(module.step_count) == 3.0
+    assert float(module.step_sum) == float(steps[kept].sum())
+    module.update_beta()
+    want = hp["beta"] / (1 + hp["epsilon"] * float(steps[kept].double().mean()))
+    assert math.isclose(float(module.beta), want, rel_tol=1e-6)
 
 
 # --- ε-DPO β --------------------------------------------------------------------------------------
@@ -549,6 +691,66 @@ def test_bad_beta(name, beta):
 def test_bad_epsilon(epsilon):
     with pytest.raises(ValueError, match="`epsilon`"):
         prefloss.EpsilonDPOLoss(epsilon=epsilon)
+
+
+NAN, INF = float("nan"), float("inf")
+BAD_ARGUMENTS = {
+    # id: (loss, keyword arguments, exception, message)
+    "alpha-nan": ("alpha_dpo", dict(alpha=NAN), ValueError, "`alpha` must be a finite number >= 0, got nan"),
+    "alpha-inf": ("alpha_dpo", dict(alpha=INF), ValueError, "`alpha` must be a finite number >= 0, got inf"),
+    "alpha-negative": ("alpha_dpo", dict(alpha=-0.1), ValueError, "`alpha` must be a finite number >= 0"),
+    "alpha-str": ("alpha_dpo", dict(alpha="0.2"), TypeError, "`alpha` must be a real number, got str"),
+    "alpha-gamma-nan": ("alpha_dpo", dict(gamma_beta_ratio=NAN), ValueError, "`gamma_beta_ratio` must be a"),
+    "simpo-gamma-inf": ("simpo", dict(gamma_beta_ratio=INF), ValueError, "`gamma_beta_ratio` must be a"),
+    "simpo-gamma-none": ("simpo", dict(gamma_beta_ratio=None), TypeError, "`gamma_beta_ratio` must be a"),
+    "momentum-nan": ("alpha_dpo", dict(momentum=NAN), ValueError, "`momentum` must be in [0, 1), got nan"),
+    "momentum-one": ("alpha_dpo", dict(momentum=1.0), ValueError, "`momentum` must be in [0, 1), got 1.0"),
+    "normalization": ("alpha_dpo", dict(normalization="none"), ValueError, "`normalization` must be one of"),
+    "label-smoothing-nan": ("dpo", dict(label_smoothing=NAN), ValueError, "`label_smoothing` must be in"),
+    "epsilon-nan": ("epsilon_dpo", dict(epsilon=NAN), ValueError, "`epsilon` must be in (0, 1), got nan"),
+    "epsilon-inf": ("epsilon_dpo", dict(epsilon=INF), ValueError, "`epsilon` must be in (0, 1), got inf"),
+    "beta-str": ("dpo", dict(beta="0.1"), TypeError, "`beta` must be a real number, got str"),
+    "beta-bool": ("simpo", dict(beta=True), TypeError, "`beta` must be a real number, got bool"),
+    "chunk-size-zero": ("simpo", dict(chunk_size=0), ValueError, "`chunk_size` must be a positive int"),
+    "chunk-size-float": ("epsilon_dpo", dict(chunk_size=64.0), ValueError, "`chunk_size` must be a positive"),
+    "backend": ("alpha_dpo", dict(backend="cuda"), ValueError, "`backend` must be one of"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGUMENTS), ids=list(BAD_ARGUMENTS))
+def test_bad_constructor_argument(case):
+    """Every numeric constructor argument must be a finite real number in its range (NaN and inf
+    included), and the op options are checked when the loss is built; the error names the argument."""
+    name, kwargs, exc, message = BAD_ARGUMENTS[case]
+    with pytest.raises(exc) as info:
+        CLASSES[name](**kwargs)
+    assert message in str(info.value), str(info.value)
+
+
+def test_zero_dim_tensor_hyperparameters_are_read_as_floats():
+    tensors = {k: torch.tensor(v) for k, v in dict(beta=2.0, alpha=0.5, momentum=0.5).items()}
+    module = prefloss.AlphaDPOLoss(**tensors)
+    assert (module.beta, module.alpha, module.momentum) == (2.0, 0.5, 0.5)
+    assert all(type(v) is float for v in (module.beta, module.alpha, module.momentum))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", NAMES, ids=NAMES)
+def test_losses_trace_on_meta_inputs(name, training):
+    """Shape tracing: every loss runs forward and backward on ``meta`` inputs while the module (its
+    buffers) stays on CPU; the state is not updated by a trace (it has no values)."""
+    module = make_module(name).train(training)
+    before = state(module)
+    meta = {"device": "meta", "dtype": torch.float32}
+    hidden = torch.empty(4, 6, 8, **meta, requires_grad=True)
+    weight = torch.empty(11, 8, **meta, requires_grad=True)
+    labels = torch.empty(4, 6, dtype=torch.long, device="meta")
+    ref = {"ref_hidden": torch.empty(4, 6, 8, **meta), "ref_weight": torch.empty(11, 8, **meta)}
+    out = module(hidden, weight, labels, **ref)
+    assert out.loss.device.type == "meta" and out.loss.shape == ()
+    out.loss.backward()
+    assert hidden.grad.shape == hidden.shape and weight.grad.shape == weight.shape
+    assert same_state(module, before)
 
 
 @pytest.mark.parametrize("name", NAMES, ids=NAMES)

@@ -25,12 +25,14 @@ from prefloss.losses.common import (
     LossOutput,
     check_beta,
     check_label_smoothing,
+    check_options,
     pair_sequences,
     reward_metrics,
     sigmoid_loss,
     split_pairs,
 )
 from prefloss.losses.distributed import gather_values
+from prefloss.ops import check_number
 
 NORMALIZATIONS = ("ema", "batch")
 
@@ -86,6 +88,24 @@ def alpha_dpo_loss(
     return AlphaDPOLosses(losses, chosen_rewards, rejected_rewards, margin)
 
 
+def _non_finite_message(gathered: torch.Tensor, sequences) -> str:
+    """Which of this rank's pairs and which log-probs make the batch's M non-finite."""
+    bad = int((~torch.isfinite(gathered)).sum())
+    names = ("policy chosen", "policy rejected", "reference chosen", "reference rejected")
+    local = [
+        f"pair {i}: {', '.join(n for n, x in zip(names, sequences, strict=True) if not torch.isfinite(x[i]))}"
+        for i in range(sequences[0].shape[0])
+        if not all(bool(torch.isfinite(x[i])) for x in sequences)
+    ]
+    where = f" On this rank: {'; '.join(local[:8])}." if local else " (on another rank's pairs)."
+    return (
+        f"AlphaDPOLoss: the batch's margin statistics are non-finite: M = (π̄_w − π̄_l) − (ρ̄_w − ρ̄_l) is "
+        f"NaN or inf for {bad} of {gathered.numel()} gathered pairs, from non-finite policy or reference "
+        f"log-probs (non-finite `hidden`, `weight`, `ref_hidden`, `ref_weight` or `ref_logps`).{where} "
+        "Refused so that `running_mean` / `running_std` stay finite: the state is unchanged."
+    )
+
+
 class AlphaDPOLoss(nn.Module):
     """α-DPO from hidden states, with its running statistics as buffers.
 
@@ -98,6 +118,15 @@ class AlphaDPOLoss(nn.Module):
         label_smoothing, chunk_size, backend: as in `prefloss.DPOLoss`.
 
     Buffers: ``running_mean``, ``running_std`` (fp32, start at 0), ``num_updates`` (int64).
+
+    Checked where the statistics are taken (training mode, or ``normalization="batch"``): a
+    non-finite M in the gathered batch (NaN/inf policy or reference log-probs, e.g. a NaN in
+    ``ref_hidden``) raises ``ValueError`` and leaves the buffers unchanged, rather than making them
+    NaN for good (α-DPO would then silently be SimPO). This costs one host synchronisation per call.
+    In eval mode with ``"ema"`` a non-finite input gives a NaN loss. On ``meta`` inputs with real
+    buffers (shape tracing) the buffers are not updated.
+    A pair whose chosen or rejected response has no counted token (all labels ``ignore_index``) is
+    refused with a ``ValueError`` naming it (its log-prob would be 0, the best score there is).
     """
 
     def __init__(
@@ -113,34 +142,49 @@ class AlphaDPOLoss(nn.Module):
         backend="auto",
     ):
         super().__init__()
-        check_beta(beta)
-        check_label_smoothing(label_smoothing)
-        if float(alpha) < 0:
-            raise ValueError(f"`alpha` must be >= 0, got {alpha!r}.")
-        if not 0.0 <= float(momentum) < 1.0:
-            raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}.")
-        if normalization not in NORMALIZATIONS:
+        self.beta = check_beta(beta)
+        self.gamma_beta_ratio = check_number("gamma_beta_ratio", gamma_beta_ratio, tensors=True)
+        self.alpha = check_number("alpha", alpha, ge=0, tensors=True)
+        self.momentum = check_number("momentum", momentum, ge=0, lt=1, tensors=True)
+        if not isinstance(normalization, str) or normalization not in NORMALIZATIONS:
             raise ValueError(f"`normalization` must be one of {NORMALIZATIONS}, got {normalization!r}.")
-        self.beta, self.gamma_beta_ratio, self.alpha = float(beta), float(gamma_beta_ratio), float(alpha)
-        self.momentum, self.normalization = float(momentum), normalization
-        self.label_smoothing, self.chunk_size, self.backend = float(label_smoothing), chunk_size, backend
+        self.normalization = normalization
+        self.label_smoothing = check_label_smoothing(label_smoothing)
+        self.chunk_size, self.backend = check_options(chunk_size, backend)
         self.register_buffer("running_mean", torch.zeros((), dtype=torch.float32))
         self.register_buffer("running_std", torch.zeros((), dtype=torch.float32))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))
 
     @torch.no_grad()
-    def _statistics(self, gap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """μ, σ to standardise this batch's M with (updating the EMA first when training)."""
+    def _statistics(self, gap: torch.Tensor, sequences) -> tuple[torch.Tensor, torch.Tensor]:
+        """μ, σ to standardise this batch's M with (updating the EMA first when training).
+
+        ``sequences``: this rank's (π̄_w, π̄_l, ρ̄_w, ρ̄_l), to name the culprit of a non-finite M.
+        """
         if self.normalization == "ema" and not self.training:
             return self.running_mean.clone(), self.running_std.clone()
         # float64 inputs keep float64 statistics (fp32 otherwise); buffers round to their own dtype.
         gathered = gather_values(gap.to(torch.promote_types(gap.dtype, torch.float32)))
+        tracing = gathered.device.type == "meta"
+        # One host sync per call (the statistics path only; SimPO, DPO and ε-DPO have none here):
+        # a NaN/inf M would make the batch's μ and σ, and so the EMA, NaN for good. Every rank sees
+        # the same gathered values, so every rank raises.
+        if not tracing and not bool(torch.isfinite(gathered).all()):
+            raise ValueError(_non_finite_message(gathered, sequences))
         batch_mean = gathered.mean()
         # A single gathered pair has no std: NaN here leaves the EMA's σ untouched and gives z = 0.
         batch_std = gathered.std() if gathered.numel() > 1 else torch.full_like(batch_mean, float("nan"))
         if self.normalization == "batch":
             return batch_mean, batch_std
         m = self.momentum
+        if tracing and self.running_mean.device.type != "meta":
+            # meta inputs, real buffers (shape tracing, e.g. `prefloss plan`): the values the update
+            # would give, the state itself unchanged (a trace has no values to store).
+            mean = self.running_mean.to(gathered.device) * m + (1 - m) * batch_mean
+            std = self.running_std.to(gathered.device)
+            if gathered.numel() > 1:
+                std = std * m + (1 - m) * batch_std
+            return mean.to(self.running_mean.dtype), std.to(self.running_std.dtype)
         self.running_mean.mul_(m).add_((1 - m) * batch_mean.to(self.running_mean.device))
         if gathered.numel() > 1:
             self.running_std.mul_(m).add_((1 - m) * batch_std.to(self.running_std.device))
@@ -186,7 +230,7 @@ class AlphaDPOLoss(nn.Module):
         pc, pr = split_pairs(seq.policy)
         rc, rr = split_pairs(seq.ref)
         gap = ((pc - pr) - (rc - rr)).detach()
-        mean, std = self._statistics(gap)
+        mean, std = self._statistics(gap, (pc, pr, rc, rr))
         out = alpha_dpo_loss(
             pc,
             pr,

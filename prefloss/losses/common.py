@@ -7,7 +7,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from prefloss.ops import SequenceLogProbs, sequence_logprobs
+from prefloss.ops import (
+    SequenceLogProbs,
+    check_backend,
+    check_chunk_size,
+    check_ignore_index,
+    check_number,
+    sequence_logprobs,
+)
 
 
 @dataclass
@@ -33,15 +40,52 @@ def sigmoid_loss(logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     return -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
 
 
-def check_beta(beta) -> None:
-    value = float(beta)
-    if not value > 0 or value != value or value == float("inf"):
-        raise ValueError(f"`beta` must be a finite number > 0, got {beta!r}.")
+def check_beta(beta) -> float:
+    return check_number("beta", beta, gt=0, tensors=True)
 
 
-def check_label_smoothing(label_smoothing: float) -> None:
-    if not 0.0 <= float(label_smoothing) < 0.5:
-        raise ValueError(f"`label_smoothing` must be in [0, 0.5), got {label_smoothing!r}.")
+def check_label_smoothing(label_smoothing) -> float:
+    return check_number("label_smoothing", label_smoothing, ge=0, lt=0.5, tensors=True)
+
+
+def check_options(chunk_size, backend) -> tuple[int | None, str]:
+    """A loss constructor's op options, checked when the loss is built (as `prefloss.fused_logprobs`)."""
+    return check_chunk_size(chunk_size), check_backend(backend)
+
+
+def check_responses(loss: str, hidden, labels, ignore_index: int) -> None:
+    """Refuse a pair whose chosen or rejected response has no counted token.
+
+    Such a row's log-prob sum (and mean) is 0, the best score there is: the pair would count as
+    perfectly learned (SimPO: reward 0, accuracy 1) and move batch statistics, so it is an error.
+    This also refuses a batch whose labels are all ``ignore_index`` (the loss's state unchanged).
+    One host synchronisation on ``[2B]`` flags, next to the op's own (skipped on ``meta`` tensors).
+    Malformed ``labels`` are left to `prefloss.fused_logprobs`' checks.
+    """
+    if (
+        not isinstance(labels, torch.Tensor)
+        or labels.device.type == "meta"
+        or labels.dim() < 1
+        or labels.dtype.is_floating_point
+        or labels.dtype.is_complex
+        or labels.dtype == torch.bool
+        or labels.shape[0] != hidden.shape[0]
+    ):
+        return
+    counted = (labels != ignore_index).reshape(labels.shape[0], -1).any(-1)
+    if bool(counted.all()):
+        return
+    half = labels.shape[0] // 2
+    empty = (~counted).nonzero().squeeze(1).tolist()
+    named = [f"pair {r % half} {'chosen' if r < half else 'rejected'} (row {r})" for r in empty[:8]]
+    more = f" and {len(empty) - 8} more" if len(empty) > 8 else ""
+    raise ValueError(
+        f"{loss}: {len(empty)} of {labels.shape[0]} responses {'has' if len(empty) == 1 else 'have'} "
+        "no counted token (every label is "
+        f"`ignore_index` = {ignore_index}): {', '.join(named)}{more}. An empty response would get "
+        "log-prob 0, the best possible score; drop those pairs or fix their labels (rows [0, B) of "
+        "`labels` are the chosen responses, [B, 2B) the rejected)."
+    )
 
 
 def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,8 +148,15 @@ def pair_sequences(
             precomputed per-row sums ``ref_logps [2B]``, which then replace ``.ref``), ``"live"``
             (ε-DPO: hidden states only) or ``"none"`` (SimPO: reference arguments are ignored).
         The rest: as `prefloss.fused_logprobs`.
+
+    Raises:
+        ValueError: a pair whose chosen or rejected response has no counted token (`check_responses`),
+            before any log-prob is computed; under torch.distributed only the rank holding that
+            pair raises (launchers such as ``torchrun`` then stop the others).
     """
     check_pair_rows(hidden)
+    ignore_index = check_ignore_index(ignore_index)
+    check_responses(loss, hidden, labels, ignore_index)
     given_live = ref_hidden is not None or ref_weight is not None
     if reference == "none":
         ref_hidden = ref_weight = ref_bias = ref_logps = None

@@ -15,6 +15,7 @@ from prefloss.losses.common import (
     LossOutput,
     check_beta,
     check_label_smoothing,
+    check_options,
     pair_sequences,
     reward_metrics,
     sigmoid_loss,
@@ -65,14 +66,16 @@ class DPOLoss(nn.Module):
         beta: β > 0 (default 0.1, TRL's default).
         label_smoothing: see `dpo_loss`.
         chunk_size, backend: passed to `prefloss.fused_logprobs`.
+
+    Every numeric argument must be finite and in range (``ValueError`` naming it otherwise).
+    A pair whose chosen or rejected response has no counted token (all labels ``ignore_index``) is
+    refused with a ``ValueError`` naming it (its log-prob would be 0, the best score there is).
     """
 
     def __init__(self, beta: float = 0.1, *, label_smoothing: float = 0.0, chunk_size=None, backend="auto"):
         super().__init__()
-        check_beta(beta)
-        check_label_smoothing(label_smoothing)
-        self.beta, self.label_smoothing = float(beta), float(label_smoothing)
-        self.chunk_size, self.backend = chunk_size, backend
+        self.beta, self.label_smoothing = check_beta(beta), check_label_smoothing(label_smoothing)
+        self.chunk_size, self.backend = check_options(chunk_size, backend)
 
     def forward(
         self,

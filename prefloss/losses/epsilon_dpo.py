@@ -31,12 +31,14 @@ from prefloss.losses.common import (
     LossOutput,
     check_beta,
     check_label_smoothing,
+    check_options,
     pair_sequences,
     reward_metrics,
     split_pairs,
 )
 from prefloss.losses.distributed import all_reduce_sum
 from prefloss.losses.dpo import dpo_loss
+from prefloss.ops import check_number
 
 
 class EpsilonDPOLosses(NamedTuple):
@@ -50,10 +52,7 @@ class EpsilonDPOLosses(NamedTuple):
 
 
 def _check_epsilon(epsilon) -> float:
-    value = float(epsilon)
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"`epsilon` must be in (0, 1), got {epsilon!r}.")
-    return value
+    return check_number("epsilon", epsilon, gt=0, lt=1, tensors=True)
 
 
 def epsilon_steps(
@@ -134,7 +133,11 @@ class EpsilonDPOLoss(nn.Module):
         label_smoothing, chunk_size, backend: as in `prefloss.DPOLoss`.
 
     Buffers: ``beta`` (fp32), and the step accumulators ``step_sum``, ``step_count`` (fp64) of
-    the pairs seen in training mode since the last `update_beta`.
+    the pairs seen in training mode since the last `update_beta`. A pair with a non-finite log-prob
+    (NaN/inf in the hidden states) gets a NaN loss and is not counted in the step mean; ``meta``
+    inputs with real buffers (shape tracing) leave the accumulators unchanged.
+    A pair whose chosen or rejected response has no counted token (all labels ``ignore_index``) is
+    refused with a ``ValueError`` naming it (its log-prob would be 0, the best score there is).
     """
 
     def __init__(
@@ -148,16 +151,16 @@ class EpsilonDPOLoss(nn.Module):
         backend="auto",
     ):
         super().__init__()
-        check_beta(beta)
-        check_label_smoothing(label_smoothing)
+        beta = check_beta(beta)
+        self.label_smoothing = check_label_smoothing(label_smoothing)
         if compare_dtype is not None and not (
             isinstance(compare_dtype, torch.dtype) and compare_dtype.is_floating_point
         ):
             raise TypeError(f"`compare_dtype` must be a floating torch.dtype or None, got {compare_dtype!r}.")
         self.epsilon = _check_epsilon(epsilon)
-        self.compare_dtype, self.label_smoothing = compare_dtype, float(label_smoothing)
-        self.chunk_size, self.backend = chunk_size, backend
-        self.register_buffer("beta", torch.tensor(float(beta), dtype=torch.float32))
+        self.compare_dtype = compare_dtype
+        self.chunk_size, self.backend = check_options(chunk_size, backend)
+        self.register_buffer("beta", torch.tensor(beta, dtype=torch.float32))
         self.register_buffer("step_sum", torch.zeros((), dtype=torch.float64))
         self.register_buffer("step_count", torch.zeros((), dtype=torch.float64))
 
@@ -208,10 +211,17 @@ class EpsilonDPOLoss(nn.Module):
             compare_dtype=self.compare_dtype,
             label_smoothing=self.label_smoothing,
         )
-        if self.training:
+        if self.training and not (pc.device.type == "meta" and self.step_sum.device.type != "meta"):
             with torch.no_grad():
-                self.step_sum += out.steps.sum().to(self.step_sum.dtype)
-                self.step_count += out.steps.numel()
+                # A pair with a non-finite log-prob has a NaN loss and s = 0 (NaN compares false):
+                # it is left out of β's step mean (no host sync). Meta inputs (shape tracing) with
+                # real buffers leave the state unchanged.
+                finite = torch.stack(
+                    [torch.isfinite(x) for x in (seq.policy, seq.ref, seq.minus, seq.plus)]
+                ).all(0)
+                finite = torch.stack(split_pairs(finite)).all(0)
+                self.step_sum += (out.steps * finite).sum().to(self.step_sum.dtype)
+                self.step_count += finite.sum().to(self.step_count.dtype)
         metrics = reward_metrics(out.chosen_rewards, out.rejected_rewards)
         steps = out.steps.float()
         metrics.update(

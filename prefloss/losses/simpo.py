@@ -13,12 +13,14 @@ from prefloss.losses.common import (
     LossOutput,
     check_beta,
     check_label_smoothing,
+    check_options,
     pair_sequences,
     reward_metrics,
     sigmoid_loss,
     split_pairs,
 )
 from prefloss.losses.dpo import PairLosses
+from prefloss.ops import check_number
 
 
 def simpo_loss(
@@ -46,6 +48,8 @@ class SimPOLoss(nn.Module):
         beta: β > 0 (default 2.0, the SimPO config default).
         gamma_beta_ratio: r = γ/β (default 0.25).
         label_smoothing, chunk_size, backend: as in `prefloss.DPOLoss`.
+    A pair whose chosen or rejected response has no counted token (all labels ``ignore_index``) is
+    refused with a ``ValueError`` naming it (its log-prob would be 0, the best score there is).
     """
 
     def __init__(
@@ -58,10 +62,10 @@ class SimPOLoss(nn.Module):
         backend="auto",
     ):
         super().__init__()
-        check_beta(beta)
-        check_label_smoothing(label_smoothing)
-        self.beta, self.gamma_beta_ratio = float(beta), float(gamma_beta_ratio)
-        self.label_smoothing, self.chunk_size, self.backend = float(label_smoothing), chunk_size, backend
+        self.beta = check_beta(beta)
+        self.gamma_beta_ratio = check_number("gamma_beta_ratio", gamma_beta_ratio, tensors=True)
+        self.label_smoothing = check_label_smoothing(label_smoothing)
+        self.chunk_size, self.backend = check_options(chunk_size, backend)
 
     def forward(
         self,
