@@ -12,8 +12,19 @@ Held-out metrics (before = the initial model, after = the trained one):
   the prompt;
 * implicit-reward accuracy: fraction of pairs with
   ``log π(y_w|x) − log π₀(y_w|x) > log π(y_l|x) − log π₀(y_l|x)`` (DPO's implicit reward, sums, π₀ the
-  initial model = the reference); ties count ½, so it is 50% at step 0 by construction;
+  initial model = the reference);
 * the margins: mean differences of the same two quantities.
+
+One tie rule everywhere: a tie counts as wrong (strict ``>``), as in the losses' ``rewards/accuracies``,
+TRL and the papers' code. So the implicit-reward accuracy is 0% at step 0 by construction (π = π₀:
+every pair ties), and a model that gives both responses the same mean log-prob scores 0% preference
+accuracy, not 50%.
+
+Runs are not mixed: a non-empty ``--output-dir`` is refused unless ``--resume`` (continue its last
+checkpoint, which must have the same ``--loss``) or ``--overwrite-output-dir`` (delete its
+checkpoints first) is given; resuming a run that already reached ``--max-steps`` trains nothing. A
+non-finite loss is logged as such and stops the run after ``--max-nonfinite-steps`` consecutive steps
+(default 1, see `prefloss.hf.PreferenceConfig.max_nonfinite_steps`), exit status 1.
 
 Outputs in ``--output-dir``: the trained model and tokenizer, checkpoints, ``metrics.json`` and
 ``curves.png``.
@@ -27,14 +38,31 @@ import copy
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from prefloss.cli_args import (
+    InputError,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
+
 DEFAULT_OUTPUT_DIR = "prefloss-output"
 LOSS_NAMES = ("alpha_dpo", "epsilon_dpo", "dpo", "simpo")  # = prefloss.hf.trainer.LOSSES (a test checks)
+
+
+def _seed(text: str) -> int:
+    """``--seed``: an integer in [0, 2**32 - 1], numpy's seed range (``transformers.set_seed`` seeds it)."""
+    value = nonnegative_int(text)
+    if value > 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32 - 1], got {text!r}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,9 +79,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--eval-data", default=None, help="held-out JSONL (default: shipped eval split, or 10%% of --data)"
     )
     g.add_argument(
-        "--max-length", type=int, default=64, help="most tokens of prompt + response (default: %(default)s)"
+        "--max-length",
+        type=positive_int,
+        default=64,
+        help="most tokens of prompt + response (default: %(default)s)",
     )
-    g.add_argument("--max-prompt-length", type=int, default=None, help="prompt tokens kept when too long")
+    g.add_argument(
+        "--max-prompt-length", type=positive_int, default=None, help="prompt tokens kept when too long"
+    )
     g.add_argument(
         "--prompt-bos",
         default="tokenizer",
@@ -70,41 +103,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--loss", default="alpha_dpo", choices=LOSS_NAMES, help="preference loss (default: alpha_dpo)"
     )
-    g.add_argument("--beta", type=float, default=None, help="β (default: the loss's published default)")
-    g.add_argument("--gamma-beta-ratio", type=float, default=None, help="γ/β (alpha_dpo, simpo)")
-    g.add_argument("--alpha", type=float, default=None, help="α (alpha_dpo)")
-    g.add_argument("--epsilon", type=float, default=None, help="ε (epsilon_dpo)")
+    g.add_argument(
+        "--beta", type=positive_float, default=None, help="β (default: the loss's published default)"
+    )
+    g.add_argument("--gamma-beta-ratio", type=nonnegative_float, default=None, help="γ/β (alpha_dpo, simpo)")
+    g.add_argument("--alpha", type=nonnegative_float, default=None, help="α (alpha_dpo)")
+    g.add_argument("--epsilon", type=positive_float, default=None, help="ε (epsilon_dpo)")
     g.add_argument("--precompute-ref", action="store_true", help="score the reference once, then drop it")
     g.add_argument(
         "--backend", default="auto", help="fused-op backend: auto, torch or triton (default: auto)"
     )
-    g.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk of the fused op")
+    g.add_argument("--chunk-size", type=positive_int, default=None, help="tokens per chunk of the fused op")
     g = parser.add_argument_group("LoRA (PEFT; the reference is the model with adapters disabled)")
     g.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
-    g.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default: %(default)s)")
-    g.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default: %(default)s)")
+    g.add_argument("--lora-r", type=positive_int, default=8, help="LoRA rank (default: %(default)s)")
+    g.add_argument(
+        "--lora-alpha", type=positive_float, default=16.0, help="LoRA alpha (default: %(default)s)"
+    )
     g.add_argument(
         "--lora-target-modules",
         default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
         help="comma-separated module names to adapt (default: %(default)s; not lm_head)",
     )
     g = parser.add_argument_group("training")
-    g.add_argument("--max-steps", type=int, default=100, help="optimizer steps (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=8, help="pairs per micro-batch (default: %(default)s)")
     g.add_argument(
-        "--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: %(default)s)"
+        "--max-steps", type=positive_int, default=100, help="optimizer steps (default: %(default)s)"
     )
-    g.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW, constant after 10 warm-up steps")
+    g.add_argument(
+        "--batch-size", type=positive_int, default=8, help="pairs per micro-batch (default: %(default)s)"
+    )
+    g.add_argument(
+        "--grad-accum",
+        type=positive_int,
+        default=1,
+        help="micro-batches per optimizer step (default: %(default)s)",
+    )
+    g.add_argument(
+        "--learning-rate", type=positive_float, default=1e-3, help="AdamW, constant after 10 warm-up steps"
+    )
     g.add_argument(
         "--eval-steps",
-        type=int,
+        type=positive_int,
         default=50,
         help="held-out loss metrics every N steps (default: %(default)s)",
     )
     g.add_argument(
-        "--save-steps", type=int, default=50, help="checkpoint every N steps (default: %(default)s)"
+        "--save-steps", type=positive_int, default=50, help="checkpoint every N steps (default: %(default)s)"
     )
-    g.add_argument("--seed", type=int, default=0, help="model init, data order (default: 0)")
+    g.add_argument("--seed", type=_seed, default=0, help="model init, data order (default: 0)")
     g.add_argument(
         "--bf16",
         action="store_true",
@@ -112,7 +158,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help="(default: %(default)s)")
     g.add_argument(
-        "--resume", nargs="?", const="last", default=None, help="resume from a checkpoint (default: the last)"
+        "--resume",
+        nargs="?",
+        const="last",
+        default=None,
+        help="resume from a checkpoint (default: the last in --output-dir); its run must have used the "
+        "same --loss. A run that already reached --max-steps trains nothing",
+    )
+    g.add_argument(
+        "--overwrite-output-dir",
+        action="store_true",
+        help="start over in a non-empty --output-dir: delete its checkpoint-* folders first (without this "
+        "or --resume, a non-empty --output-dir is an error: two runs' checkpoints would mix)",
+    )
+    g.add_argument(
+        "--max-nonfinite-steps",
+        type=positive_int,
+        default=1,
+        help="stop (exit status 1) after this many consecutive optimizer steps with a NaN/inf loss, "
+        "before the last one's update (default: %(default)s: one such update makes the weights NaN)",
     )
     g.add_argument("--no-plot", action="store_true", help="do not write curves.png")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -160,17 +224,84 @@ def _load_data(args: argparse.Namespace) -> tuple[Any, Any, str]:
     return split["train"], split["test"], f"{args.data} (10% held out)"
 
 
+def _is_main_process() -> bool:
+    """Rank 0 (or no launcher): ``accelerate launch`` / ``torchrun`` set ``RANK`` in every process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _checkpoint_to_resume(args: argparse.Namespace) -> str | None:
+    """Check ``--output-dir`` against ``--resume`` / ``--overwrite-output-dir`` before any work runs.
+
+    Returns the checkpoint to resume from, or ``None`` for a fresh run (after deleting the old run's
+    checkpoints with ``--overwrite-output-dir``). Raises `InputError` for a non-empty ``--output-dir``
+    without either flag, a missing checkpoint, or a checkpoint of another ``--loss``.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from prefloss.hf.trainer import checkpoint_loss_name
+
+    out = Path(args.output_dir)
+    if args.resume is not None and args.overwrite_output_dir:
+        raise InputError(
+            "--resume continues the run in --output-dir and --overwrite-output-dir deletes it: give one"
+        )
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--output-dir {str(out)!r}: expected a directory, got a file")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if args.resume is None:
+        if entries and not args.overwrite_output_dir:
+            shown = ", ".join(entries[:4]) + (f", ... ({len(entries)} entries)" if len(entries) > 4 else "")
+            raise InputError(
+                f"--output-dir {str(out)!r} is not empty ({shown}): a new run there would mix its "
+                "checkpoints with the old run's. Give --resume to continue the old run, "
+                "--overwrite-output-dir to delete its checkpoints and start over, or another --output-dir"
+            )
+        old = [n for n in entries if n.startswith("checkpoint-") and (out / n).is_dir()]
+        old += [n for n in entries if n in ("metrics.json", "curves.png")]
+        if old and _is_main_process():
+            for name in old:
+                if (out / name).is_dir():
+                    shutil.rmtree(out / name, ignore_errors=True)
+                else:
+                    (out / name).unlink(missing_ok=True)
+            print(f"--overwrite-output-dir: deleted the previous run's {', '.join(old)} in {out}")
+        return None
+    if args.resume == "last":
+        checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if checkpoint is None:
+            raise InputError(f"--resume: no checkpoint-<step> folder in --output-dir {str(out)!r} to resume")
+    else:
+        checkpoint = args.resume
+        if not os.path.isdir(checkpoint):
+            raise InputError(f"--resume {checkpoint!r}: expected a checkpoint directory, got no directory")
+    saved = checkpoint_loss_name(checkpoint)
+    if saved is not None and saved != args.loss:
+        raise InputError(
+            f"--resume {checkpoint!r}: that run was trained with --loss {saved}, this command has --loss "
+            f"{args.loss}. Resume with --loss {saved}, or start the {args.loss} run in another --output-dir"
+        )
+    return checkpoint
+
+
+def _checkpoint_step(checkpoint: str) -> int | None:
+    """The optimizer step a checkpoint was saved at (its ``trainer_state.json``), ``None`` without one."""
+    path = Path(checkpoint) / "trainer_state.json"
+    if not path.is_file():
+        return None
+    return int(json.loads(path.read_text())["global_step"])
+
+
 def heldout_metrics(scores: dict[str, Any], initial: dict[str, Any]) -> dict[str, float]:
     """Held-out preference metrics (module docstring) from `prefloss.hf.score_pairs` outputs."""
     mean_c = scores["chosen_logps"] / scores["chosen_length"].clamp(min=1)
     mean_r = scores["rejected_logps"] / scores["rejected_length"].clamp(min=1)
     reward_c = scores["chosen_logps"] - initial["chosen_logps"]
     reward_r = scores["rejected_logps"] - initial["rejected_logps"]
-    implicit = (reward_c > reward_r).float() + 0.5 * (reward_c == reward_r).float()
+    # Ties count as wrong (strict >), as in `prefloss.losses.common`'s rewards/accuracies and TRL.
     return {
         "preference_accuracy": float((mean_c > mean_r).float().mean()),
         "preference_margin": float((mean_c - mean_r).mean()),
-        "implicit_reward_accuracy": float(implicit.mean()),
+        "implicit_reward_accuracy": float((reward_c > reward_r).float().mean()),
         "implicit_reward_margin": float((reward_c - reward_r).mean()),
     }
 
@@ -467,7 +598,8 @@ def _summary(result: dict[str, Any]) -> str:
         f"{_fmt_bytes(mem['full_logits_logprobs_bytes'])} ({mem['method']}; one fp32 logits tensor here is "
         f"{_fmt_bytes(mem['full_logits_bytes'])})",
         "preference accuracy: chosen has the higher mean per-token log-prob under the model;",
-        "implicit-reward accuracy: log π/π₀ (sums) higher for chosen, π₀ = initial model; ties count ½.",
+        "implicit-reward accuracy: log π/π₀ (sums) higher for chosen, π₀ = initial model (0% at step 0:",
+        "all pairs tie there); in both a tie counts as wrong, as in rewards/accuracies and TRL.",
     ]
     return "\n".join(lines)
 
@@ -483,10 +615,31 @@ def run(args: argparse.Namespace) -> int:
     import transformers
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from prefloss.hf.trainer import LOSSES, PreferenceConfig, PreferenceTrainer, score_pairs
+    from prefloss.hf.trainer import (
+        LOSSES,
+        NonFiniteLossError,
+        PreferenceConfig,
+        PreferenceTrainer,
+        score_pairs,
+    )
 
     if args.loss not in LOSSES:
         raise ValueError(f"unknown loss {args.loss!r}: expected one of {sorted(LOSSES)}")
+    if args.max_prompt_length is not None and args.max_prompt_length >= args.max_length:
+        raise InputError(
+            f"--max-prompt-length must be < --max-length ({args.max_length}), got {args.max_prompt_length}"
+        )
+    checkpoint = _checkpoint_to_resume(args)
+    if checkpoint is not None:
+        step = _checkpoint_step(checkpoint)
+        if step is not None and step >= args.max_steps:
+            if _is_main_process():
+                print(
+                    f"--resume: {checkpoint} is at step {step}, which already reached --max-steps "
+                    f"{args.max_steps}: nothing to train; {args.output_dir} is left as it is. Give a larger "
+                    "--max-steps to train further."
+                )
+            return 0
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
@@ -513,6 +666,7 @@ def run(args: argparse.Namespace) -> int:
         prompt_bos=args.prompt_bos,
         overlong_prompts=args.overlong_prompts,
         precompute_ref_log_probs=args.precompute_ref,
+        max_nonfinite_steps=args.max_nonfinite_steps,
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=max(args.batch_size, 16),
@@ -538,8 +692,6 @@ def run(args: argparse.Namespace) -> int:
     if args.lora:
         from peft import LoraConfig
 
-        if args.lora_r < 1:
-            raise ValueError(f"--lora-r must be >= 1, got {args.lora_r}")
         targets = [name.strip() for name in args.lora_target_modules.split(",") if name.strip()]
         if not targets:
             raise ValueError("--lora-target-modules must name at least one module, got an empty list")
@@ -562,11 +714,19 @@ def run(args: argparse.Namespace) -> int:
     initial = score_pairs(trainer.model, heldout, collator, batch_size=64, device=config.device)
     before = heldout_metrics(initial, initial)
 
-    resume = None
-    if args.resume is not None:
-        resume = True if args.resume == "last" else args.resume
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    except NonFiniteLossError as exc:
+        if progress.bar is not None:
+            progress.bar.close()
+        if trainer.is_world_process_zero():
+            print(
+                f"prefloss train: error: {exc} (--learning-rate; --max-nonfinite-steps "
+                f"{args.max_nonfinite_steps} is the limit of consecutive non-finite steps)",
+                file=sys.stderr,
+            )
+        return 1
     runtime = time.perf_counter() - start
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     if evals and evals[-1]["step"] == trainer.state.global_step:
@@ -607,10 +767,10 @@ def run(args: argparse.Namespace) -> int:
             "after": after,
             "definitions": {
                 "preference_accuracy": "fraction of held-out pairs whose chosen response has the higher mean "
-                "per-token log-prob under the model",
+                "per-token log-prob under the model (strictly: a tie counts as wrong)",
                 "preference_margin": "mean of (mean log-prob chosen - mean log-prob rejected)",
                 "implicit_reward_accuracy": "fraction with log pi/pi0(chosen) > log pi/pi0(rejected), sums, "
-                "pi0 = the initial model; ties count 1/2",
+                "pi0 = the initial model; a tie counts as wrong (0 at step 0, where every pair ties)",
                 "implicit_reward_margin": "mean of (log pi/pi0(chosen) - log pi/pi0(rejected))",
             },
         },

@@ -6,6 +6,7 @@ A tiny Llama (hidden 32) on the first pairs of the shipped synthetic data, a few
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -16,7 +17,13 @@ from prefloss import reference
 from prefloss.data import synthetic_preferences_path
 from prefloss.hf.model import unwrap_model
 from prefloss.hf.tiny import byte_level_tokenizer, tiny_llama
-from prefloss.hf.trainer import LOSS_STATE_NAME, PreferenceConfig, PreferenceTrainer
+from prefloss.hf.trainer import (
+    LOSS_NAME_FILE,
+    LOSS_STATE_NAME,
+    NonFiniteLossError,
+    PreferenceConfig,
+    PreferenceTrainer,
+)
 from prefloss.testing import loss_error_bounds, plain_logprobs, sequence_error_scale
 
 with open(synthetic_preferences_path("train")) as _f:
@@ -77,6 +84,7 @@ def make_trainer(tmp_path, *, model=None, **kwargs) -> PreferenceTrainer:
             dict(loss="epsilon_dpo", loss_kwargs='{"compare_dtype": "bf16"}'),
             r"loss_kwargs\['compare_dtype'\] must be 'bfloat16', 'float16', 'float32' or None, got 'bf16'",
         ),
+        (dict(max_nonfinite_steps=0), r"max_nonfinite_steps must be an integer >= 1 or None, got 0"),
     ],
     ids=[
         "unknown-loss",
@@ -86,6 +94,7 @@ def make_trainer(tmp_path, *, model=None, **kwargs) -> PreferenceTrainer:
         "remove-columns",
         "prompt-length",
         "compare-dtype-name",
+        "nonfinite-steps-0",
     ],
 )
 def test_bad_config_is_an_error(tmp_path, kwargs: dict, match: str) -> None:
@@ -414,3 +423,97 @@ def test_bf16_reference_copy_computes_like_the_policy(tmp_path, precompute: bool
     for side in ("chosen", "rejected"):
         bound = 0.1 * 4 * U32 * abs(logs[f"logps/{side}"])
         assert abs(logs[f"rewards/{side}"]) <= bound, (side, logs[f"rewards/{side}"], bound)
+
+
+def _inject_nonfinite_losses(trainer: PreferenceTrainer, calls: set[int], *, poison_gradients: bool) -> None:
+    """Make the loss of the given forward calls (1-based) NaN. ``poison_gradients``: NaN gradients too
+    (``loss * nan``); otherwise the value only (``loss + nan - loss.detach()``: the gradients stay finite,
+    so later steps can be finite again)."""
+    forward = trainer.loss_fn.forward
+    count = [0]
+
+    def nan_forward(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        count[0] += 1
+        if count[0] in calls and trainer.model.training:
+            nan = torch.tensor(float("nan"))
+            out.loss = out.loss * nan if poison_gradients else out.loss + nan - out.loss.detach()
+        return out
+
+    trainer.loss_fn.forward = nan_forward
+
+
+@pytest.mark.parametrize("what", ["loss", "gradient"], ids=["nan-loss", "nan-gradient"])
+def test_nonfinite_step_stops_before_the_update_and_is_logged(tmp_path, what: str) -> None:
+    """A NaN loss (so NaN gradients), or a finite loss with a NaN gradient, at step 3: logged as NaN
+    (not transformers' filtered 0.0), training stops with NonFiniteLossError before step 3's update,
+    the weights stay step 2's (finite), and no checkpoint is written after step 2."""
+    from safetensors.torch import load_file
+
+    trainer = make_trainer(tmp_path, loss="dpo", max_steps=6, save_strategy="steps", save_steps=1)
+    if what == "loss":
+        _inject_nonfinite_losses(trainer, {3}, poison_gradients=True)
+        match = r"stopped at step 3: the loss was nan, non-finite for 1 consecutive .*max_nonfinite_steps=1"
+    else:
+        weight = unwrap_model(trainer.model).model.layers[0].mlp.down_proj.weight
+        weight.register_hook(lambda g: g * float("nan") if trainer.state.global_step == 2 else g)
+        match = r"stopped at step 3: the loss was [0-9.]+ and the gradient norm nan, non-finite for 1"
+    with pytest.raises(NonFiniteLossError, match=match):
+        trainer.train()
+    logs = {h["step"]: h for h in trainer.state.log_history if "loss" in h}
+    assert sorted(logs) == [1, 2, 3]
+    assert all(math.isfinite(logs[s]["loss"]) and math.isfinite(logs[s]["grad_norm"]) for s in (1, 2))
+    assert math.isnan(logs[3]["loss" if what == "loss" else "grad_norm"])
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    saved = load_file(tmp_path / "checkpoint-2" / "model.safetensors")
+    for name, param in unwrap_model(trainer.model).named_parameters():
+        assert torch.isfinite(param).all(), name
+        if name in saved:
+            torch.testing.assert_close(param.detach(), saved[name], rtol=0, atol=0, msg=name)
+
+
+def test_nonfinite_steps_limit_counts_consecutive_steps(tmp_path) -> None:
+    """max_nonfinite_steps=2: a lone NaN step (2) is logged as NaN and training goes on; a finite step
+    resets the count; the 2nd consecutive one (steps 4, 5) stops training at step 5."""
+    trainer = make_trainer(tmp_path, loss="simpo", max_steps=6, max_nonfinite_steps=2)
+    _inject_nonfinite_losses(trainer, {2, 4, 5}, poison_gradients=False)
+    with pytest.raises(NonFiniteLossError, match=r"stopped at step 5: .* for 2 consecutive"):
+        trainer.train()
+    losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    assert sorted(losses) == [1, 2, 3, 4, 5]
+    assert [math.isnan(losses[s]) for s in range(1, 6)] == [False, True, False, True, True]
+    assert trainer.state.global_step == 4
+
+
+def test_resume_with_another_loss_names_both_losses(tmp_path) -> None:
+    trainer = make_trainer(tmp_path, loss="epsilon_dpo", max_steps=1, save_strategy="steps", save_steps=1)
+    trainer.train()
+    checkpoint = tmp_path / "checkpoint-1"
+    assert json.loads((checkpoint / LOSS_NAME_FILE).read_text()) == {"loss": "epsilon_dpo"}
+    again = make_trainer(tmp_path, loss="dpo", max_steps=2)
+    with pytest.raises(ValueError, match="loss 'epsilon_dpo', but this trainer's loss is 'dpo'"):
+        again.train(resume_from_checkpoint=str(checkpoint))
+    os.remove(checkpoint / LOSS_NAME_FILE)  # a checkpoint from before the file existed: the keys tell
+    with pytest.raises(ValueError, match="does not fit this trainer's loss 'dpo'.*another loss"):
+        again.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_resume_of_a_finished_run_trains_nothing(tmp_path) -> None:
+    """transformers would train a 3rd step (and write checkpoint-3) when resuming step 2 of 2."""
+    trainer = make_trainer(tmp_path, loss="alpha_dpo", max_steps=2, save_strategy="steps", save_steps=1)
+    trainer.train()
+    again = make_trainer(tmp_path, loss="alpha_dpo", max_steps=2, save_strategy="steps", save_steps=1)
+    forwards = []
+    forward = again.loss_fn.forward
+    again.loss_fn.forward = lambda *a, **k: forwards.append(1) or forward(*a, **k)
+    with pytest.warns(UserWarning, match="already reached max_steps=2: nothing to train"):
+        out = again.train(resume_from_checkpoint=True)
+    assert forwards == [] and out.global_step == again.state.global_step == 2
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    for (name, a), b in zip(
+        unwrap_model(trainer.model).named_parameters(), unwrap_model(again.model).parameters(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    state = trainer.loss_fn.state_dict()
+    for key, value in again.loss_fn.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0, msg=key)

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from prefloss import train
+from prefloss.cli_args import InputError
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -38,7 +42,7 @@ def default_run(tmp_path_factory):
 def test_default_run_learns_the_preference(default_run, capsys) -> None:
     metrics = json.loads((default_run / "metrics.json").read_text())
     before, after = metrics["heldout"]["before"], metrics["heldout"]["after"]
-    assert before["implicit_reward_accuracy"] == 0.5  # π = π₀ at step 0: all ties
+    assert before["implicit_reward_accuracy"] == 0.0  # π = π₀ at step 0: all ties, and a tie is wrong
     assert after["preference_accuracy"] >= before["preference_accuracy"] + 0.25, (before, after)
     assert after["preference_accuracy"] >= 0.8
     assert after["implicit_reward_accuracy"] >= 0.8
@@ -70,6 +74,131 @@ def test_resume_from_checkpoint_gives_the_same_final_metrics(default_run, tmp_pa
     resumed_log = {h["step"]: h["loss"] for h in resumed["log_history"] if "loss" in h}
     for step in range(21, 41):
         assert resumed_log[step] == pytest.approx(full_log[step], abs=1e-5), step
+
+
+@pytest.mark.slow
+def test_non_empty_output_dir_is_refused(default_run, tmp_path) -> None:
+    """A 2nd run into the 1st run's folder would overwrite some of its checkpoints and keep others."""
+    out = tmp_path / "reused"
+    shutil.copytree(default_run, out)
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(InputError, match=r"--output-dir .* is not empty .*--resume.*--overwrite-output-dir"):
+        train.run(parse("--output-dir", str(out), "--seed", "1", *SHORT))
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_non_empty_output_dir_is_refused_before_any_work(tmp_path) -> None:
+    (tmp_path / "notes.txt").write_text("not a run")
+    with pytest.raises(InputError, match=r"is not empty \(notes.txt\)"):
+        train.run(parse("--output-dir", str(tmp_path), "--quiet"))
+    with pytest.raises(InputError, match="--resume continues the run .* --overwrite-output-dir deletes it"):
+        train.run(parse("--output-dir", str(tmp_path), "--resume", "--overwrite-output-dir"))
+    with pytest.raises(InputError, match="--resume: no checkpoint-<step> folder in --output-dir"):
+        train.run(parse("--output-dir", str(tmp_path), "--resume"))
+
+
+@pytest.mark.slow
+def test_resume_with_another_loss_names_both_losses(default_run, tmp_path) -> None:
+    out = tmp_path / "resumed"
+    shutil.copytree(default_run / "checkpoint-20", out / "checkpoint-20")
+    match = "trained with --loss alpha_dpo, this command has --loss dpo. Resume with --loss alpha_dpo"
+    with pytest.raises(InputError, match=match):
+        train.run(parse("--output-dir", str(out), "--resume", "--loss", "dpo", *SHORT))
+
+
+@pytest.mark.slow
+def test_resume_of_a_finished_run_trains_nothing(default_run, tmp_path, capsys) -> None:
+    """Resuming checkpoint-40 of a 40-step run: exit 0, says so, metrics and checkpoints unchanged
+    (transformers alone trains a 41st step and writes checkpoint-41)."""
+    out = tmp_path / "finished"
+    shutil.copytree(default_run, out)
+    metrics = (out / "metrics.json").read_bytes()
+    assert train.run(parse("--output-dir", str(out), "--resume", *SHORT)) == 0
+    assert "is at step 40, which already reached --max-steps 40: nothing to train" in capsys.readouterr().out
+    assert (out / "metrics.json").read_bytes() == metrics
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-40"]
+
+
+@pytest.mark.slow
+def test_overwrite_output_dir_deletes_the_old_run_first(default_run, tmp_path, capsys) -> None:
+    out = tmp_path / "overwritten"
+    shutil.copytree(default_run, out)
+    argv = ("--max-steps", "2", "--eval-steps", "2", "--save-steps", "1", "--quiet", "--no-plot")
+    assert train.run(parse("--output-dir", str(out), "--overwrite-output-dir", "--seed", "1", *argv)) == 0
+    said = capsys.readouterr().out
+    assert (
+        "--overwrite-output-dir: deleted the previous run's checkpoint-20, checkpoint-40, metrics.json"
+        in said
+    )
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train"]["steps"] == 2 and metrics["train"]["steps_this_run"] == 2
+
+
+@pytest.mark.slow
+def test_nonfinite_training_stops_with_a_one_line_error(tmp_path, capsys) -> None:
+    """The issue's run: DPO at learning rate 1e6 overflows within a few steps. The loss / gradient norm
+    is logged as non-finite (not 0.0), the command exits 1 with one error line and no traceback, and
+    every checkpoint written holds finite weights (none after the stop)."""
+    from safetensors.torch import load_file
+
+    from prefloss.cli import main
+
+    out = tmp_path / "nan"
+    argv = ["train", "--loss", "dpo", "--learning-rate", "1e6", "--max-steps", "30", "--eval-steps", "30"]
+    assert main([*argv, "--save-steps", "1", "--quiet", "--no-plot", "--output-dir", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "prefloss train: error: training stopped at step" in err and "Traceback" not in err, err
+    assert "--max-nonfinite-steps 1" in err
+    assert not (out / "metrics.json").exists()
+    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    stopped_at = int(err.split("training stopped at step ")[1].split(":")[0])
+    assert [int(p.name.split("-")[1]) for p in checkpoints] == list(range(1, stopped_at))
+    for checkpoint in checkpoints:
+        for name, value in load_file(checkpoint / "model.safetensors").items():
+            assert torch.isfinite(value).all(), (checkpoint.name, name)
+    state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
+    assert all(math.isfinite(h["loss"]) for h in state["log_history"] if "loss" in h)
+
+
+NUMERIC_CASES = [
+    ("--max-steps", "0", "an integer >= 1"),
+    ("--max-steps", "-3", "an integer >= 1"),
+    ("--grad-accum", "0", "an integer >= 1"),
+    ("--batch-size", "0", "an integer >= 1"),
+    ("--eval-steps", "0", "an integer >= 1"),
+    ("--save-steps", "0", "an integer >= 1"),
+    ("--max-length", "0", "an integer >= 1"),
+    ("--max-prompt-length", "0", "an integer >= 1"),
+    ("--chunk-size", "0", "an integer >= 1"),
+    ("--lora-r", "0", "an integer >= 1"),
+    ("--max-nonfinite-steps", "0", "an integer >= 1"),
+    ("--seed", "-1", "an integer >= 0"),
+    ("--seed", str(2**32), r"an integer in \[0, 2\*\*32 - 1\]"),
+    ("--learning-rate", "0", "a finite number > 0"),
+    ("--learning-rate", "inf", "a finite number > 0"),
+    ("--beta", "nan", "a finite number > 0"),
+    ("--epsilon", "-0.1", "a finite number > 0"),
+    ("--alpha", "nan", "a finite number >= 0"),
+    ("--gamma-beta-ratio", "-1", "a finite number >= 0"),
+    ("--lora-alpha", "0", "a finite number > 0"),
+]
+
+
+@pytest.mark.parametrize(
+    "flag, value, expected", NUMERIC_CASES, ids=[f"{flag}={value}" for flag, value, _ in NUMERIC_CASES]
+)
+def test_numeric_arguments_are_checked_at_parse_time(capsys, flag: str, value: str, expected: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse(flag, value)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(f"argument {flag}: expected {expected}, got '{re.escape(value)}'", err), err
+
+
+def test_max_prompt_length_must_be_below_max_length(tmp_path) -> None:
+    with pytest.raises(InputError, match=r"--max-prompt-length must be < --max-length \(64\), got 64"):
+        train.run(parse("--max-prompt-length", "64", "--output-dir", str(tmp_path / "out")))
 
 
 def test_loss_names_match_the_trainer() -> None:

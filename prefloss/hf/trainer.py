@@ -19,13 +19,23 @@ micro-batches of the optimizer step and DDP averages over ranks, so a step's gra
 all its pairs. Loss state (α-DPO's running statistics, ε-DPO's β) lives in the loss module's buffers:
 saved as ``prefloss_loss_state.pt`` with every checkpoint and restored on resume. ε-DPO's β is updated
 once per optimizer step, after all its micro-batches, by a callback (``on_step_end``).
+
+Non-finite losses are never hidden: the logged ``loss`` is the true value (``logging_nan_inf_filter``
+defaults to ``False`` here; transformers' ``True`` logs a NaN step as the mean of the previous ones,
+0.0 right after a log), and after ``max_nonfinite_steps`` consecutive optimizer steps with a
+non-finite loss or gradient norm (default 1) training stops with `NonFiniteLossError` before that
+step's optimizer update, so neither the weights nor a checkpoint take it. A checkpoint also records
+its loss's name (``prefloss_loss.json``): resuming it with another loss is an error naming both.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import json
+import math
 import os
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,7 +44,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_callback import TrainerState
+from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
 from prefloss.hf.adapters import AdaptersDisabled, check_peft_head, is_peft_model
 from prefloss.hf.collator import PreferenceCollator
@@ -47,15 +58,25 @@ from prefloss.losses import LOSSES as LOSS_CLASSES
 
 __all__ = [
     "LOSSES",
+    "LOSS_NAME_FILE",
     "LOSS_STATE_NAME",
+    "NonFiniteLossError",
     "PreferenceConfig",
     "PreferenceTrainer",
     "build_loss",
+    "checkpoint_loss_name",
     "loss_name",
     "score_pairs",
 ]
 
 LOSS_STATE_NAME = "prefloss_loss_state.pt"
+LOSS_NAME_FILE = "prefloss_loss.json"  # {"loss": "<LOSSES name>"}, beside the loss state
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped: the loss or the gradient norm was non-finite (NaN or ±inf) for
+    ``max_nonfinite_steps`` consecutive optimizer steps. Raised before the last such step's optimizer
+    update."""
 
 
 class LossSpec(NamedTuple):
@@ -122,6 +143,23 @@ class PreferenceConfig(LossFields, TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Must stay False: the collator needs the tokenized columns."}
     )
+    max_nonfinite_steps: int | None = field(
+        default=1,
+        metadata={
+            "help": "Stop with NonFiniteLossError after this many consecutive optimizer steps whose loss (on "
+            "any rank) or gradient norm is NaN or ±inf, before the last one's optimizer update; None: never "
+            "stop. Default 1: a non-finite loss gives non-finite gradients, and one AdamW update with them "
+            "makes the weights and the moment estimates NaN for good, so no later step can recover; "
+            "stopping at once keeps the weights (and every checkpoint) of the last finite step."
+        },
+    )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={
+            "help": "transformers' filter, off here: True logs a NaN/inf step loss as the mean of the steps "
+            "since the last log (0.0 with logging_steps=1) instead of its value."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -139,6 +177,14 @@ class PreferenceConfig(LossFields, TrainingArguments):
                 "precompute_ref_log_probs=True does not work with loss 'epsilon_dpo': ε-DPO mixes the "
                 "reference's per-token logits into the policy's at every step, so it needs the reference "
                 "model; expected precompute_ref_log_probs=False"
+            )
+        if self.max_nonfinite_steps is not None and (
+            isinstance(self.max_nonfinite_steps, bool)
+            or not isinstance(self.max_nonfinite_steps, int)
+            or self.max_nonfinite_steps < 1
+        ):
+            raise ValueError(
+                f"max_nonfinite_steps must be an integer >= 1 or None, got {self.max_nonfinite_steps!r}"
             )
         if self.remove_unused_columns:
             raise ValueError(
@@ -182,6 +228,16 @@ def build_loss(
             raise ValueError(f"{key}={value} does not apply to loss {name!r}, which takes {list(takes)}")
     hyper = {k: v for k, v in given.items() if v is not None}
     return LOSS_CLASSES[name](**hyper, **kwargs)
+
+
+def checkpoint_loss_name(checkpoint: str | os.PathLike) -> str | None:
+    """The loss a `PreferenceTrainer` checkpoint was written with (its ``prefloss_loss.json``), or
+    ``None`` for a checkpoint without that file (written before it existed)."""
+    path = os.path.join(checkpoint, LOSS_NAME_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["loss"]
 
 
 def loss_name(loss_fn: nn.Module) -> str:
@@ -283,6 +339,12 @@ class PreferenceTrainer(Trainer):
             Adapters on the output head itself are refused (the fused op reads the head weight);
             ``modules_to_save=["lm_head"]`` works.
         Remaining arguments go to ``transformers.Trainer``.
+
+    ``train()`` raises `NonFiniteLossError` after ``args.max_nonfinite_steps`` consecutive optimizer steps
+    with a NaN/inf loss or gradient norm (logged with its true value first; the optimizer update of the
+    last one is not taken). ``train(resume_from_checkpoint=...)`` refuses a checkpoint written with
+    another loss, and resuming a checkpoint that already reached ``args.max_steps`` trains nothing (a
+    warning; the weights, loss state and trainer state are the checkpoint's).
     """
 
     def __init__(
@@ -382,6 +444,9 @@ class PreferenceTrainer(Trainer):
         # The loss is a per-micro-batch mean: let the Trainer divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         self.loss_fn.to(self.args.device)
+        self._step_loss: torch.Tensor | None = None  # sum of the current optimizer step's micro-batch losses
+        self._last_step_loss: float | None = None  # the step's loss, until its gradient norm is known
+        self._nonfinite_steps = 0  # consecutive optimizer steps with a non-finite loss or gradient norm
         self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {
             "train": defaultdict(list),
             "eval": defaultdict(list),
@@ -514,6 +579,66 @@ class PreferenceTrainer(Trainer):
         self._store_metrics("train" if model.training else "eval", out.metrics)
         return (out.loss, out.metrics) if return_outputs else out.loss
 
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        step_loss = loss.detach().float()
+        self._step_loss = step_loss if self._step_loss is None else self._step_loss + step_loss
+        if self.accelerator.sync_gradients:  # the step's last micro-batch
+            # Checked at once (not only at the gradient norm, below): the loss check must not depend on
+            # transformers calling `_get_grad_norm` before every optimizer update.
+            self._check_step(loss=self._reduced_step_loss(), grad_norm=None)
+        return loss
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        # transformers (5.x) calls this after the step's last backward and before the optimizer update:
+        # a finite loss can still give overflowing gradients (a learning rate far too high).
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if grad_norm is not None and self._last_step_loss is not None:
+            self._check_step(loss=self._last_step_loss, grad_norm=float(grad_norm))
+        return grad_norm
+
+    def _reduced_step_loss(self) -> float:
+        """The optimizer step's loss (sum of its micro-batch losses, each divided by their number), the
+        mean over ranks: NaN/inf on one rank makes it non-finite on all."""
+        step_loss, self._step_loss = self._step_loss, None
+        if self.accelerator.num_processes > 1:
+            step_loss = self.accelerator.reduce(step_loss.to(self.accelerator.device), reduction="mean")
+        return float(step_loss)
+
+    def _check_step(self, *, loss: float, grad_norm: float | None) -> None:
+        """Count consecutive optimizer steps with a non-finite loss or gradient norm (the same on every
+        rank); at ``max_nonfinite_steps`` log the step's true values and raise `NonFiniteLossError`,
+        before the step's optimizer update. Called twice per step: with the loss (``grad_norm=None``),
+        then with the loss and the gradient norm; a step counts once."""
+        finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
+        if grad_norm is None:  # first call of the step
+            self._last_step_loss = loss
+            self._nonfinite_steps = 0 if finite else self._nonfinite_steps + 1
+        else:  # second call: only a non-finite gradient norm with a finite loss is new
+            self._last_step_loss = None
+            if finite or not math.isfinite(loss):
+                return
+            self._nonfinite_steps += 1
+        limit = self.args.max_nonfinite_steps
+        if finite or limit is None or self._nonfinite_steps < limit:
+            return
+        step = self.state.global_step + 1
+        logs = {"loss": loss, "nonfinite_steps": float(self._nonfinite_steps)}
+        if grad_norm is not None:
+            logs["grad_norm"] = grad_norm
+        self.log(logs)
+        self.state.log_history[-1]["step"] = step  # the step whose update is not taken
+        what = f"the loss was {loss}" + ("" if grad_norm is None else f" and the gradient norm {grad_norm}")
+        raise NonFiniteLossError(
+            f"training stopped at step {step}: {what}, non-finite for {self._nonfinite_steps} consecutive "
+            f"optimizer step(s), max_nonfinite_steps={limit}. Step {step}'s optimizer update was not taken "
+            f"and no checkpoint was written after it; the model holds the weights of step {step - 1}. "
+            f"Usual causes: a learning rate too high (learning_rate={self.args.learning_rate}), a loss "
+            "hyperparameter out of range, or broken data."
+        )
+
     def prediction_step(
         self,
         model: nn.Module,
@@ -547,6 +672,11 @@ class PreferenceTrainer(Trainer):
             mode, prefix = "eval", "eval_"
         elif "loss" in logs:
             mode, prefix = "train", ""
+            tr_loss = getattr(self, "_tr_loss", None)
+            if tr_loss is not None and not bool(torch.isfinite(tr_loss)):
+                # transformers has just reset its running sum by `tr_loss -= tr_loss`, which leaves a
+                # NaN/inf in place: every later step would be logged as NaN. Reset it for real.
+                tr_loss.zero_()
         else:
             mode = None
         if mode is not None:
@@ -565,6 +695,8 @@ class PreferenceTrainer(Trainer):
             output_dir = output_dir if output_dir is not None else self.args.output_dir
             os.makedirs(output_dir, exist_ok=True)
             torch.save(self.loss_fn.state_dict(), os.path.join(output_dir, LOSS_STATE_NAME))
+            with open(os.path.join(output_dir, LOSS_NAME_FILE), "w") as f:
+                json.dump({"loss": loss_name(self.loss_fn)}, f)
 
     def _check_engine(self) -> None:
         """Refuse FSDP settings that accelerate did not turn into FSDP2 (never train silently unsharded)."""
@@ -585,6 +717,7 @@ class PreferenceTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
         self._check_engine()
+        self._step_loss, self._last_step_loss, self._nonfinite_steps = None, None, 0
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
@@ -596,6 +729,47 @@ class PreferenceTrainer(Trainer):
                     f"checkpoint {resume_from_checkpoint!r} has no {LOSS_STATE_NAME}: expected a checkpoint "
                     "written by PreferenceTrainer (the loss state, e.g. ε-DPO's β, would be lost)"
                 )
+            kind, saved_kind = loss_name(self.loss_fn), checkpoint_loss_name(resume_from_checkpoint)
+            if saved_kind is not None and saved_kind != kind:
+                raise ValueError(
+                    f"checkpoint {str(resume_from_checkpoint)!r} was written by a run with loss "
+                    f"{saved_kind!r}, but this trainer's loss is {kind!r}: resume with loss {saved_kind!r}, "
+                    f"or train {kind!r} from scratch in another output_dir"
+                )
             state = torch.load(path, map_location="cpu", weights_only=True)  # load_state_dict copies
-            self.loss_fn.load_state_dict(state)
+            try:
+                self.loss_fn.load_state_dict(state)
+            except RuntimeError as exc:  # a checkpoint without prefloss_loss.json, of another loss
+                raise ValueError(
+                    f"the loss state in checkpoint {str(resume_from_checkpoint)!r} (keys {sorted(state)}) "
+                    f"does not fit this trainer's loss {kind!r} (keys {sorted(self.loss_fn.state_dict())}): "
+                    "was it written with another loss?"
+                ) from exc
+            finished = self._finished_checkpoint(resume_from_checkpoint)
+            if finished is not None:
+                return finished
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _finished_checkpoint(self, checkpoint: str) -> TrainOutput | None:
+        """A checkpoint at or past ``max_steps``: load it and train nothing (transformers would train
+        one more step). ``None`` when there are steps left to train."""
+        state_path = os.path.join(checkpoint, "trainer_state.json")
+        if self.args.max_steps <= 0 or not os.path.isfile(state_path):
+            return None
+        state = TrainerState.load_from_json(state_path)
+        if state.global_step < self.args.max_steps:
+            return None
+        if getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
+            raise ValueError(
+                f"checkpoint {checkpoint!r} is at step {state.global_step}, which already reached "
+                f"max_steps={self.args.max_steps}: nothing to train; raise max_steps to train further"
+            )
+        warnings.warn(
+            f"checkpoint {checkpoint!r} is at step {state.global_step}, which already reached "
+            f"max_steps={self.args.max_steps}: nothing to train (the model, loss state and trainer state "
+            "are the checkpoint's); raise max_steps to train further",
+            stacklevel=3,
+        )
+        self._load_from_checkpoint(checkpoint)
+        self.state = state
+        return TrainOutput(state.global_step, float("nan"), {"train_steps_this_run": 0})
