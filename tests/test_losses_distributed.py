@@ -8,6 +8,7 @@ first. With equal micro-batches, DDP averages the ranks' gradients, so:
   process on the merged batch, hence so do z, the per-pair losses, the mean of the per-rank losses
   and the average of the per-rank weight gradients; a rank's hidden-state gradient is ``world``
   times the merged gradient of its rows (its loss is a mean over B pairs, the merged one over 2B).
+  A NaN in one rank's inputs makes the gathered M non-finite: every rank raises, state unchanged.
 * ε-DPO: ``update_beta`` averages s over every pair on every rank, so β after the update equals
   the one-process β on the merged batch (bitwise: the step sums and counts are integers).
 
@@ -70,6 +71,21 @@ WORKER = textwrap.dedent(
             "grad_weight": weight.grad,
             "state": {k: v.clone() for k, v in module.state_dict().items()},
         }
+    # One NaN in rank 1's reference hidden states: both ranks see it in the gathered M and refuse.
+    module = prefloss.AlphaDPOLoss(**data["hp_alpha"]).double()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    ref_hidden = data["ref_hidden"][rank].clone()
+    if rank == 1:
+        ref_hidden[0, -1, 0] = float("nan")  # local pair 0, chosen, last token (counted)
+    try:
+        module(
+            data["hidden"][rank], data["weight"], data["labels"][rank],
+            ref_hidden=ref_hidden, ref_weight=data["ref_weight"],
+        )
+        result["non_finite"] = "no error"
+    except ValueError as e:
+        result["non_finite"] = str(e)
+    result["non_finite_state_kept"] = all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
     dist.barrier()
     dist.destroy_process_group()
     torch.save(result, out_file)
@@ -224,3 +240,11 @@ def test_two_ranks_match_one_process_on_merged_batch(tmp_path):
     for r in ranks:
         assert torch.equal(r["epsilon_dpo"]["state"]["beta"], eps["state"]["beta"])
         assert float(r["epsilon_dpo"]["state"]["step_count"]) == 0.0
+
+    # a NaN on one rank: every rank refuses (the gathered M is the same), states unchanged
+    for r in ranks:
+        assert "margin statistics are non-finite" in r["non_finite"], r["non_finite"]
+        assert f"1 of {WORLD * PAIRS_PER_RANK} gathered pairs" in r["non_finite"]
+        assert r["non_finite_state_kept"]
+    assert "On this rank: pair 0: reference chosen" in ranks[1]["non_finite"]
+    assert "(on another rank's pairs)" in ranks[0]["non_finite"]

@@ -535,6 +535,24 @@ def test_alpha_dpo_eval_ema_non_finite_input_gives_nan_loss():
     torch.testing.assert_close(out.chosen_rewards[:2], want[:2], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["dpo", "simpo"], ids=["dpo", "simpo"])
+def test_stateless_loss_with_non_finite_hidden_is_nan(name):
+    """DPO and SimPO have no state to protect: a NaN in a counted row of ``hidden`` gives a NaN loss
+    and a NaN reward for that pair only (no host sync is spent on checking); the other pairs'
+    rewards are the float64 reference's."""
+    batch = make_batch(SHAPES["B3-T7-H10-V37"], torch.float64, seed=8)
+    hidden = batch.hidden.detach().clone()
+    hidden[4, first_counted(batch.labels, 4), 0] = float("nan")  # pair 1, rejected
+    out = make_module(name).double()(hidden, batch.weight, batch.labels, **batch.ref)
+    assert torch.isnan(out.loss)
+    pol, ref, _, _ = reference_sequences(batch, normalise=name == "simpo")
+    beta = HPARAMS[name]["beta"]
+    want = beta * (pairs(pol)[1] - (pairs(ref)[1] if name == "dpo" else 0))
+    got = out.rejected_rewards
+    assert torch.isnan(got[1])
+    torch.testing.assert_close(got[[0, 2]], want[[0, 2]], rtol=1e-10, atol=1e-12)
+
+
 EPSILON_NON_FINITE = {"nan-hidden": "hidden", "nan-ref-hidden": "ref_hidden"}
 
 
