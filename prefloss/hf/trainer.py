@@ -24,7 +24,8 @@ Non-finite losses are never hidden: the logged ``loss`` is the true value (``log
 defaults to ``False`` here; transformers' ``True`` logs a NaN step as the mean of the previous ones,
 0.0 right after a log), and after ``max_nonfinite_steps`` consecutive optimizer steps with a
 non-finite loss or gradient norm (default 1) training stops with `NonFiniteLossError` before that
-step's optimizer update, so neither the weights nor a checkpoint take it. A checkpoint also records
+step's optimizer update, so neither the weights nor a checkpoint take it (under DeepSpeed only the loss
+is checked: the gradient norm is known only after DeepSpeed's update). A checkpoint also records
 its loss's name (``prefloss_loss.json``): resuming it with another loss is an error naming both.
 """
 
@@ -577,25 +578,29 @@ class PreferenceTrainer(Trainer):
     ) -> Any:
         out = self._loss_output(model, inputs)
         self._store_metrics("train" if model.training else "eval", out.metrics)
+        if model.training:  # from training_step: checked before this micro-batch's backward
+            self._add_to_step_loss(out.loss)
         return (out.loss, out.metrics) if return_outputs else out.loss
 
-    def training_step(
-        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
-    ) -> torch.Tensor:
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        step_loss = loss.detach().float()
-        self._step_loss = step_loss if self._step_loss is None else self._step_loss + step_loss
-        if self.accelerator.sync_gradients:  # the step's last micro-batch
-            # Checked at once (not only at the gradient norm, below): the loss check must not depend on
-            # transformers calling `_get_grad_norm` before every optimizer update.
+    def _add_to_step_loss(self, loss: torch.Tensor) -> None:
+        """Add a training micro-batch's loss to its optimizer step's (divided by the step's number of
+        micro-batches, as the Trainer logs it); at the step's last micro-batch, before its backward (and
+        so before the update, which DeepSpeed makes inside the backward), check it (`_check_step`)."""
+        accumulation = getattr(
+            self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
+        )
+        part = loss.detach().float() / accumulation
+        self._step_loss = part if self._step_loss is None else self._step_loss + part
+        if self.accelerator.sync_gradients:
             self._check_step(loss=self._reduced_step_loss(), grad_norm=None)
-        return loss
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
         # transformers (5.x) calls this after the step's last backward and before the optimizer update:
         # a finite loss can still give overflowing gradients (a learning rate far too high).
+        # Not under DeepSpeed: it updates inside the backward, and the norm known here is that update's.
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        if grad_norm is not None and self._last_step_loss is not None:
+        deepspeed = getattr(self, "is_deepspeed_enabled", False)
+        if grad_norm is not None and self._last_step_loss is not None and not deepspeed:
             self._check_step(loss=self._last_step_loss, grad_norm=float(grad_norm))
         return grad_norm
 
