@@ -52,7 +52,7 @@ compiled code does not allocate (Dynamo: "skipping ... non-infra torch dispatch 
 goes on running eagerly after the mode is gone, so each such run is followed by
 ``torch._dynamo.reset()`` and a fresh compile; and it cannot see FSDP2's unsharded parameters
 (storages grown by ``UntypedStorage.resize_``, outside the dispatcher). Measured numbers of both are in
-docs/engines-memory-2026-12-02.md.
+docs/history/engines-memory-2026-12-02.md.
 
 Also per rank: bytes held (unique storages) of parameters, master copies, gradients and optimizer
 state after an optimizer step, the process RSS, and the full head ``V·H·4``.

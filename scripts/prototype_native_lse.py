@@ -11,7 +11,7 @@ best of ``--repeats`` rounds of 10 calls). Run pinned to one core, outside the r
 
 The ``exp`` here is a degree-7 Taylor polynomial after Cody–Waite reduction (1.7 units of
 roundoff at most, measured), without special cases beyond a clamp at −87: good enough to time, not
-to ship. See docs/tile-arithmetic-2026-12-03.md for what was measured and why it was not taken.
+to ship. See docs/history/tile-arithmetic-2026-12-03.md for what was measured and why it was not taken.
 """
 
 from __future__ import annotations
