@@ -5,7 +5,8 @@ set before any module defining ``@triton.jit`` kernels is imported (jit decides 
 which is why it is set here, at collection, and why prefloss imports its kernels lazily.
 
 ``tests/`` is not a package (``--import-mode=importlib``): test files cannot import each other, so
-what they share comes as fixtures from here.
+what they share comes as fixtures from here. ``tests/workers/`` holds the scripts the engine tests run
+as separate processes (`run_engine_worker`); pytest never collects them (`collect_ignore`).
 """
 
 import json
@@ -20,6 +21,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Scripts run by the engine tests in their own processes, not test modules.
+collect_ignore = ["workers"]
 
 
 def _free_port() -> int:
@@ -40,8 +44,9 @@ def _subprocess_env(**settings: str) -> dict[str, str]:
 
 
 def _run_engine_worker(script: str, mode: str, out_dir: Path) -> dict:
-    """Run ``tests/<script> MODE OUT_DIR PORT`` (2 gloo processes on CPU) with ``cwd=out_dir``, so the
-    repository's ``kernels/`` folder is never on ``sys.path``, and load the ``OUT_DIR/MODE.pt`` it saves."""
+    """Run ``tests/workers/<script> MODE OUT_DIR PORT`` (2 gloo processes on CPU) with ``cwd=out_dir``, so
+    the repository's ``kernels/`` folder is never on ``sys.path``, and load the ``OUT_DIR/MODE.pt`` it
+    saves."""
     env = _subprocess_env(
         OMP_NUM_THREADS="1",
         HF_HUB_OFFLINE="1",
@@ -49,7 +54,7 @@ def _run_engine_worker(script: str, mode: str, out_dir: Path) -> dict:
         TOKENIZERS_PARALLELISM="false",
         DS_ACCELERATOR="cpu",
     )
-    worker = Path(__file__).with_name(script)
+    worker = Path(__file__).parent / "workers" / script
     proc = subprocess.run(
         [sys.executable, str(worker), mode, str(out_dir), str(_free_port())],
         cwd=out_dir,

@@ -1,8 +1,8 @@
 """Every repository path the documentation names exists, and no text points at notes a clone lacks.
 
 What is scanned: the whole text of README.md, CONTRIBUTING.md and docs/*.md; the docstrings (any
-string-only statement) and comments of prefloss/**/*.py, kernels/*.py, tests/*.py, bench/*.py and
-scripts/*.py; the comments of the other files in scripts/.
+string-only statement) and comments of prefloss/**/*.py, kernels/*.py, tests/*.py, tests/workers/*.py,
+bench/*.py and scripts/*.py; the comments of the other files in scripts/.
 
 What counts as a path (`find_paths`):
 
@@ -105,6 +105,8 @@ def _docs_sources() -> list[Path]:
         elif top == "prefloss" and p.suffix == ".py":
             out.append(p)
         elif top in ("kernels", "tests", "bench") and p.suffix == ".py" and rel.count("/") == 1:
+            out.append(p)
+        elif rel.startswith("tests/workers/") and p.suffix == ".py" and rel.count("/") == 2:
             out.append(p)
         elif top == "scripts" and rel.count("/") == 1:
             out.append(p)

@@ -1,6 +1,6 @@
 """DDP, FSDP2 and DeepSpeed ZeRO-3 on 2 CPU processes (gloo) == one unsharded process, merged batch.
 
-`engines_worker.py` (beside this file) trains α-DPO, ε-DPO and DPO for 2 optimizer steps of 2
+`tests/workers/engines_worker.py` trains α-DPO, ε-DPO and DPO for 2 optimizer steps of 2
 micro-batches through `prefloss.hf.preference_loss`, under each engine configuration:
 
 * DDP;

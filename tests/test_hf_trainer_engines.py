@@ -1,7 +1,7 @@
 """`PreferenceTrainer` under DeepSpeed ZeRO-3 and FSDP2 (2 CPU processes, gloo), with gradient
 accumulation, a checkpoint and a resume; DDP is the baseline.
 
-`trainer_engines_worker.py` (beside this file) trains α-DPO and ε-DPO for 4 optimizer steps of 2
+`tests/workers/trainer_engines_worker.py` trains α-DPO and ε-DPO for 4 optimizer steps of 2
 micro-batches, checkpointing every 2 steps, then trains again from ``checkpoint-2`` in a new trainer.
 Checked here:
 

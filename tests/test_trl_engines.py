@@ -1,6 +1,6 @@
 """`prefloss.trl.DPOTrainer` under DeepSpeed ZeRO-3 and FSDP2 (2 CPU processes, gloo) == one process.
 
-`trl_engines_worker.py` (beside this file) trains DPO (``loss_type="sigmoid"``) and ε-DPO for 3
+`tests/workers/trl_engines_worker.py` trains DPO (``loss_type="sigmoid"``) and ε-DPO for 3
 optimizer steps of 4 pairs (2 per rank; one process: all 4), plain SGD, with a reference model given
 as ``ref_model`` and prepared by TRL itself (``prepare_deepspeed`` / ``prepare_fsdp`` in
 ``trl.DPOTrainer.__init__``). Checked here:

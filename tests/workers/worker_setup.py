@@ -1,8 +1,10 @@
-"""What the engine workers (``tests/*_worker.py``) share: the process environment and the engine settings.
+"""What the engine workers (``tests/workers/*_worker.py``) share: the process environment and the engine
+settings.
 
-The workers run as scripts (``python tests/<worker>.py ...``, see ``run_engine_worker`` in conftest.py),
-so ``tests/`` is on their ``sys.path`` and they import this module by its name. Not a test file: pytest
-does not collect it, and test files do not import it.
+The workers run as scripts (``python tests/workers/<worker>.py ...``, see ``run_engine_worker`` in
+conftest.py), so ``tests/workers/`` is on their ``sys.path`` and they import this module by its name. Not
+a test file: pytest does not collect ``tests/workers/`` (``collect_ignore`` in conftest.py), and test files
+do not import it.
 """
 
 from __future__ import annotations
