@@ -15,9 +15,8 @@ is the code a GPU would run. A ``TorchDispatchMode`` records, exactly:
 Only the time is modelled, as a roofline per operation: ``max(FLOPs / peak rate, bytes / HBM
 bandwidth)`` with the datasheet peaks of `GPUS` (dense, no sparsity; fp32-operand GEMMs at the plain
 fp32 rate, PyTorch's default ``allow_tf32=False``), summed with no overlap and no launch overhead.
-Real GEMMs reach 75–85 % of these peaks (the device tool's notes, `.library/device/README.md`, give ~790 of
-989 TFLOP/s for bf16 matrix work on its H200; not measured by this project):
-the modelled time is a lower bound, the effective TFLOP/s an upper bound. Not modelled: the caching
+Real GEMMs typically reach 75–85 % of these peaks (not measured by this project): the
+modelled time is a lower bound, the effective TFLOP/s an upper bound. Not modelled: the caching
 allocator's rounding, cuBLAS workspaces, autotuning, kernel launch latency.
 
 The floor is the bench's (`prefloss bench`, case ``floor``): the 4 GEMMs any exact method needs,

@@ -29,15 +29,9 @@ Every result computed at some dtype is judged by its error against float64 groun
    ``ERROR_MARGIN · (plain's error at the exact g) + Σ_r Δg_r·|J_r|`` elementwise
    (`gradient_bound`).
 
-``ERROR_MARGIN`` covers the spread of max errors from one realisation of rounding to the next.
-Measured on a 2-core Intel Xeon VM (family 6, model 167; torch 2.13 CPU), seeds 0–9: the Triton
-interpreter's max error over the torch backend's error scale reached 2.7 on `prefloss check`'s
-shapes in fp32 (tokens 2.2, sums 2.6, ``d bias`` 2.7; bf16 and fp16 outputs were identical); on the
-bench's ``--quick`` shapes the torch backend's over plain PyTorch's reached 1.4 for tokens and 2.8
-for per-row sums, and every loss stayed within 0.14 of its bound. (The old bound,
-``err(authors-style loss) + 5e-5``, failed prefloss's α-DPO at seed 9: 1.15e-4 > 9.4e-5.) With
-``ERROR_MARGIN < 5`` a single token off by 10× the fp32 error (``10·error_scale``) always fails:
-``10·s − ERROR_MARGIN·s > ERROR_MARGIN·s``.
+``ERROR_MARGIN`` covers the spread of max errors from one realisation of rounding to the next (the
+spread measured over seeds: docs/performance.md). With ``ERROR_MARGIN < 5`` a single token
+off by 10× the fp32 error (``10·error_scale``) always fails: ``10·s − ERROR_MARGIN·s > ERROR_MARGIN·s``.
 
 `TOLERANCES` remain for comparisons that have no plain-PyTorch counterpart (float64 identities,
 end-to-end losses of small modules): ``err <= TOLERANCES[dtype]·scale``.

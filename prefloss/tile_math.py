@@ -20,14 +20,9 @@ Eagerly each line is a pass over the tile. Compiled (Inductor's C++ backend), th
 of a tile (policy, reference, mixtures) are one ``[C, K, V_t]`` expression (`_stacked`), so every
 reduction runs in one loop over the rows: each row's maximum and sum of exponentials are taken
 while the row is in the L1 cache, and nothing of tile size is written. The sum of exponentials is
-accumulated in float32: in the ε-DPO op at T=512 (benchmark inputs, seeds 0–1) the per-token and
-per-row-sum errors against float64 were the same to two digits as with a float64 sum (3.8e-6 and
-2–7e-4, both set by the fp32 logits themselves). The ε-DPO forward's tile arithmetic at T=1024
-took 0.49 s a step, against 0.73 s with a float64 sum and 0.98 s with the four log-sum-exps written
-separately (one thread, 2-core Xeon VM, family 6 model 167). What is left is the exponentials:
-compiled ``exp`` (Sleef, 1 ulp) measured 1.5 ns per element on one core there, against 0.66 ns for
-ATen's eager ``torch.exp`` (MKL) on the same 8 MB tensor, and the ε-DPO forward takes four per
-element (see CONTRIBUTING, "Performance notes").
+accumulated in float32 (the op's errors against float64 are set by the fp32 logits either way); the
+ε-DPO forward takes four exponentials per element, the backward one. Why this shape, with the
+measurements: docs/performance.md.
 
 When to compile is `mode()`'s decision, from ``PREFLOSS_COMPILE``:
 ``auto`` (default) compiles on CPU when a call's work (counted rows × vocabulary) is at least
@@ -61,9 +56,8 @@ def _stacked(z: torch.Tensor, z_ref: torch.Tensor | None, epsilon: torch.Tensor 
 
     Compiled, nothing of this size is written: every reduction over it runs in one loop over the
     rows (Inductor's outer-loop fusion), each row's ``K`` variants formed from ``z`` and ``z_ref``
-    while the row is in the L1 cache. Written as ``K`` separate log-sum-exps instead, the reductions
-    ran as ~11 loops over the whole tile (measured on a 2-core Xeon VM, 2048 × 2048 fp32, one
-    thread: 31 ms against 24 ms for the four).
+    while the row is in the L1 cache (written as ``K`` separate log-sum-exps, Inductor makes one loop
+    over the whole tile per reduction).
     """
     if z_ref is None:
         return z[:, None, :]
@@ -214,12 +208,11 @@ def should_compile(elements: int, device: torch.device) -> bool:
 
 class _EagerTiles:
     """The two functions for eager runs, over preallocated scratch (no per-tile allocation: on CPU a
-    fresh ``[C, V_t]`` temporary per line cost more than the arithmetic, measured 5–20×).
+    fresh ``[C, V_t]`` temporary per line costs more than the arithmetic).
 
     The log-sum-exp of each tile comes from one ``log_softmax`` pass into scratch, read off at the
     row's maximum: ``lse = max(x) − max(log_softmax(x))`` (``max(log_softmax(x)) = −log Σ exp(x −
-    max x)`` exactly, so this is the textbook formula with the sum as PyTorch's kernel forms it;
-    measured on a row's mean log-prob: 1.8e-8 against plain full-row PyTorch's 3.8e-7).
+    max x)`` exactly, so this is the textbook formula with the sum as PyTorch's kernel forms it).
     """
 
     def __init__(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device, epsilon):

@@ -7,8 +7,7 @@ running float64 per-row values with ``logaddexp``, and the label's logit is pick
 that holds it (the mixtures' label logits are formed from the two picked ones). Tiles instead of
 whole ``[C, V]`` rows keep every GEMM tall (``C`` rows) and its output cache-sized: the weight tile
 is packed once per ``C`` rows instead of once per short row chunk, which on CPUs is what makes a
-row-chunked loop slow (measured: 64-row chunks cost 1.9× one full GEMM, 1024 × 4096 tiles 0.8×;
-2048 × 2048 tiles, the default, did as well or better in the ε-DPO step).
+row-chunked loop slow (the tile size's measurements: docs/performance.md).
 
 Backward recomputes each tile and writes ``g·(onehot − softmax)·dz/draw`` over it, then
 ``∂h[chunk] += G @ W_t`` and ``∂W[tile] += Gᵀ @ h[chunk]`` (fp32 accumulation; upcast operands).
@@ -102,8 +101,8 @@ def forward(
     for r0, r1 in rows.chunks(c):
         h, y = rows.take(hidden, r0, r1), labels[r0:r1]
         ref_h = rows.take(ref_hidden, r0, r1) if has_ref else None
-        # Running per-row log-sum-exps, float64: folding a dozen tile results in float32 biased each
-        # row's sum (measured: 2.6× plain PyTorch's error on a row's mean log-prob, T=512, V=32000).
+        # Running per-row log-sum-exps, float64: folding a dozen tile results in float32 biases each
+        # row's sum (docs/performance.md).
         lse = torch.full((len(names), r1 - r0), float("-inf"), dtype=torch.float64, device=h.device)
         label_logit = torch.zeros((2, r1 - r0), dtype=acc_dtype, device=h.device)
         if jacobian:

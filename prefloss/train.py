@@ -331,8 +331,8 @@ def _cpu_peak_allocated(fn: Any) -> int:
     From the allocator's own events as `torch.profiler` records them (``profile_memory=True``): every
     allocation and free, in order, compiled (Inductor) code included; views and in-place results
     allocate nothing and count nothing. Not a ``TorchDispatchMode``: any dispatch mode makes
-    ``torch.compile`` fall back to eager for the rest of the process (measured: the torch backend's
-    compiled tile arithmetic then ran eagerly, 2.5x slower, at 129 MiB instead of 51 MiB).
+    ``torch.compile`` fall back to eager for the rest of the process, and the torch backend's
+    compiled tile arithmetic would then be measured running eagerly (docs/performance.md).
     """
     import torch
     from torch.profiler import ProfilerActivity, profile
