@@ -167,7 +167,7 @@ def _case(spec: dict, shape_dict: dict, i: int) -> dict:
     grad_elements = x.hidden.numel() + (0 if case.frozen_head else x.weight.numel())
     grads_mib = grad_elements * x.hidden.element_size() / MIB
     interleaved = _interleaved_floor(case, step, x, device, spec["repeats"], zero_grads)
-    return {
+    result = {
         "status": "ok",
         "interleaved_floor": interleaved,
         "tile_arithmetic": _tile_arithmetic(case),
@@ -178,13 +178,16 @@ def _case(spec: dict, shape_dict: dict, i: int) -> dict:
         "cpu_time_s": summarise(cpu) if None not in cpu else None,
         "grads_mib": grads_mib if case.loss is not None else 0.0,
     }
+    if spec.get("floor_parts") and interleaved is not None:
+        result["floor_parts"] = _floor_parts(case, step, x, spec["repeats"], zero_grads)
+    return result
 
 
 def _interleaved_floor(case, step, x, device, repeats: int, zero_grads) -> dict | None:
     """For prefloss cases: the step and the floor timed alternately in this process, ``repeats``
     pairs after one floor warm-up; the median of the per-pair ratios is immune to the machine
-    speeding up or slowing down between separate processes (measured here: the same ε-DPO cell read
-    1.40× and 1.32× the floor in two runs ten minutes apart). ``None`` for other cases."""
+    speeding up or slowing down between separate processes (docs/bench.md, "Ratios"). ``None`` for
+    other cases."""
     import statistics
 
     from prefloss.benchmark.cases import CASES
@@ -196,15 +199,55 @@ def _interleaved_floor(case, step, x, device, repeats: int, zero_grads) -> dict 
     floor()
     steps, floors = [], []
     for _ in range(repeats):
-        steps.append(run_measured(step, device, zero_grads).seconds)
-        floors.append(run_measured(floor, device, lambda: None).seconds)
+        steps.append(run_measured(step, device, zero_grads))
+        floors.append(run_measured(floor, device, lambda: None))
     del floor
-    ratios = [a / b for a, b in zip(steps, floors, strict=True)]
-    return {
-        "time_s": summarise(steps),
-        "floor_s": summarise(floors),
+    ratios = [a.seconds / b.seconds for a, b in zip(steps, floors, strict=True)]
+    out = {
+        "time_s": summarise([m.seconds for m in steps]),
+        "floor_s": summarise([m.seconds for m in floors]),
         "ratio_median": statistics.median(ratios),
         "ratios": ratios,
+    }
+    if all(m.cpu_seconds for m in steps + floors):  # on CPU: by the process's CPU time as well
+        cpu = [a.cpu_seconds / b.cpu_seconds for a, b in zip(steps, floors, strict=True)]
+        out["cpu_ratio_median"] = statistics.median(cpu)
+        out["cpu_ratios"] = cpu
+        # fastest over fastest: other processes and CPU steal only ever add time
+        out["cpu_min_ratio"] = min(m.cpu_seconds for m in steps) / min(m.cpu_seconds for m in floors)
+    return out
+
+
+def _floor_parts(case, step, x, repeats: int, zero_grads) -> dict:
+    """``prefloss bench --floor-parts``: where a step's distance to its floor comes from. ``repeats``
+    pairs of step and floor, each call under ``torch.profiler``
+    (`prefloss.benchmark.measure.self_cpu_parts`); per pair, each part of the step (GEMMs, compiled
+    tile arithmetic, the rest) over the floor's total; the medians over the pairs."""
+    import statistics
+
+    import torch
+
+    from prefloss.benchmark.cases import CASES
+    from prefloss.benchmark.measure import PARTS, self_cpu_parts
+
+    floor = CASES[case.floor].build(x)
+    floor()
+
+    def one_step():
+        zero_grads()
+        step()
+
+    pairs = []
+    for _ in range(repeats):
+        parts, floor_parts = self_cpu_parts(one_step), self_cpu_parts(floor)
+        total = sum(floor_parts.values())
+        pairs.append({k: parts[k] / total for k in PARTS})
+    del floor
+    return {
+        "parts_to_floor": {k: statistics.median(p[k] for p in pairs) for k in PARTS},
+        "step_to_floor": statistics.median(sum(p.values()) for p in pairs),
+        "pairs": pairs,
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -226,6 +269,10 @@ def _digest() -> str:
 def main() -> None:
     """Runs every shape of the spec in this process, one result line per shape, in order."""
     spec = json.loads(sys.argv[1])
+    if spec.get("threads"):
+        import torch
+
+        torch.set_num_threads(spec["threads"])
     try:
         if spec["device"] == "cpu":  # a GPU run's host memory is not what is being measured
             _limit_memory(spec.get("mem_limit_gib"))
