@@ -1,4 +1,4 @@
-"""Bad preference data names the file and its 1-based line (`prefloss.hf.data`), issue 19.
+"""Bad preference data names the file and its 1-based line (`prefloss.hf.data`).
 
 Every bad line here is line 6 of its file (five good lines come first), and errors found only at
 tokenization are raised after the data was shuffled and split, as ``prefloss train`` does, so a

@@ -1,6 +1,6 @@
 """`prefloss plan`: the CUDA step of the triton backend, run on meta tensors at Llama-3-8B shapes.
 
-The targets of issue 11, checked on the model (no GPU): every GEMM takes 16-bit operands when the
+The targets of the CUDA path, checked on the model (no GPU): every GEMM takes 16-bit operands when the
 inputs are 16-bit (none with 32-bit operands over 1 % of the step's FLOPs), the step's GEMM FLOPs
 stay within 5/4 of the 4-GEMM floor (+1 %), the peak of live memory beyond the inputs is at most
 1.6 GiB for ε-DPO (bf16 weights, bf16 gradients: 1.04 GiB of it), and the modelled effective
