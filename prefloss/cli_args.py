@@ -25,6 +25,7 @@ __all__ = [
     "positive_int",
     "probability",
     "random_seed",
+    "seed_list",
 ]
 
 
@@ -80,6 +81,32 @@ def random_seed(text: str) -> int:
     if not 0 <= value < 2**32:
         raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+MAX_SEEDS = 1000
+
+
+def seed_list(text: str) -> list[int]:
+    """Seeds as a range ``A-B`` (both included, ``A <= B``) or comma-separated (``0,3,7``), each a
+    `random_seed`; at most `MAX_SEEDS` of them, repeats dropped."""
+    expected = f"seeds as A-B (A <= B) or A,B,..., each in [0, 4294967295], at most {MAX_SEEDS}"
+    low, dash, high = text.partition("-")
+    try:
+        if dash and low.strip():  # a range; a leading "-" is a negative number, refused below
+            a, b = random_seed(low.strip()), random_seed(high.strip())
+            if a > b or b - a >= MAX_SEEDS:
+                raise argparse.ArgumentTypeError("")
+            seeds = list(range(a, b + 1))
+        else:
+            seeds = list(dict.fromkeys(random_seed(v.strip()) for v in text.split(",") if v.strip()))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not seeds or len(seeds) > MAX_SEEDS:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return seeds
+
+
+seed_list.__name__ = "seed list"
 
 
 def finite_float(text: str) -> float:

@@ -1,5 +1,6 @@
 """`prefloss bench` end to end on tiny shapes, and its correctness gate: the float64 pieces, prefloss
-passing it over seeds, injected errors failing it."""
+passing it over seeds, injected errors failing it; ``--seeds`` (the gate alone over seeds) and
+``--floor-parts`` (each prefloss step split against its floor)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from prefloss import reference
 from prefloss.benchmark import QUICK
 from prefloss.benchmark.authors import authors_loss
 from prefloss.benchmark.cases import CASES, HYPERPARAMS, LOSS_NAMES, select_cases
+from prefloss.benchmark.gate import worst_part
 from prefloss.benchmark.inputs import DTYPES, Shape, counted_tokens, make_inputs
 from prefloss.benchmark.machine import describe
 from prefloss.benchmark.oracle import ground_truth
@@ -188,6 +190,7 @@ def test_unknown_case_lists_valid_names(capsys):
 
 
 SIZES = "expected a comma-separated list of integers >= 1 like 512,1024"
+SEEDS = "expected seeds as A-B (A <= B) or A,B,..., each in [0, 4294967295], at most 1000"
 
 
 @pytest.mark.parametrize(
@@ -208,6 +211,13 @@ SIZES = "expected a comma-separated list of integers >= 1 like 512,1024"
         (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
         (["--device", "gpu"], "argument --device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
         (["--device", "cuda:x"], "argument --device: expected auto, cpu, cuda or cuda:N, got 'cuda:x'"),
+        (["--seeds", "3-1"], f"argument --seeds: {SEEDS}, got '3-1'"),
+        (["--seeds", "-1"], f"argument --seeds: {SEEDS}, got '-1'"),
+        (["--seeds", "0-1000"], f"argument --seeds: {SEEDS}, got '0-1000'"),
+        (["--seeds", "1,x"], f"argument --seeds: {SEEDS}, got '1,x'"),
+        (["--seeds", "0-4294967296"], f"argument --seeds: {SEEDS}, got '0-4294967296'"),
+        (["--seed", "1", "--seeds", "0-2"], "argument --seeds: not allowed with argument --seed"),
+        (["--threads", "0"], "argument --threads: expected an integer >= 1, got '0'"),
     ],
 )
 def test_bad_arguments_exit_at_parse_time(capsys, argv, fragment):
@@ -250,6 +260,86 @@ def test_argument_defaults_and_good_values():
         "cuda:1",
     )
     assert set(bench.DTYPE_NAMES) == set(DTYPES)
+
+
+def test_seeds_threads_and_floor_parts_arguments():
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args([])
+    assert (args.seeds, args.threads, args.floor_parts) == (None, None, False)
+    assert parser.parse_args(["--seeds", "0-3"]).seeds == [0, 1, 2, 3]
+    assert parser.parse_args(["--seeds", "7,2,7"]).seeds == [7, 2]
+    assert parser.parse_args(["--seeds", "4294967295"]).seeds == [4294967295]
+    args = parser.parse_args(["--floor-parts", "--threads", "1"])
+    assert (args.floor_parts, args.threads) == (True, 1)
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--seeds", "0-1", "--plot", "plots"], "gate only, no timing: no `--plot`"),
+        (["--seeds", "0", "--floor-parts"], "no `--floor-parts`"),
+        (["--seeds", "0", "--cases", "floor"], "`--seeds`: the selected cases have no loss to check"),
+    ],
+    ids=["plot", "floor-parts", "no-loss"],
+)
+def test_seeds_refuses_what_needs_timing(capsys, argv, fragment):
+    assert main(["bench", "--device", "cpu", *argv]) == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_seeds_runs_the_gate_over_seeds(tmp_path, capsys):
+    """``--seeds``: every (case, seed) checked in this process, nothing timed; per case, the worst
+    error / bound over the seeds; a wrong case fails on every seed and makes the exit status 1."""
+    out = tmp_path / "gate.json"
+    argv = ["bench", "--seeds", "0-1", "--seq-len", "24", "--batch", "2", "--hidden", "16", "--vocab", "203"]
+    argv += ["--cases", "prefloss-torch/dpo,floor,selftest/wrong_dpo", "--no-progress", "--json", str(out)]
+    assert main(argv) == 1
+    text = capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert doc["config"]["seeds"] == [0, 1]
+    assert doc["config"]["cases"] == ["prefloss-torch/dpo", "selftest/wrong_dpo"]
+    records = doc["records"]
+    assert [(r["case"], r["seed"]) for r in records] == [
+        ("prefloss-torch/dpo", 0),
+        ("selftest/wrong_dpo", 0),
+        ("prefloss-torch/dpo", 1),
+        ("selftest/wrong_dpo", 1),
+    ]
+    assert all("time_s" not in r for r in records)
+    shape = Shape(batch=2, seq_len=24, hidden=16, vocab=203)
+    for r in records:
+        expected = _check(r["case"], shape, r["seed"], _truth(shape, r["seed"], ("dpo",)))
+        assert r["status"] == ("ok" if expected["passed"] else "wrong")
+        worst, ratio = worst_part(expected)
+        assert r["worst"] == worst and r["ratio"] == pytest.approx(ratio, rel=1e-6)
+    good, wrong = doc["summary"]
+    assert good["case"] == "prefloss-torch/dpo" and good["failed_seeds"] == [] and good["ratio"] <= 1
+    assert good["ratio"] == max(r["ratio"] for r in records if r["case"] == good["case"])
+    assert wrong["failed_seeds"] == [0, 1] and wrong["ratio"] > 1
+    assert "FAILED 2 of 2 seeds" in text and "2 of 4 checks (case x shape x seed) passed" in text
+
+
+def test_floor_parts_splits_the_step_against_its_floor(tmp_path):
+    """``--floor-parts --threads 1``: each prefloss case also gets its CPU-time ratios to the floor
+    (alternating pairs) and its step split into GEMMs, tile arithmetic and the rest, in a second table."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "prefloss.cli", "bench", "--seq-len", "24", "--batch", "2", "--hidden", "16"]
+    cmd += ["--vocab", "203", "--repeats", "2", "--no-progress", "--json", str(out), "--device", "cpu"]
+    cmd += ["--cases", "prefloss-torch/dpo", "--floor-parts", "--threads", "1"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(out.read_text())
+    assert doc["config"]["threads"] == 1 and doc["config"]["floor_parts"] is True
+    rows = {r["case"]: r for r in doc["results"]}
+    assert set(rows) == {"prefloss-torch/dpo", "floor"} and "floor_parts" not in rows["floor"]
+    pairs, split = rows["prefloss-torch/dpo"]["interleaved_floor"], rows["prefloss-torch/dpo"]["floor_parts"]
+    assert len(pairs["cpu_ratios"]) == 2 and pairs["cpu_ratio_median"] > 0 and pairs["cpu_min_ratio"] > 0
+    assert split["threads"] == 1 and len(split["pairs"]) == 2
+    assert set(split["parts_to_floor"]) == {"gemm", "tile_arithmetic", "other"}
+    assert split["parts_to_floor"]["gemm"] > 0 and split["step_to_floor"] > 0
+    assert "step against its floor, by part (--floor-parts):" in proc.stdout
+    assert "torch threads: 1." in proc.stdout
 
 
 def test_explicit_only_cases_need_their_name():

@@ -3,8 +3,9 @@
 Every case (prefloss's losses, the authors-style full-logits implementation, Liger-Kernel's
 chunked losses, the matmul floor) runs on identical inputs, each in a fresh process. Before
 anything is timed, the case's loss and gradients are checked against the float64 reference
-(`prefloss.reference`); a case that disagrees is reported WRONG and not timed. See
-CONTRIBUTING.md ("Benchmarks").
+(`prefloss.reference`); a case that disagrees is reported WRONG and not timed. ``--seeds`` runs
+that check alone over several input seeds (`prefloss.benchmark.gate`); ``--floor-parts`` splits
+each prefloss step against its floor. See CONTRIBUTING.md ("Benchmarks").
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from prefloss.cli_args import (
     positive_float,
     positive_int,
     random_seed,
+    seed_list,
 )
 
 QUICK = {"seq_len": "128,512", "batch": "2", "hidden": "128", "vocab": "4096", "repeats": 2}
@@ -71,7 +73,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--repeats", type=positive_int, help=f"timed repeats per case (default {DEFAULTS['repeats']})"
     )
-    p.add_argument("--seed", type=random_seed, default=0, help="input seed (default 0)")
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=random_seed, default=0, help="input seed (default 0)")
+    seeds.add_argument(
+        "--seeds",
+        type=seed_list,
+        metavar="A-B|A,B,...",
+        help="run only the correctness gate (no timing), in this process, on each of these input seeds "
+        "(e.g. 0-9): per case and shape, the worst error / bound over the seeds; exit 1 if any fails",
+    )
+    p.add_argument(
+        "--floor-parts",
+        action="store_true",
+        help="CPU only: also time each prefloss case against its floor by CPU time, and split its step "
+        "into GEMMs, compiled tile arithmetic and the rest under torch.profiler (a second table)",
+    )
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        help="torch threads in every case process (default: torch's); e.g. --threads 1 under "
+        "taskset -c 0 for steady CPU-time ratios on a shared machine",
+    )
     p.add_argument(
         "--device", type=_device, default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N"
     )
@@ -134,15 +156,33 @@ def run(args: argparse.Namespace) -> int:
             if CASES[floor] not in cases:
                 cases.append(CASES[floor])  # every report has the floors its cases are timed against
         device = _resolve_device(args.device)
+        if args.floor_parts and device != "cpu":
+            raise ValueError("`--floor-parts` profiles CPU time; use it with `--device cpu`.")
+        if args.seeds is not None:
+            for flag, given in (("--floor-parts", args.floor_parts), ("--plot", args.plot)):
+                if given:
+                    raise ValueError(f"`--seeds` runs the correctness gate only, no timing: no `{flag}`.")
     except ValueError as exc:
         print(f"prefloss bench: error: {exc}", file=sys.stderr)
         return 2
+    if args.seeds is not None:
+        return _run_gate(args, cases, lists, device)
     if device == "cpu" and not cpu_peak_supported():
         print("prefloss bench: error: CPU peak memory needs Linux /proc/self/clear_refs.", file=sys.stderr)
         return 2
 
     shapes = runner.shape_grid(lists["batch"], lists["seq_len"], lists["hidden"], lists["vocab"], args.dtype)
-    config = runner.Config(cases, shapes, repeats, args.seed, device, args.mem_limit_gib, args.timeout)
+    config = runner.Config(
+        cases,
+        shapes,
+        repeats,
+        args.seed,
+        device,
+        args.mem_limit_gib,
+        args.timeout,
+        threads=args.threads,
+        floor_parts=args.floor_parts,
+    )
     t0 = time.perf_counter()
     results = runner.run(config, progress=not args.no_progress)
     document = {
@@ -154,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "quick": bool(args.quick),
             "mem_limit_gib": args.mem_limit_gib,
+            **({"threads": args.threads} if args.threads else {}),
+            **({"floor_parts": True} if args.floor_parts else {}),
         },
         "memory_method": MEMORY_METHOD_GPU if device.startswith("cuda") else MEMORY_METHOD_CPU,
         "gpu_note": None
@@ -172,3 +214,41 @@ def run(args: argparse.Namespace) -> int:
             print(f"plot: {path}")
     failed = [r for r in results if r["status"] in ("wrong", "error")]
     return 1 if failed else 0
+
+
+def _run_gate(args: argparse.Namespace, cases: list, lists: dict, device: str) -> int:
+    """``--seeds``: the correctness gate of every selected loss case (floors have none) over the seeds."""
+    import torch
+
+    from prefloss.benchmark import gate, machine, report, runner
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    has_gpu = device.startswith("cuda")
+    cases = [c for c in cases if c.loss and (has_gpu or not c.needs_gpu)]
+    if not cases:
+        print("prefloss bench: error: `--seeds`: the selected cases have no loss to check.", file=sys.stderr)
+        return 2
+    shapes = runner.shape_grid(lists["batch"], lists["seq_len"], lists["hidden"], lists["vocab"], args.dtype)
+    t0 = time.perf_counter()
+    records = gate.run(cases, shapes, args.seeds, device, progress=not args.no_progress)
+    document = {
+        "machine": machine.describe(device),
+        "config": {
+            "mode": "gate",
+            "shapes": [s.to_dict() for s in shapes],
+            "cases": [c.name for c in cases],
+            "seeds": args.seeds,
+            "quick": bool(args.quick),
+            **({"threads": args.threads} if args.threads else {}),
+        },
+        "summary": gate.summary(records),
+        "records": records,
+        "wall_s": time.perf_counter() - t0,
+    }
+    print(gate.table(document))
+    print(f"\nwall time {document['wall_s']:.1f} s")
+    if args.json:
+        report.write_json(document, args.json)
+        print(f"JSON: {args.json}")
+    return 1 if any(r["status"] != "ok" for r in records) else 0

@@ -71,6 +71,24 @@ def run_measured(step: Callable[[], object], device: torch.device, before: Calla
     return Measurement(seconds, float(max(0, hwm - rss) * 1024), cpu)
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_")
+PARTS = ("gemm", "tile_arithmetic", "other")
+
+
+def self_cpu_parts(fn: Callable[[], object]) -> dict[str, float]:
+    """Self CPU seconds of one call of ``fn`` under ``torch.profiler``, in the three `PARTS`: ``gemm``
+    (the ops of `GEMM_OPS`), ``tile_arithmetic`` (compiled graphs: prefloss-torch's fused tile
+    arithmetic when ``torch.compile`` runs it; eager tile arithmetic lands in ``other``) and ``other``.
+    The profiler adds its own overhead: read the parts as shares of the same run."""
+    with torch.profiler.profile() as prof:
+        fn()
+    out = dict.fromkeys(PARTS, 0.0)
+    for e in prof.key_averages():
+        kind = "gemm" if e.key in GEMM_OPS else "tile_arithmetic" if "CompiledFxGraph" in e.key else "other"
+        out[kind] += e.self_cpu_time_total / 1e6
+    return out
+
+
 def summarise(samples: list[float]) -> dict:
     """Median, quartiles and p10/p90 (linear interpolation), min and max of the samples."""
     xs = sorted(samples)

@@ -92,7 +92,50 @@ def table(document: dict) -> str:
         "(torch.compile, PREFLOSS_COMPILE). cpu s: process CPU time of the step (both threads), median. "
         "Peak MiB includes the gradients dh and dW themselves; -grads: peak minus their size."
     )
+    parts = [r for r in document["results"] if r["status"] == "ok" and r.get("floor_parts")]
+    if parts:
+        lines += ["", *floor_parts_table(parts)]
     return "\n".join(lines)
+
+
+def floor_parts_table(rows: list[dict]) -> list[str]:
+    """``--floor-parts``: each prefloss case against its floor, timed alternately in the case's
+    process, and the step split into its parts under ``torch.profiler``."""
+
+    def ratio(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    width = 2 + max(len(r["case"]) for r in rows)
+    shape_width = 2 + max(len(_shape_label(r["shape"])) for r in rows)
+    head = (
+        f"{'case':<{width}}{'shape':<{shape_width}}{'floor':<14}{'x cpu':>8}{'min/min':>9}{'x wall':>8}"
+        f"{'profiled':>10}{'GEMMs':>8}{'tile':>8}{'other':>8}"
+    )
+    lines = ["step against its floor, by part (--floor-parts):", head, "-" * len(head)]
+    for r in rows:
+        pairs, split = r["interleaved_floor"], r["floor_parts"]
+        p = split["parts_to_floor"]
+        lines.append(
+            f"{r['case']:<{width}}{_shape_label(r['shape']):<{shape_width}}{r['floor_case']:<14}"
+            f"{ratio(pairs.get('cpu_ratio_median')):>8}{ratio(pairs.get('cpu_min_ratio')):>9}"
+            f"{ratio(pairs['ratio_median']):>8}{ratio(split['step_to_floor']):>10}{ratio(p['gemm']):>8}"
+            f"{ratio(p['tile_arithmetic']):>8}{ratio(p['other']):>8}"
+        )
+    threads = sorted({r["floor_parts"]["threads"] for r in rows})
+    lines += [
+        "",
+        "x cpu / x wall: median of the per-pair ratios step / floor, by process CPU time / wall time, the "
+        "two timed alternately in the case's process; min/min: fastest step's CPU time over fastest "
+        "floor's. profiled: the same number of pairs under torch.profiler (self CPU time, its overhead "
+        "included), the step split into its GEMMs (aten::mm/addmm), its compiled tile arithmetic "
+        "(Inductor graphs; eager tile arithmetic counts as other) and the rest, each over the floor's "
+        f"total in the same pair; medians. torch threads: {', '.join(str(t) for t in threads)}.",
+    ]
+    return lines
+
+
+def _shape_label(shape: dict) -> str:
+    return f"B={shape['batch']} T={shape['seq_len']} H={shape['hidden']} V={shape['vocab']}"
 
 
 def write_json(document: dict, path: str) -> None:

@@ -28,6 +28,8 @@ class Config:
     device: str
     mem_limit_gib: float | None
     timeout_s: float
+    threads: int | None = None  # torch threads in every worker process (None: torch's default)
+    floor_parts: bool = False  # prefloss cases: also split the step against its floor (--floor-parts)
 
 
 def shape_grid(batches, seq_lens, hiddens, vocabs, dtype) -> list[Shape]:
@@ -105,6 +107,8 @@ def run(config: Config, progress: bool = True) -> list[dict]:
         "seed": config.seed,
         "device": config.device,
         "mem_limit_gib": config.mem_limit_gib,
+        "threads": config.threads,
+        "floor_parts": config.floor_parts,
     }
     by_case: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="prefloss-bench-") as scratch:
