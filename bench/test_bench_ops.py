@@ -120,9 +120,10 @@ def test_loss(benchmark, bench_shape, device, machine, loss, method):
     if method == "prefloss":
         kwargs = dict(hp, compare_dtype=None) if loss == "epsilon_dpo" else dict(hp)
         make = lambda: LOSSES[loss](**kwargs)  # a fresh module per step: first-training-step semantics
+        ref = {"ref_hidden": x.ref_hidden, "ref_weight": x.ref_weight} if LOSSES[loss].needs_reference else {}
 
         def step():
-            out = make()(x.hidden, x.weight, x.labels, ref_hidden=x.ref_hidden, ref_weight=x.ref_weight)
+            out = make()(x.hidden, x.weight, x.labels, **ref)
             out.loss.backward()
             return out.loss
     else:

@@ -35,14 +35,10 @@ import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-LOSSES = ("alpha_dpo", "epsilon_dpo", "dpo", "simpo")
+from prefloss.losses import LOSSES as LOSS_CLASSES
+
+LOSSES = tuple(LOSS_CLASSES)
 DTYPES = ("bfloat16", "float16", "float32")
-_LOSS_CLASSES = {
-    "alpha_dpo": "AlphaDPOLoss",
-    "epsilon_dpo": "EpsilonDPOLoss",
-    "dpo": "DPOLoss",
-    "simpo": "SimPOLoss",
-}
 # Llama-3-8B: 8192 counted tokens a step, hidden 4096, vocabulary 128256, bf16.
 DEFAULTS = {"tokens": 8192, "hidden": 4096, "vocab": 128256, "dtype": "bfloat16"}
 GIB = 1024**3
@@ -489,12 +485,11 @@ def plan_step(
 
     import torch
 
-    import prefloss
     from prefloss import kernel_ops  # noqa: F401  (registers the custom ops and their fake kernels)
 
     tdtype = getattr(torch, dtype)
     meta = {"device": "meta", "dtype": tdtype}
-    module = getattr(prefloss, _LOSS_CLASSES[loss])(backend="triton").to("meta").train()
+    module = LOSS_CLASSES[loss](backend="triton").to("meta").train()
     h = torch.empty(2, tokens // 2, hidden, **meta, requires_grad=True)
     w = torch.empty(vocab, hidden, **meta, requires_grad=not frozen_head)
     labels = torch.empty(2, tokens // 2, dtype=torch.long, device="meta")
@@ -504,7 +499,7 @@ def plan_step(
     key = _StepRecorder.key
     names = {key(h): "h", key(w): "W", key(ref_h): "h_ref", key(ref_w): "W_ref"}
     recorder = _StepRecorder(names, {key(t) for t in inputs})
-    kwargs = {} if loss == "simpo" else {"ref_hidden": ref_h, "ref_weight": ref_w}
+    kwargs = {"ref_hidden": ref_h, "ref_weight": ref_w} if module.needs_reference else {}
     with recorder.mode():
         out = module(h, w, labels, **kwargs)
         recorder.phase = "backward"

@@ -2,7 +2,8 @@
 
 Everything here materialises full logits and computes in float64 with plain PyTorch, written
 independently of the fused code paths (`prefloss.ops`, `prefloss.rows`, `prefloss.kernels`,
-`prefloss.losses`). Tests, ``prefloss check`` and ``prefloss bench`` compare against it.
+`prefloss.losses`; only the loss names and their default hyperparameters are read from
+`prefloss.losses.LOSSES`). Tests, ``prefloss check`` and ``prefloss bench`` compare against it.
 Memory is O(N·V): use it on small shapes only.
 """
 
@@ -13,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from prefloss.losses import LOSSES
 from prefloss.ops import TokenLogProbs
 
 
@@ -150,7 +152,7 @@ def preference_loss(
     """Float64 mean loss of the first training step of prefloss's loss modules, from full logits.
 
     Args:
-        name: ``"alpha_dpo" | "epsilon_dpo" | "dpo" | "simpo"``.
+        name: a `prefloss.losses.LOSSES` name.
         hidden: ``[2B, T, H]`` (rows ``[0, B)`` chosen, ``[B, 2B)`` rejected); weight ``[V, H]``;
             labels ``[2B, T]``.
         beta, gamma_beta_ratio, alpha, epsilon: the loss's hyperparameters; unset ones take the
@@ -162,15 +164,9 @@ def preference_loss(
         0-dim float64 loss, differentiable w.r.t. float64 copies of the inputs if they require grad.
         ε-DPO steps use an exact float64 comparison (prefloss's ``compare_dtype=None``).
     """
-    defaults = {
-        "alpha_dpo": dict(beta=2.5, gamma_beta_ratio=0.6, alpha=0.2),
-        "epsilon_dpo": dict(beta=0.01, epsilon=0.01),
-        "dpo": dict(beta=0.1),
-        "simpo": dict(beta=2.0, gamma_beta_ratio=0.25),
-    }
-    if name not in defaults:
-        raise ValueError(f"`name` must be one of {sorted(defaults)}, got {name!r}.")
-    hp = dict(defaults[name])
+    if name not in LOSSES:
+        raise ValueError(f"`name` must be one of {sorted(LOSSES)}, got {name!r}.")
+    hp = dict(LOSSES[name].defaults)
     given = dict(beta=beta, gamma_beta_ratio=gamma_beta_ratio, alpha=alpha, epsilon=epsilon)
     hp.update({k: v for k, v in given.items() if v is not None and k in hp})
     tok = token_logprobs(
@@ -200,6 +196,8 @@ def preference_loss(
     )
 
 
+# The oracle's own statement of which formulas read per-token means (a test checks the modules'
+# `length_normalised` against it).
 NORMALISED = {"alpha_dpo": True, "simpo": True, "dpo": False, "epsilon_dpo": False}
 
 
@@ -226,7 +224,7 @@ def sequence_loss(
     per-pair functions above give the losses, averaged over the ``B`` pairs.
 
     Args:
-        name: ``"alpha_dpo" | "epsilon_dpo" | "dpo" | "simpo"``.
+        name: a `prefloss.losses.LOSSES` name.
         policy: ``[2B]`` per-row sums ``Σ_t log p(y_t)`` under the policy, rows ``[0, B)`` chosen and
             ``[B, 2B)`` rejected; differentiable.
         length: ``[2B]`` counted tokens per row.

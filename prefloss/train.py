@@ -52,9 +52,10 @@ from prefloss.cli_args import (
     positive_float,
     positive_int,
 )
+from prefloss.losses import LOSSES as LOSS_CLASSES
 
 DEFAULT_OUTPUT_DIR = "prefloss-output"
-LOSS_NAMES = ("alpha_dpo", "epsilon_dpo", "dpo", "simpo")  # = prefloss.hf.trainer.LOSSES (a test checks)
+LOSS_NAMES = tuple(LOSS_CLASSES)  # the `--loss` choices
 
 
 def _seed(text: str) -> int:

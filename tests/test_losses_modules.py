@@ -30,6 +30,7 @@ HPARAMS = {
     "simpo": dict(beta=2.0, gamma_beta_ratio=0.3),
 }
 NAMES = list(HPARAMS)
+REFERENCE_FREE = {"simpo"}  # takes no reference model, and refuses reference arguments
 
 COMMON_METRICS = {
     "rewards/chosen",
@@ -87,6 +88,10 @@ class Batch:
     @property
     def ref(self) -> dict:
         return {"ref_hidden": self.ref_hidden, "ref_weight": self.ref_weight}
+
+    def ref_of(self, name: str) -> dict:
+        """The reference arguments loss ``name`` takes: none for a reference-free loss."""
+        return {} if name in REFERENCE_FREE else self.ref
 
     def float64(self) -> dict:
         """Float64 leaf copies for the reference (fresh leaves, so gradients can be taken)."""
@@ -167,7 +172,7 @@ def reference_gaps(batch: Batch) -> torch.Tensor:
 def run_module(module, batch: Batch, upstream: float = 0.7, **kwargs):
     """Forward + backward of ``upstream·loss``; returns (output, ∂hidden, ∂weight)."""
     batch.hidden.grad = batch.weight.grad = None
-    kw = dict(batch.ref)
+    kw = dict(batch.ref_of(module.name))
     kw.update(kwargs)
     out = module(batch.hidden, batch.weight, batch.labels, **kw)
     (out.loss * upstream).backward()
@@ -226,7 +231,7 @@ def test_module_metrics_values(name):
     normalise = name in ("alpha_dpo", "simpo")
     pol, ref, _, _ = reference_sequences(batch, normalise=normalise)
     (pc, pr), (rc, rr) = pairs(pol), pairs(ref)
-    out = make_module(name).double()(batch.hidden, batch.weight, batch.labels, **batch.ref)
+    out = make_module(name).double()(batch.hidden, batch.weight, batch.labels, **batch.ref_of(name))
     m = out.metrics
     tight = dict(rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(m["logps/chosen"].double(), pc.mean(), **tight)
@@ -543,7 +548,7 @@ def test_stateless_loss_with_non_finite_hidden_is_nan(name):
     batch = make_batch(SHAPES["B3-T7-H10-V37"], torch.float64, seed=8)
     hidden = batch.hidden.detach().clone()
     hidden[4, first_counted(batch.labels, 4), 0] = float("nan")  # pair 1, rejected
-    out = make_module(name).double()(hidden, batch.weight, batch.labels, **batch.ref)
+    out = make_module(name).double()(hidden, batch.weight, batch.labels, **batch.ref_of(name))
     assert torch.isnan(out.loss)
     pol, ref, _, _ = reference_sequences(batch, normalise=name == "simpo")
     beta = HPARAMS[name]["beta"]
@@ -764,7 +769,7 @@ def test_losses_trace_on_meta_inputs(name, training):
     weight = torch.empty(11, 8, **meta, requires_grad=True)
     labels = torch.empty(4, 6, dtype=torch.long, device="meta")
     ref = {"ref_hidden": torch.empty(4, 6, 8, **meta), "ref_weight": torch.empty(11, 8, **meta)}
-    out = module(hidden, weight, labels, **ref)
+    out = module(hidden, weight, labels, **({} if name in REFERENCE_FREE else ref))
     assert out.loss.device.type == "meta" and out.loss.shape == ()
     out.loss.backward()
     assert hidden.grad.shape == hidden.shape and weight.grad.shape == weight.shape
@@ -782,6 +787,53 @@ def test_odd_number_of_rows(name):
             ref_hidden=batch.ref_hidden[:5],
             ref_weight=batch.ref_weight,
         )
+
+
+REFERENCE_ARGUMENTS = ("ref_hidden", "ref_weight", "ref_bias", "ref_logps")
+
+
+@pytest.mark.parametrize("argument", REFERENCE_ARGUMENTS, ids=REFERENCE_ARGUMENTS)
+def test_simpo_refuses_reference_arguments(argument):
+    """SimPO uses no reference model: a reference argument is refused (not silently ignored), the
+    error naming the argument, what was expected and what came, before any log-prob is computed."""
+    batch = make_batch(SHAPES["B3-T7-H10-V37"], torch.float32)
+    given = {
+        "ref_hidden": batch.ref_hidden,
+        "ref_weight": batch.ref_weight,
+        "ref_bias": torch.zeros(batch.ref_weight.shape[0]),
+        "ref_logps": torch.zeros(6),
+    }[argument]
+    with pytest.raises(ValueError) as info:
+        make_module("simpo")(batch.hidden, batch.weight, batch.labels, **{argument: given})
+    message = str(info.value)
+    assert message.startswith("SimPOLoss: SimPO is reference-free"), message
+    assert f"expected `{argument}` = None, got a tensor of shape {tuple(given.shape)}" in message, message
+    assert batch.hidden.grad is None
+
+
+# The published configs (docs/losses.md), stated here independently of the classes.
+PUBLISHED_DEFAULTS = {
+    "alpha_dpo": dict(beta=2.5, gamma_beta_ratio=0.6, alpha=0.2),
+    "epsilon_dpo": dict(beta=0.01, epsilon=0.01),
+    "dpo": dict(beta=0.1),
+    "simpo": dict(beta=2.0, gamma_beta_ratio=0.25),
+}
+
+
+@pytest.mark.parametrize("name", NAMES, ids=NAMES)
+def test_registry_reads_the_class_attributes(name):
+    """`prefloss.losses.LOSSES` is keyed by each class's ``name``; its ``defaults`` are the published
+    configs and what a module built without arguments uses; ``needs_reference``, ``takes_ref_logps``
+    and ``length_normalised`` agree with what the losses do (the oracle states the normalisation on
+    its own)."""
+    cls = prefloss.losses.LOSSES[name]
+    assert cls.name == name and sorted(prefloss.losses.LOSSES) == sorted(NAMES)
+    assert dict(cls.defaults) == PUBLISHED_DEFAULTS[name]
+    module = cls()  # ε-DPO's β is an fp32 buffer
+    assert {k: float(getattr(module, k)) for k in cls.defaults} == pytest.approx(PUBLISHED_DEFAULTS[name])
+    assert cls.needs_reference == (name not in REFERENCE_FREE)
+    assert cls.takes_ref_logps == (name in ("alpha_dpo", "dpo"))
+    assert cls.length_normalised == reference.NORMALISED[name]
 
 
 REF_NEEDED = ["alpha_dpo", "epsilon_dpo", "dpo"]

@@ -202,10 +202,14 @@ def test_max_prompt_length_must_be_below_max_length(tmp_path) -> None:
 
 
 def test_loss_names_match_the_trainer() -> None:
+    """The CLI's ``--loss`` choices and the trainer's loss table are the loss classes' attributes."""
     from prefloss.hf.trainer import LOSSES
     from prefloss.losses import LOSSES as LOSS_CLASSES
 
     assert sorted(train.LOSS_NAMES) == sorted(LOSSES) == sorted(LOSS_CLASSES)
+    for name, cls in LOSS_CLASSES.items():
+        assert LOSSES[name].takes == tuple(cls.defaults) == cls.hyperparameters
+        assert LOSSES[name].needs_reference == cls.needs_reference
 
 
 def test_unknown_loss_is_an_error(capsys) -> None:

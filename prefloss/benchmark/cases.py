@@ -28,17 +28,13 @@ import torch
 
 from prefloss.benchmark.inputs import Inputs
 from prefloss.benchmark.trl_case import trl_dpo_step
+from prefloss.losses import LOSSES
 from prefloss.ops import TokenLogProbs
 
-LOSS_NAMES = ("alpha_dpo", "epsilon_dpo", "dpo", "simpo")
+LOSS_NAMES = tuple(LOSSES)
 
 # The loss modules' defaults (the published configs); the float64 reference uses the same.
-HYPERPARAMS: dict[str, dict[str, float]] = {
-    "alpha_dpo": {"beta": 2.5, "gamma_beta_ratio": 0.6, "alpha": 0.2},
-    "epsilon_dpo": {"beta": 0.01, "epsilon": 0.01},
-    "dpo": {"beta": 0.1},
-    "simpo": {"beta": 2.0, "gamma_beta_ratio": 0.25},
-}
+HYPERPARAMS: dict[str, dict[str, float]] = {name: dict(cls.defaults) for name, cls in LOSSES.items()}
 
 Step = Callable[[], "torch.Tensor | None"]
 Tokens = Callable[[Inputs], TokenLogProbs]
@@ -61,7 +57,6 @@ class Case:
 def _prefloss_step(loss: str, backend: str, frozen_head: bool = False) -> Callable[[Inputs], Step]:
     def build(x: Inputs) -> Step:
         import prefloss
-        from prefloss.losses import LOSSES
 
         if frozen_head:
             x.weight.requires_grad_(False)
@@ -72,9 +67,10 @@ def _prefloss_step(loss: str, backend: str, frozen_head: bool = False) -> Callab
             kwargs["compare_dtype"] = None  # exact comparison, as the float64 reference
         module = cls(**kwargs)
         del prefloss
+        ref = {"ref_hidden": x.ref_hidden, "ref_weight": x.ref_weight} if cls.needs_reference else {}
 
         def step():
-            out = module(x.hidden, x.weight, x.labels, ref_hidden=x.ref_hidden, ref_weight=x.ref_weight)
+            out = module(x.hidden, x.weight, x.labels, **ref)
             out.loss.backward()
             return out.loss
 

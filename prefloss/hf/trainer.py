@@ -87,12 +87,9 @@ class LossSpec(NamedTuple):
     needs_reference: bool
 
 
-# Same names as `prefloss.losses.LOSSES` (a test checks).
+# Read from the loss classes' attributes (`prefloss.losses.PairLoss`).
 LOSSES: dict[str, LossSpec] = {
-    "alpha_dpo": LossSpec(("beta", "gamma_beta_ratio", "alpha"), True),
-    "epsilon_dpo": LossSpec(("beta", "epsilon"), True),
-    "dpo": LossSpec(("beta",), True),
-    "simpo": LossSpec(("beta", "gamma_beta_ratio"), False),
+    name: LossSpec(cls.hyperparameters, cls.needs_reference) for name, cls in LOSS_CLASSES.items()
 }
 _HYPERPARAMETERS = ("beta", "gamma_beta_ratio", "alpha", "epsilon")
 
@@ -103,12 +100,11 @@ class PreferenceConfig(LossFields, TrainingArguments):
 
     The loss settings are `LossFields`' (``beta``, ``gamma_beta_ratio``, ``alpha``, ``epsilon``,
     ``loss_kwargs``, with its help texts). Loss hyperparameters left at ``None`` take the loss module's
-    defaults (the published configs, docs/losses.md): α-DPO β=2.5, γ/β=0.6, α=0.2; ε-DPO β=0.01, ε=0.01;
-    DPO β=0.1; SimPO β=2.0, γ/β=0.25.
+    defaults (``prefloss.losses.LOSSES[loss].defaults``, the published configs, docs/losses.md).
     """
 
     loss: str = field(
-        default="alpha_dpo", metadata={"help": "Preference loss: alpha_dpo, epsilon_dpo, dpo or simpo."}
+        default="alpha_dpo", metadata={"help": f"Preference loss: one of {', '.join(LOSS_CLASSES)}."}
     )
     max_length: int = field(default=512, metadata={"help": "Most tokens of prompt + response."})
     max_prompt_length: int | None = field(

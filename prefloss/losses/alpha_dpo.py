@@ -19,18 +19,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torch import nn
 
-from prefloss.losses.common import (
-    LossOutput,
-    check_beta,
-    check_label_smoothing,
-    check_options,
-    pair_sequences,
-    reward_metrics,
-    sigmoid_loss,
-    split_pairs,
-)
+from prefloss.losses.base import PairLoss, PairValues
+from prefloss.losses.common import check_beta, check_gamma_beta_ratio, sigmoid_loss
 from prefloss.losses.distributed import gather_values
 from prefloss.ops import check_number
 
@@ -106,8 +97,10 @@ def _non_finite_message(gathered: torch.Tensor, sequences) -> str:
     )
 
 
-class AlphaDPOLoss(nn.Module):
-    """α-DPO from hidden states, with its running statistics as buffers.
+class AlphaDPOLoss(PairLoss):
+    """α-DPO from hidden states, with its running statistics as buffers: ``loss_fn(hidden, weight,
+    labels, ref_hidden=..., ref_weight=...)`` (`PairLoss.forward`), the reference also as precomputed
+    per-row sums ``ref_logps [2B]`` (normalised by each row's counted-token count).
 
     Args:
         beta: β > 0 (default 2.5; the published Llama-3-8B-Instruct config).
@@ -115,7 +108,7 @@ class AlphaDPOLoss(nn.Module):
         alpha: α ≥ 0 (default 0.2).
         momentum: EMA momentum of the statistics (default 0.9).
         normalization: ``"ema"`` (default, the authors') or ``"batch"`` (plain per-batch z-score).
-        label_smoothing, chunk_size, backend: as in `prefloss.DPOLoss`.
+        options: ``label_smoothing``, ``chunk_size``, ``backend``, as `PairLoss` takes them.
 
     Buffers: ``running_mean``, ``running_std`` (fp32, start at 0), ``num_updates`` (int64).
 
@@ -125,9 +118,11 @@ class AlphaDPOLoss(nn.Module):
     NaN for good (α-DPO would then silently be SimPO). This costs one host synchronisation per call.
     In eval mode with ``"ema"`` a non-finite input gives a NaN loss. On ``meta`` inputs with real
     buffers (shape tracing) the buffers are not updated.
-    A pair whose chosen or rejected response has no counted token (all labels ``ignore_index``) is
-    refused with a ``ValueError`` naming it (its log-prob would be 0, the best score there is).
     """
+
+    name = "alpha_dpo"
+    hyperparameters = ("beta", "gamma_beta_ratio", "alpha")
+    length_normalised = True
 
     def __init__(
         self,
@@ -137,20 +132,16 @@ class AlphaDPOLoss(nn.Module):
         *,
         momentum: float = 0.9,
         normalization: str = "ema",
-        label_smoothing: float = 0.0,
-        chunk_size=None,
-        backend="auto",
+        **options,
     ):
-        super().__init__()
+        super().__init__(**options)
         self.beta = check_beta(beta)
-        self.gamma_beta_ratio = check_number("gamma_beta_ratio", gamma_beta_ratio, tensors=True)
+        self.gamma_beta_ratio = check_gamma_beta_ratio(gamma_beta_ratio)
         self.alpha = check_number("alpha", alpha, ge=0, tensors=True)
         self.momentum = check_number("momentum", momentum, ge=0, lt=1, tensors=True)
         if not isinstance(normalization, str) or normalization not in NORMALIZATIONS:
             raise ValueError(f"`normalization` must be one of {NORMALIZATIONS}, got {normalization!r}.")
         self.normalization = normalization
-        self.label_smoothing = check_label_smoothing(label_smoothing)
-        self.chunk_size, self.backend = check_options(chunk_size, backend)
         self.register_buffer("running_mean", torch.zeros((), dtype=torch.float32))
         self.register_buffer("running_std", torch.zeros((), dtype=torch.float32))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))
@@ -191,44 +182,8 @@ class AlphaDPOLoss(nn.Module):
         self.num_updates += 1
         return self.running_mean.clone(), self.running_std.clone()
 
-    def forward(
-        self,
-        hidden,
-        weight,
-        labels,
-        *,
-        bias=None,
-        ref_hidden=None,
-        ref_weight=None,
-        ref_bias=None,
-        ref_logps=None,
-        logit_scale=None,
-        softcap=None,
-        ignore_index=-100,
-    ) -> LossOutput:
-        """hidden ``[2B, T, H]`` (rows ``[0, B)`` chosen), weight ``[V, H]``, labels ``[2B, T]``; the
-        reference as ``ref_hidden``/``ref_weight`` or precomputed per-row sums ``ref_logps [2B]``
-        (normalised here by each row's counted-token count)."""
-        seq = pair_sequences(
-            "AlphaDPOLoss",
-            hidden,
-            weight,
-            labels,
-            reference="live_or_precomputed",
-            bias=bias,
-            ref_hidden=ref_hidden,
-            ref_weight=ref_weight,
-            ref_bias=ref_bias,
-            ref_logps=ref_logps,
-            logit_scale=logit_scale,
-            softcap=softcap,
-            ignore_index=ignore_index,
-            chunk_size=self.chunk_size,
-            backend=self.backend,
-        )
-        seq = seq.mean()
-        pc, pr = split_pairs(seq.policy)
-        rc, rr = split_pairs(seq.ref)
+    def pair_losses(self, p: PairValues) -> tuple[AlphaDPOLosses, dict[str, torch.Tensor]]:
+        pc, pr, rc, rr = p.policy_chosen, p.policy_rejected, p.ref_chosen, p.ref_rejected
         gap = ((pc - pr) - (rc - rr)).detach()
         mean, std = self._statistics(gap, (pc, pr, rc, rr))
         out = alpha_dpo_loss(
@@ -243,22 +198,15 @@ class AlphaDPOLoss(nn.Module):
             std=std,
             label_smoothing=self.label_smoothing,
         )
-        metrics = reward_metrics(out.chosen_rewards, out.rejected_rewards)
         margin = out.margin.float()
-        metrics.update(
-            {
-                "logps/chosen": pc.detach().mean(),
-                "logps/rejected": pr.detach().mean(),
-                "logps/ref_chosen": rc.detach().mean(),
-                "logps/ref_rejected": rr.detach().mean(),
-                "RATIO/ref_logratios": margin.mean(),
-                "RATIO/MIN_ref_logratios": margin.min(),
-                "RATIO/MAX_ref_logratios": margin.max(),
-                "RATIO/var_ref_logratios": margin.var()
-                if margin.numel() > 1
-                else torch.zeros_like(margin[0]),
-                "alpha/running_mean": mean.float(),
-                "alpha/running_std": std.float(),
-            }
-        )
-        return LossOutput(out.losses.mean(), metrics, out.chosen_rewards, out.rejected_rewards)
+        metrics = {
+            "logps/ref_chosen": rc.detach().mean(),
+            "logps/ref_rejected": rr.detach().mean(),
+            "RATIO/ref_logratios": margin.mean(),
+            "RATIO/MIN_ref_logratios": margin.min(),
+            "RATIO/MAX_ref_logratios": margin.max(),
+            "RATIO/var_ref_logratios": margin.var() if margin.numel() > 1 else torch.zeros_like(margin[0]),
+            "alpha/running_mean": mean.float(),
+            "alpha/running_std": std.float(),
+        }
+        return out, metrics

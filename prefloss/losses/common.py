@@ -1,20 +1,14 @@
-"""What the four losses share: the pair layout, the sigmoid loss, reward metrics, the output type."""
+"""What the four losses share: the pair layout, the sigmoid loss, reward metrics, the output types."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from prefloss.ops import (
-    SequenceLogProbs,
-    check_backend,
-    check_chunk_size,
-    check_ignore_index,
-    check_number,
-    sequence_logprobs,
-)
+from prefloss.ops import check_backend, check_chunk_size, check_number
 
 
 @dataclass
@@ -33,6 +27,14 @@ class LossOutput:
     rejected_rewards: torch.Tensor | None = None
 
 
+class PairLosses(NamedTuple):
+    """Per-pair outputs of the functional losses, each ``[B]``."""
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor  # detached
+    rejected_rewards: torch.Tensor  # detached
+
+
 def sigmoid_loss(logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     """``−(1−ls)·log σ(x) − ls·log σ(−x)`` elementwise (the DPO family's loss on a logit ``x``)."""
     if label_smoothing == 0.0:
@@ -42,6 +44,10 @@ def sigmoid_loss(logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:
 
 def check_beta(beta) -> float:
     return check_number("beta", beta, gt=0, tensors=True)
+
+
+def check_gamma_beta_ratio(gamma_beta_ratio) -> float:
+    return check_number("gamma_beta_ratio", gamma_beta_ratio, tensors=True)
 
 
 def check_label_smoothing(label_smoothing) -> float:
@@ -117,84 +123,44 @@ def check_ref_logps(ref_logps: torch.Tensor, rows: int) -> torch.Tensor:
     return ref_logps.detach().to(torch.promote_types(ref_logps.dtype, torch.float32))
 
 
-REFERENCE_MODES = ("live_or_precomputed", "live", "none")
+REFERENCE_ARGUMENTS = ("ref_hidden", "ref_weight", "ref_bias", "ref_logps")
 
 
-def pair_sequences(
-    loss: str,
-    hidden,
-    weight,
-    labels,
-    *,
-    reference: str,
-    bias=None,
-    ref_hidden=None,
-    ref_weight=None,
-    ref_bias=None,
-    ref_logps=None,
-    epsilon=None,
-    logit_scale=None,
-    softcap=None,
-    ignore_index=-100,
-    chunk_size=None,
-    backend="auto",
-) -> SequenceLogProbs:
-    """`prefloss.sequence_logprobs` for a pair loss, after checking the ``[2B, T, H]`` layout and
-    how the loss takes its reference model.
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
 
-    Args:
-        loss: the loss's class name, for error messages.
-        reference: ``"live_or_precomputed"`` (DPO, α-DPO: ``ref_hidden``/``ref_weight`` or
-            precomputed per-row sums ``ref_logps [2B]``, which then replace ``.ref``), ``"live"``
-            (ε-DPO: hidden states only) or ``"none"`` (SimPO: reference arguments are ignored).
-        The rest: as `prefloss.fused_logprobs`.
 
-    Raises:
-        ValueError: a pair whose chosen or rejected response has no counted token (`check_responses`),
-            before any log-prob is computed; under torch.distributed only the rank holding that
-            pair raises (launchers such as ``torchrun`` then stop the others).
+def check_reference(
+    loss: str, *, needs_reference: bool, takes_ref_logps: bool, ref_hidden, ref_weight, ref_bias, ref_logps
+) -> None:
+    """How a pair loss takes its reference model (``loss``: its class name, for the messages).
+
+    ``needs_reference=True`` (DPO, α-DPO, ε-DPO): ``ref_hidden`` and ``ref_weight`` are needed or,
+    where ``takes_ref_logps`` (DPO, α-DPO), precomputed per-row sums ``ref_logps [2B]`` instead (the
+    reference model's arguments are then not used); ε-DPO refuses ``ref_logps``.
+    ``needs_reference=False`` (SimPO): every reference argument is refused.
+    Only one of ``ref_hidden``/``ref_weight`` is left to `prefloss.sequence_logprobs`, which names
+    the missing one.
     """
-    check_pair_rows(hidden)
-    ignore_index = check_ignore_index(ignore_index)
-    check_responses(loss, hidden, labels, ignore_index)
-    given_live = ref_hidden is not None or ref_weight is not None
-    if reference == "none":
-        ref_hidden = ref_weight = ref_bias = ref_logps = None
-    elif reference == "live":
-        if ref_logps is not None:
-            raise ValueError(
-                f"{loss} cannot use precomputed `ref_logps`: it mixes policy and reference logits "
-                "token by token, so it needs `ref_hidden` and `ref_weight`."
-            )
-        if ref_hidden is None or ref_weight is None:
-            raise ValueError(f"{loss} needs the reference hidden states: pass `ref_hidden` and `ref_weight`.")
-    elif reference == "live_or_precomputed":
-        if ref_logps is None and not given_live:
-            raise ValueError(
-                f"{loss} needs the reference: pass `ref_hidden` and `ref_weight`, or `ref_logps`."
-            )
-        if ref_logps is not None:
-            ref_hidden = ref_weight = ref_bias = None
-    else:
-        raise ValueError(f"`reference` must be one of {REFERENCE_MODES}, got {reference!r}.")
-    seq = sequence_logprobs(
-        hidden,
-        weight,
-        labels,
-        bias=bias,
-        ref_hidden=ref_hidden,
-        ref_weight=ref_weight,
-        ref_bias=ref_bias,
-        epsilon=epsilon,
-        logit_scale=logit_scale,
-        softcap=softcap,
-        ignore_index=ignore_index,
-        chunk_size=chunk_size,
-        backend=backend,
-    )
-    if ref_logps is not None:
-        seq = seq._replace(ref=check_ref_logps(ref_logps, hidden.shape[0]))
-    return seq
+    if not needs_reference:
+        given = (ref_hidden, ref_weight, ref_bias, ref_logps)
+        for arg, value in zip(REFERENCE_ARGUMENTS, given, strict=True):
+            if value is not None:
+                raise ValueError(
+                    f"{loss}: {loss.removesuffix('Loss')} is reference-free (it uses no reference model): "
+                    f"expected `{arg}` = None, got {_describe(value)}."
+                )
+    elif ref_logps is not None and not takes_ref_logps:
+        raise ValueError(
+            f"{loss} cannot use precomputed `ref_logps`: it mixes policy and reference logits "
+            "token by token, so it needs `ref_hidden` and `ref_weight`."
+        )
+    elif ref_logps is None and not takes_ref_logps and (ref_hidden is None or ref_weight is None):
+        raise ValueError(f"{loss} needs the reference hidden states: pass `ref_hidden` and `ref_weight`.")
+    elif ref_logps is None and ref_hidden is None and ref_weight is None:
+        raise ValueError(f"{loss} needs the reference: pass `ref_hidden` and `ref_weight`, or `ref_logps`.")
 
 
 def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -6,29 +6,10 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
-from torch import nn
 
-from prefloss.losses.common import (
-    LossOutput,
-    check_beta,
-    check_label_smoothing,
-    check_options,
-    pair_sequences,
-    reward_metrics,
-    sigmoid_loss,
-    split_pairs,
-)
-
-
-class PairLosses(NamedTuple):
-    """Per-pair outputs of the functional losses, each ``[B]``."""
-
-    losses: torch.Tensor
-    chosen_rewards: torch.Tensor  # detached
-    rejected_rewards: torch.Tensor  # detached
+from prefloss.losses.base import PairLoss, PairValues
+from prefloss.losses.common import PairLosses, check_beta, sigmoid_loss
 
 
 def dpo_loss(
@@ -59,61 +40,30 @@ def dpo_loss(
     return PairLosses(losses, chosen_rewards, rejected_rewards)
 
 
-class DPOLoss(nn.Module):
-    """DPO from hidden states: ``loss_fn(hidden, weight, labels, ref_hidden=..., ref_weight=...)``.
+class DPOLoss(PairLoss):
+    """DPO from hidden states: ``loss_fn(hidden, weight, labels, ref_hidden=..., ref_weight=...)``
+    (`PairLoss.forward`), the reference also as precomputed sums ``ref_logps [2B]``.
 
     Args:
         beta: β > 0 (default 0.1, TRL's default).
-        label_smoothing: see `dpo_loss`.
-        chunk_size, backend: passed to `prefloss.fused_logprobs`.
-
-    Every numeric argument must be finite and in range (``ValueError`` naming it otherwise).
-    A pair whose chosen or rejected response has no counted token (all labels ``ignore_index``) is
-    refused with a ``ValueError`` naming it (its log-prob would be 0, the best score there is).
+        options: ``label_smoothing`` (see `dpo_loss`), ``chunk_size``, ``backend``, as `PairLoss`
+            takes them.
     """
 
-    def __init__(self, beta: float = 0.1, *, label_smoothing: float = 0.0, chunk_size=None, backend="auto"):
-        super().__init__()
-        self.beta, self.label_smoothing = check_beta(beta), check_label_smoothing(label_smoothing)
-        self.chunk_size, self.backend = check_options(chunk_size, backend)
+    name = "dpo"
+    hyperparameters = ("beta",)
 
-    def forward(
-        self,
-        hidden,
-        weight,
-        labels,
-        *,
-        bias=None,
-        ref_hidden=None,
-        ref_weight=None,
-        ref_bias=None,
-        ref_logps=None,
-        logit_scale=None,
-        softcap=None,
-        ignore_index=-100,
-    ) -> LossOutput:
-        """Args: hidden ``[2B, T, H]`` (rows ``[0, B)`` chosen), weight ``[V, H]``, labels ``[2B, T]``;
-        the reference as ``ref_hidden``/``ref_weight`` or as precomputed sums ``ref_logps [2B]``."""
-        seq = pair_sequences(
-            "DPOLoss",
-            hidden,
-            weight,
-            labels,
-            reference="live_or_precomputed",
-            bias=bias,
-            ref_hidden=ref_hidden,
-            ref_weight=ref_weight,
-            ref_bias=ref_bias,
-            ref_logps=ref_logps,
-            logit_scale=logit_scale,
-            softcap=softcap,
-            ignore_index=ignore_index,
-            chunk_size=self.chunk_size,
-            backend=self.backend,
+    def __init__(self, beta: float = 0.1, **options):
+        super().__init__(**options)
+        self.beta = check_beta(beta)
+
+    def pair_losses(self, p: PairValues) -> tuple[PairLosses, dict[str, torch.Tensor]]:
+        out = dpo_loss(
+            p.policy_chosen,
+            p.policy_rejected,
+            p.ref_chosen,
+            p.ref_rejected,
+            beta=self.beta,
+            label_smoothing=self.label_smoothing,
         )
-        pc, pr = split_pairs(seq.policy)
-        rc, rr = split_pairs(seq.ref)
-        out = dpo_loss(pc, pr, rc, rr, beta=self.beta, label_smoothing=self.label_smoothing)
-        metrics = reward_metrics(out.chosen_rewards, out.rejected_rewards)
-        metrics.update({"logps/chosen": pc.detach().mean(), "logps/rejected": pr.detach().mean()})
-        return LossOutput(out.losses.mean(), metrics, out.chosen_rewards, out.rejected_rewards)
+        return out, {}

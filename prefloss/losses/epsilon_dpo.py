@@ -25,17 +25,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torch import nn
 
-from prefloss.losses.common import (
-    LossOutput,
-    check_beta,
-    check_label_smoothing,
-    check_options,
-    pair_sequences,
-    reward_metrics,
-    split_pairs,
-)
+from prefloss.losses.base import PairLoss, PairValues
+from prefloss.losses.common import check_beta
 from prefloss.losses.distributed import all_reduce_sum
 from prefloss.losses.dpo import dpo_loss
 from prefloss.ops import check_number
@@ -122,23 +114,27 @@ def epsilon_dpo_loss(
     return EpsilonDPOLosses(out.losses, out.chosen_rewards, out.rejected_rewards, steps, betas.detach())
 
 
-class EpsilonDPOLoss(nn.Module):
-    """ε-DPO from hidden states of the policy and the reference (both are needed: it mixes logits).
+class EpsilonDPOLoss(PairLoss):
+    """ε-DPO from hidden states of the policy and the reference (both are needed: it mixes logits):
+    ``loss_fn(hidden, weight, labels, ref_hidden=..., ref_weight=...)`` (`PairLoss.forward`), with
+    ``ref_hidden [2B, T, H_ref]``, ``ref_weight [V, H_ref]`` required (no precomputed ``ref_logps``).
 
     Args:
         beta: initial β > 0 (default 0.01, the published configs).
         epsilon: ε in (0, 1) (default 0.01).
         compare_dtype: dtype of the step comparison: ``torch.bfloat16`` (default, as the published
             runs) or ``None`` for an exact fp32 comparison.
-        label_smoothing, chunk_size, backend: as in `prefloss.DPOLoss`.
+        options: ``label_smoothing``, ``chunk_size``, ``backend``, as `PairLoss` takes them.
 
     Buffers: ``beta`` (fp32), and the step accumulators ``step_sum``, ``step_count`` (fp64) of
     the pairs seen in training mode since the last `update_beta`. A pair with a non-finite log-prob
     (NaN/inf in the hidden states) gets a NaN loss and is not counted in the step mean; ``meta``
     inputs with real buffers (shape tracing) leave the accumulators unchanged.
-    A pair whose chosen or rejected response has no counted token (all labels ``ignore_index``) is
-    refused with a ``ValueError`` naming it (its log-prob would be 0, the best score there is).
     """
+
+    name = "epsilon_dpo"
+    hyperparameters = ("beta", "epsilon")
+    takes_ref_logps = False
 
     def __init__(
         self,
@@ -146,94 +142,44 @@ class EpsilonDPOLoss(nn.Module):
         epsilon: float = 0.01,
         *,
         compare_dtype: torch.dtype | None = torch.bfloat16,
-        label_smoothing: float = 0.0,
-        chunk_size=None,
-        backend="auto",
+        **options,
     ):
-        super().__init__()
+        super().__init__(**options)
         beta = check_beta(beta)
-        self.label_smoothing = check_label_smoothing(label_smoothing)
         if compare_dtype is not None and not (
             isinstance(compare_dtype, torch.dtype) and compare_dtype.is_floating_point
         ):
             raise TypeError(f"`compare_dtype` must be a floating torch.dtype or None, got {compare_dtype!r}.")
         self.epsilon = _check_epsilon(epsilon)
         self.compare_dtype = compare_dtype
-        self.chunk_size, self.backend = check_options(chunk_size, backend)
         self.register_buffer("beta", torch.tensor(beta, dtype=torch.float32))
         self.register_buffer("step_sum", torch.zeros((), dtype=torch.float64))
         self.register_buffer("step_count", torch.zeros((), dtype=torch.float64))
 
-    def forward(
-        self,
-        hidden,
-        weight,
-        labels,
-        *,
-        bias=None,
-        ref_hidden=None,
-        ref_weight=None,
-        ref_bias=None,
-        ref_logps=None,
-        logit_scale=None,
-        softcap=None,
-        ignore_index=-100,
-    ) -> LossOutput:
-        """hidden ``[2B, T, H]`` (rows ``[0, B)`` chosen), weight ``[V, H]``, labels ``[2B, T]``,
-        ``ref_hidden [2B, T, H_ref]``, ``ref_weight [V, H_ref]`` (required)."""
-        seq = pair_sequences(
-            "EpsilonDPOLoss",
-            hidden,
-            weight,
-            labels,
-            reference="live",
-            bias=bias,
-            ref_hidden=ref_hidden,
-            ref_weight=ref_weight,
-            ref_bias=ref_bias,
-            ref_logps=ref_logps,
-            epsilon=self.epsilon,
-            logit_scale=logit_scale,
-            softcap=softcap,
-            ignore_index=ignore_index,
-            chunk_size=self.chunk_size,
-            backend=self.backend,
-        )
-        pc, pr = split_pairs(seq.policy)
+    def pair_losses(self, p: PairValues) -> tuple[EpsilonDPOLosses, dict[str, torch.Tensor]]:
         out = epsilon_dpo_loss(
-            pc,
-            pr,
-            *split_pairs(seq.ref),
-            *split_pairs(seq.minus),
-            *split_pairs(seq.plus),
+            *p,
             beta=self.beta,
             epsilon=self.epsilon,
             compare_dtype=self.compare_dtype,
             label_smoothing=self.label_smoothing,
         )
-        if self.training and not (pc.device.type == "meta" and self.step_sum.device.type != "meta"):
+        tracing = p.policy_chosen.device.type == "meta" and self.step_sum.device.type != "meta"
+        if self.training and not tracing:
             with torch.no_grad():
                 # A pair with a non-finite log-prob has a NaN loss and s = 0 (NaN compares false):
                 # it is left out of β's step mean (no host sync). Meta inputs (shape tracing) with
                 # real buffers leave the state unchanged.
-                finite = torch.stack(
-                    [torch.isfinite(x) for x in (seq.policy, seq.ref, seq.minus, seq.plus)]
-                ).all(0)
-                finite = torch.stack(split_pairs(finite)).all(0)
+                finite = torch.stack([torch.isfinite(x) for x in p]).all(0)
                 self.step_sum += (out.steps * finite).sum().to(self.step_sum.dtype)
                 self.step_count += finite.sum().to(self.step_count.dtype)
-        metrics = reward_metrics(out.chosen_rewards, out.rejected_rewards)
         steps = out.steps.float()
-        metrics.update(
-            {
-                "logps/chosen": pc.detach().mean(),
-                "logps/rejected": pr.detach().mean(),
-                "kl/p_epsilon_steps": (steps > 0).float().mean(),
-                "kl/n_epsilon_steps": (steps < 0).float().mean(),
-                "kl/beta": self.beta.detach().clone(),
-            }
-        )
-        return LossOutput(out.losses.mean(), metrics, out.chosen_rewards, out.rejected_rewards)
+        metrics = {
+            "kl/p_epsilon_steps": (steps > 0).float().mean(),
+            "kl/n_epsilon_steps": (steps < 0).float().mean(),
+            "kl/beta": self.beta.detach().clone(),
+        }
+        return out, metrics
 
     @torch.no_grad()
     def update_beta(self) -> dict[str, torch.Tensor]:
