@@ -15,25 +15,13 @@ ref_model=prepare_reference(ref, model))`.
 
 from prefloss.hf.adapters import AdaptersDisabled
 from prefloss.hf.collator import PreferenceCollator
+from prefloss.hf.core import LOSSES, build_loss, loss_name
 from prefloss.hf.data import load_preferences, tokenize_preference_row, tokenize_preferences
 from prefloss.hf.engines import engine_name, gathered_heads, head_access, prepare_reference
-from prefloss.hf.model import (
-    LOGIT_TRANSFORMS,
-    OutputHead,
-    check_output_head,
-    decoder_hidden_states,
-    output_head,
-    unwrap_model,
-)
+from prefloss.hf.heads import LOGIT_TRANSFORMS, OutputHead, output_head, unwrap_model
+from prefloss.hf.model import check_output_head, decoder_hidden_states
 from prefloss.hf.step import preference_loss
-from prefloss.hf.trainer import (
-    LOSSES,
-    PreferenceConfig,
-    PreferenceTrainer,
-    build_loss,
-    loss_name,
-    score_pairs,
-)
+from prefloss.hf.trainer import PreferenceConfig, PreferenceTrainer, score_pairs
 
 __all__ = [
     "AdaptersDisabled",

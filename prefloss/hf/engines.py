@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prefloss.hf.model import OutputHead, output_head, unwrap_model
+from prefloss.hf.heads import OutputHead, output_head, unwrap_model
 
 __all__ = [
     "DeepSpeedHead",

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["COMPARE_DTYPES", "LossFields", "loss_field", "loss_module_kwargs"]
+__all__ = ["COMPARE_DTYPES", "LossFields", "config_field", "loss_field", "loss_module_kwargs"]
 
 # ``loss_kwargs["compare_dtype"]`` as JSON writes it -> ε-DPO's ``compare_dtype``. "float32" and
 # None (JSON null) are the exact comparison of the fp32 sums (`prefloss.EpsilonDPOLoss`).
@@ -25,9 +25,14 @@ COMPARE_DTYPES: dict[str | None, torch.dtype | None] = {
 }
 
 
+def config_field(default: Any, help: str) -> Any:
+    """A config setting with an immutable ``default``, ``help`` shown by ``HfArgumentParser``."""
+    return field(default=default, metadata={"help": help})
+
+
 def loss_field(help: str) -> Any:
     """A loss setting: ``None`` by default, ``help`` shown by ``HfArgumentParser``."""
-    return field(default=None, metadata={"help": help})
+    return config_field(None, help)
 
 
 def loss_module_kwargs(loss_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:

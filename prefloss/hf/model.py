@@ -1,13 +1,13 @@
-"""What the fused op needs from a Hugging Face causal LM: the last hidden states and the output head.
+"""What the fused op needs from a Hugging Face causal LM: the last hidden states, and the check that
+they and the output head reproduce the model's logits.
 
 For any ``AutoModelForCausalLM``, ``model(...).logits`` is (up to dtype)
 
     logits = transform(hidden @ W.T + b)
 
-where ``hidden`` is the decoder's ``last_hidden_state`` (after the model's final norm), ``W``/``b``
-are ``model.get_output_embeddings()`` (tied or not) and ``transform`` is a family-specific scalar
-map: Gemma-2/3 soft-cap ``c·tanh(z/c)``, Cohere ``z · logit_scale``, Granite ``z / logits_scaling``.
-`output_head` reads ``W``, ``b`` and the transform; `decoder_hidden_states` runs the model and returns
+where ``hidden`` is the decoder's ``last_hidden_state`` (after the model's final norm) and ``W``,
+``b`` and ``transform`` are the output head's (`prefloss.hf.heads.output_head`, re-exported here with
+`OutputHead`, `LOGIT_TRANSFORMS` and `unwrap_model`). `decoder_hidden_states` runs the model and returns
 ``hidden`` without ever forming the ``[tokens, vocab]`` logits. Nothing is monkey-patched: the hidden
 states are captured by a forward hook on ``model.get_decoder()`` while the model's own ``forward`` runs
 (through any DDP/accelerate wrapper, so gradient synchronisation still happens) with
@@ -20,12 +20,13 @@ compares the fused log-probabilities with ``log_softmax(model(...).logits)`` on 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from prefloss.hf.engines import gathered_heads
+from prefloss.hf.heads import LOGIT_TRANSFORMS, OutputHead, output_head, unwrap_model
 
 __all__ = [
     "LOGIT_TRANSFORMS",
@@ -35,103 +36,6 @@ __all__ = [
     "output_head",
     "unwrap_model",
 ]
-
-
-@dataclass(frozen=True)
-class OutputHead:
-    """The output embedding of a causal LM and the logit transform applied after it.
-
-    Attributes:
-        weight: ``[V, H]`` output embedding (the input embedding when tied); a live parameter.
-        bias: ``[V]`` or ``None``.
-        logit_scale: multiplies the logits (Cohere ``logit_scale``, Granite ``1/logits_scaling``).
-        softcap: ``c`` in ``c·tanh(z/c)`` (Gemma-2/3 ``final_logit_softcapping``).
-    """
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    logit_scale: float | None
-    softcap: float | None
-
-    def fused_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `prefloss.fused_logprobs` / the loss modules (policy side)."""
-        return {"bias": self.bias, "logit_scale": self.logit_scale, "softcap": self.softcap}
-
-
-def _attr(config: Any, name: str) -> float | None:
-    value = getattr(config, name, None)
-    return None if value is None else float(value)
-
-
-def _inverse(value: float | None) -> float | None:
-    return None if value is None else 1.0 / value
-
-
-# config.model_type -> (text config -> (logit_scale, softcap)). Families not listed here get the
-# generic rule: soft-cap from `final_logit_softcapping` when the config has it, no scale.
-LOGIT_TRANSFORMS: dict[str, Callable[[Any], tuple[float | None, float | None]]] = {
-    "cohere": lambda c: (_attr(c, "logit_scale"), None),
-    "cohere2": lambda c: (_attr(c, "logit_scale"), None),
-    "cohere2_moe": lambda c: (_attr(c, "logit_scale"), None),
-    "granite": lambda c: (_inverse(_attr(c, "logits_scaling")), None),
-    "granitemoe": lambda c: (_inverse(_attr(c, "logits_scaling")), None),
-    "granitemoeshared": lambda c: (_inverse(_attr(c, "logits_scaling")), None),
-    "granitemoehybrid": lambda c: (_inverse(_attr(c, "logits_scaling")), None),
-    "falcon_h1": lambda c: (_attr(c, "lm_head_multiplier"), None),
-}
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP / ``torch.compile`` / accelerate wrappers (``.module``, ``._orig_mod``)."""
-    while True:
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
-def output_head(model: nn.Module) -> OutputHead:
-    """The output embedding and logit transform of a causal LM.
-
-    Args:
-        model: a ``PreTrainedModel`` with an LM head (``AutoModelForCausalLM``), possibly wrapped.
-
-    Raises:
-        ValueError: the model has no output embedding (e.g. ``AutoModel`` without LM head) or its
-            output embedding is not a linear map with a ``[V, H]`` weight.
-    """
-    model = unwrap_model(model)
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    name = type(model).__name__
-    if head is None:
-        raise ValueError(
-            f"model {name} has no output embedding (`get_output_embeddings()` returned None): "
-            "expected a causal LM with an LM head, e.g. one loaded with AutoModelForCausalLM, "
-            "not a bare AutoModel"
-        )
-    weight = getattr(head, "weight", None)
-    # A ZeRO-3 parameter outside a gather is a [0] placeholder: judge its full shape (`ds_shape`).
-    # An FSDP2 shard is a DTensor, whose shape is already the full one.
-    shape = tuple(getattr(weight, "ds_shape", getattr(weight, "shape", ())))
-    if not isinstance(weight, torch.Tensor) or len(shape) != 2:
-        got = "no weight" if weight is None else f"weight of shape {shape}"
-        raise ValueError(
-            f"model {name}: the output embedding {type(head).__name__} must be a linear map with a "
-            f"[vocab, hidden] weight, got {got}"
-        )
-    bias = getattr(head, "bias", None)
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    model_type = getattr(text_config, "model_type", None) or getattr(config, "model_type", "")
-    rule = LOGIT_TRANSFORMS.get(model_type)
-    if rule is not None:
-        logit_scale, softcap = rule(text_config)
-    else:
-        logit_scale, softcap = None, _attr(text_config, "final_logit_softcapping")
-    return OutputHead(weight=weight, bias=bias, logit_scale=logit_scale, softcap=softcap)
 
 
 def _logits_to_keep_kwarg(model: nn.Module) -> dict[str, int]:
@@ -245,7 +149,6 @@ def check_output_head(
     Raises:
         ValueError: the difference exceeds ``atol``.
     """
-    from prefloss.hf.engines import gathered_heads
     from prefloss.ops import fused_logprobs
 
     inner = unwrap_model(model)
@@ -287,6 +190,6 @@ def check_output_head(
             f"log-probs from its hidden states and output head differ from log_softmax(model(...).logits) "
             f"by {err:.3g} (allowed {atol:g}); its logit transform is probably not known to prefloss "
             f"(found logit_scale={head.logit_scale}, softcap={head.softcap}). Register it in "
-            "prefloss.hf.model.LOGIT_TRANSFORMS."
+            "prefloss.hf.heads.LOGIT_TRANSFORMS."
         )
     return err

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from prefloss.hf.engines import gathered_heads
+from prefloss.hf.heads import check_logit_transforms
 from prefloss.hf.model import decoder_hidden_states
 from prefloss.losses.common import LossOutput
 
@@ -59,12 +60,7 @@ def preference_loss(
         if ref_logps is not None:
             kwargs["ref_logps"] = ref_logps
         elif ref_hidden is not None:
-            if (heads.ref.logit_scale, heads.ref.softcap) != (heads.policy.logit_scale, heads.policy.softcap):
-                raise ValueError(
-                    "policy and reference must share the logit transform, got logit_scale/softcap "
-                    f"{heads.policy.logit_scale}/{heads.policy.softcap} vs "
-                    f"{heads.ref.logit_scale}/{heads.ref.softcap}"
-                )
+            check_logit_transforms(heads.policy, heads.ref)
             kwargs.update(ref_hidden=ref_hidden, ref_weight=heads.ref.weight, ref_bias=heads.ref.bias)
         out = loss_fn(
             heads.release_after_backward(hidden),

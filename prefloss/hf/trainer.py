@@ -33,27 +33,44 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import os
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import TrainerState
-from transformers.trainer_utils import TrainOutput, get_last_checkpoint
+from transformers.trainer_utils import TrainOutput
 
-from prefloss.hf.adapters import AdaptersDisabled, check_peft_head, is_peft_model
+from prefloss.hf.adapters import is_peft_model
 from prefloss.hf.collator import PreferenceCollator
+from prefloss.hf.core import (  # the loss registry, checkpoint files and β update live in the shared core
+    HYPERPARAMETERS,
+    LOSS_NAME_FILE,
+    LOSS_STATE_NAME,
+    LOSSES,
+    LossCheckpoint,
+    LossOnlyPrediction,
+    LossStateCheckpoints,
+    OutputHeadCheck,
+    _BetaUpdate,  # noqa: F401 (tests look for it among the callbacks)
+    attach_loss,
+    build_loss,
+    check_logit_transforms,
+    check_peft_policy,
+    checkpoint_loss_name,
+    loss_name,
+    peft_reference,
+)
 from prefloss.hf.data import BOS_MODES, OVERLONG_MODES, load_preferences, tokenize_preferences
 from prefloss.hf.engines import gathered_heads, prepare_reference
 from prefloss.hf.loss_fields import LossFields, loss_module_kwargs
-from prefloss.hf.model import check_output_head, decoder_hidden_states, output_head, unwrap_model
+from prefloss.hf.model import decoder_hidden_states, output_head, unwrap_model
 from prefloss.hf.step import preference_loss
 from prefloss.losses import LOSSES as LOSS_CLASSES
 
@@ -70,28 +87,11 @@ __all__ = [
     "score_pairs",
 ]
 
-LOSS_STATE_NAME = "prefloss_loss_state.pt"
-LOSS_NAME_FILE = "prefloss_loss.json"  # {"loss": "<LOSSES name>"}, beside the loss state
-
 
 class NonFiniteLossError(RuntimeError):
     """Training stopped: the loss or the gradient norm was non-finite (NaN or ±inf) for
     ``max_nonfinite_steps`` consecutive optimizer steps. Raised before the last such step's optimizer
     update."""
-
-
-class LossSpec(NamedTuple):
-    """What the trainer needs to know of a loss beyond its class (`prefloss.losses.LOSSES`)."""
-
-    takes: tuple[str, ...]  # the hyperparameters it accepts
-    needs_reference: bool
-
-
-# Read from the loss classes' attributes (`prefloss.losses.PairLoss`).
-LOSSES: dict[str, LossSpec] = {
-    name: LossSpec(cls.hyperparameters, cls.needs_reference) for name, cls in LOSS_CLASSES.items()
-}
-_HYPERPARAMETERS = ("beta", "gamma_beta_ratio", "alpha", "epsilon")
 
 
 @dataclass
@@ -162,7 +162,7 @@ class PreferenceConfig(LossFields, TrainingArguments):
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}: expected one of {sorted(LOSSES)}")
         takes = LOSSES[self.loss].takes
-        for name in _HYPERPARAMETERS:
+        for name in HYPERPARAMETERS:
             if getattr(self, name) is not None and name not in takes:
                 raise ValueError(
                     f"{name}={getattr(self, name)} does not apply to loss {self.loss!r}, "
@@ -200,50 +200,6 @@ class PreferenceConfig(LossFields, TrainingArguments):
                 f"got {self.max_prompt_length}"
             )
         super().__post_init__()
-
-
-def build_loss(
-    name: str,
-    *,
-    beta: float | None = None,
-    gamma_beta_ratio: float | None = None,
-    alpha: float | None = None,
-    epsilon: float | None = None,
-    **kwargs: Any,
-) -> nn.Module:
-    """The prefloss loss module called ``name`` with the given hyperparameters (``None``: its default).
-
-    Raises:
-        ValueError: unknown ``name``, or a hyperparameter that ``name`` does not take.
-    """
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}: expected one of {sorted(LOSSES)}")
-    takes = LOSSES[name].takes
-    given = {"beta": beta, "gamma_beta_ratio": gamma_beta_ratio, "alpha": alpha, "epsilon": epsilon}
-    for key, value in given.items():
-        if value is not None and key not in takes:
-            raise ValueError(f"{key}={value} does not apply to loss {name!r}, which takes {list(takes)}")
-    hyper = {k: v for k, v in given.items() if v is not None}
-    return LOSS_CLASSES[name](**hyper, **kwargs)
-
-
-def checkpoint_loss_name(checkpoint: str | os.PathLike) -> str | None:
-    """The loss a `PreferenceTrainer` checkpoint was written with (its ``prefloss_loss.json``), or
-    ``None`` for a checkpoint without that file (written before it existed)."""
-    path = os.path.join(checkpoint, LOSS_NAME_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)["loss"]
-
-
-def loss_name(loss_fn: nn.Module) -> str:
-    """The `LOSSES` name of a prefloss loss module (``TypeError`` for anything else)."""
-    for name, cls in LOSS_CLASSES.items():
-        if isinstance(loss_fn, cls):
-            return name
-    expected = [cls.__name__ for cls in LOSS_CLASSES.values()]
-    raise TypeError(f"loss_fn must be one of prefloss's {expected}, got {type(loss_fn).__name__}")
 
 
 @torch.no_grad()
@@ -303,18 +259,7 @@ def score_pairs(
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
-class _BetaUpdate(TrainerCallback):
-    """ε-DPO: the global β update, once per optimizer step, after all micro-batches of the step."""
-
-    def __init__(self, trainer: PreferenceTrainer) -> None:
-        self.trainer = trainer
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        metrics = self.trainer.loss_fn.update_beta()
-        self.trainer._store_metrics("train", metrics)
-
-
-class PreferenceTrainer(Trainer):
+class PreferenceTrainer(LossStateCheckpoints, LossOnlyPrediction, Trainer):
     """Trains a causal LM with α-DPO, ε-DPO, DPO or SimPO through prefloss's fused losses.
 
     Args:
@@ -343,6 +288,8 @@ class PreferenceTrainer(Trainer):
     another loss, and resuming a checkpoint that already reached ``args.max_steps`` trains nothing (a
     warning; the weights, loss state and trainer state are the checkpoint's).
     """
+
+    loss_checkpoint = LossCheckpoint("PreferenceTrainer", records_loss=True)
 
     def __init__(
         self,
@@ -377,8 +324,7 @@ class PreferenceTrainer(Trainer):
             from peft import get_peft_model
 
             model = get_peft_model(model, peft_config)
-        if is_peft_model(model):
-            check_peft_head(model)
+        check_peft_policy(model)
         if processing_class is None:
             raise ValueError("processing_class (the tokenizer) is required")
         output_head(model)  # fails early, with a clear message, on a model without LM head
@@ -440,7 +386,7 @@ class PreferenceTrainer(Trainer):
         )
         # The loss is a per-micro-batch mean: let the Trainer divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
-        self.loss_fn.to(self.args.device)
+        attach_loss(self, lambda metrics: self._store_metrics("train", metrics))
         self._step_loss: torch.Tensor | None = None  # sum of the current optimizer step's micro-batch losses
         self._last_step_loss: float | None = None  # the step's loss, until its gradient norm is known
         self._nonfinite_steps = 0  # consecutive optimizer steps with a non-finite loss or gradient norm
@@ -455,7 +401,7 @@ class PreferenceTrainer(Trainer):
             if args.precompute_ref_log_probs:
                 scorer = ref_model if ref_model is not None else self.model
                 if ref_model is None and is_peft_model(self.model):  # the base model, adapters off
-                    scorer = AdaptersDisabled(unwrap_model(self.model))
+                    scorer = peft_reference(self.model)
                 self.train_dataset = self._add_reference_logps(self.train_dataset, scorer)
                 if isinstance(self.eval_dataset, dict):
                     self.eval_dataset = {
@@ -465,24 +411,14 @@ class PreferenceTrainer(Trainer):
                     self.eval_dataset = self._add_reference_logps(self.eval_dataset, scorer)
             elif ref_model is None and is_peft_model(self.model):
                 # LoRA: the reference is the policy with its adapters disabled -- no second copy
-                self.ref_model = AdaptersDisabled(unwrap_model(self.model))
+                self.ref_model = peft_reference(self.model)
                 self._ref_prepared = True  # it is the policy, held by the policy's engine
             else:
                 self.ref_model = ref_model if ref_model is not None else self._copy_policy()
                 self.ref_model.eval().requires_grad_(False)
         if self.ref_model is not None:
-            policy_head, ref_head = output_head(self.model), output_head(self.ref_model)
-            if (policy_head.logit_scale, policy_head.softcap) != (ref_head.logit_scale, ref_head.softcap):
-                raise ValueError(
-                    "policy and reference must share the logit transform, got "
-                    f"logit_scale/softcap {policy_head.logit_scale}/{policy_head.softcap} vs "
-                    f"{ref_head.logit_scale}/{ref_head.softcap}"
-                )
-        # Checked at the first loss, once the engine holds the models (a ZeRO-3 or FSDP2 model can
-        # run its forward only then).
-        self._output_head_unchecked = bool(args.check_output_head)
-        if hasattr(self.loss_fn, "update_beta"):
-            self.add_callback(_BetaUpdate(self))
+            check_logit_transforms(output_head(self.model), output_head(self.ref_model))
+        self._output_head_check = OutputHeadCheck(bool(args.check_output_head))  # at the first loss
 
     # ----------------------------------------------------------------------------------------------
     # Reference model and log-probs
@@ -521,14 +457,6 @@ class PreferenceTrainer(Trainer):
         through `prepare_reference`)."""
         return bool(self.accelerator.native_amp) and not getattr(self, "is_fsdp_enabled", False)
 
-    def _check_output_heads(self, model: nn.Module, ids: torch.Tensor) -> None:
-        self._output_head_unchecked = False
-        sample = ids[:1, :32]
-        mixed = bool(self.accelerator.native_amp)
-        check_output_head(model, sample, mixed_precision=mixed)
-        if self.ref_model is not None:
-            check_output_head(self.ref_model, sample, mixed_precision=mixed)
-
     def _add_reference_logps(self, dataset: Any, scorer: nn.Module) -> Any:
         if dataset is None:
             return None
@@ -552,8 +480,7 @@ class PreferenceTrainer(Trainer):
         self.loss_fn.train(model.training)
         ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["shift_labels"]
         ref_model = self._reference()
-        if self._output_head_unchecked:
-            self._check_output_heads(model, ids)
+        self._output_head_check(ids, model, ref_model, mixed_precision=bool(self.accelerator.native_amp))
         return preference_loss(
             self.loss_fn,
             model,
@@ -640,18 +567,10 @@ class PreferenceTrainer(Trainer):
             "hyperparameter out of range, or broken data."
         )
 
-    def prediction_step(
-        self,
-        model: nn.Module,
-        inputs: dict[str, Any],
-        prediction_loss_only: bool,
-        ignore_keys: list[str] | None = None,
-    ) -> tuple[torch.Tensor, None, None]:
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            out = self._loss_output(model, inputs)
+    def _evaluation_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = self._loss_output(model, inputs)
         self._store_metrics("eval", out.metrics)
-        return out.loss.detach(), None, None
+        return out.loss
 
     # ----------------------------------------------------------------------------------------------
     # Metrics
@@ -688,16 +607,7 @@ class PreferenceTrainer(Trainer):
         super().log(logs, start_time)
 
     # ----------------------------------------------------------------------------------------------
-    # Checkpoints
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        super().save_model(output_dir, _internal_call=_internal_call)
-        if self.args.should_save:
-            output_dir = output_dir if output_dir is not None else self.args.output_dir
-            os.makedirs(output_dir, exist_ok=True)
-            torch.save(self.loss_fn.state_dict(), os.path.join(output_dir, LOSS_STATE_NAME))
-            with open(os.path.join(output_dir, LOSS_NAME_FILE), "w") as f:
-                json.dump({"loss": loss_name(self.loss_fn)}, f)
+    # Checkpoints (the loss state is saved by `LossStateCheckpoints.save_model`)
 
     def _check_engine(self) -> None:
         """Refuse FSDP settings that accelerate did not turn into FSDP2 (never train silently unsharded)."""
@@ -719,33 +629,8 @@ class PreferenceTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
         self._check_engine()
         self._step_loss, self._last_step_loss, self._nonfinite_steps = None, None, 0
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"no checkpoint to resume from in output_dir {self.args.output_dir!r}")
+        resume_from_checkpoint = self._resume_loss_state(resume_from_checkpoint)
         if resume_from_checkpoint:
-            path = os.path.join(resume_from_checkpoint, LOSS_STATE_NAME)
-            if not os.path.isfile(path):
-                raise ValueError(
-                    f"checkpoint {resume_from_checkpoint!r} has no {LOSS_STATE_NAME}: expected a checkpoint "
-                    "written by PreferenceTrainer (the loss state, e.g. ε-DPO's β, would be lost)"
-                )
-            kind, saved_kind = loss_name(self.loss_fn), checkpoint_loss_name(resume_from_checkpoint)
-            if saved_kind is not None and saved_kind != kind:
-                raise ValueError(
-                    f"checkpoint {str(resume_from_checkpoint)!r} was written by a run with loss "
-                    f"{saved_kind!r}, but this trainer's loss is {kind!r}: resume with loss {saved_kind!r}, "
-                    f"or train {kind!r} from scratch in another output_dir"
-                )
-            state = torch.load(path, map_location="cpu", weights_only=True)  # load_state_dict copies
-            try:
-                self.loss_fn.load_state_dict(state)
-            except RuntimeError as exc:  # a checkpoint without prefloss_loss.json, of another loss
-                raise ValueError(
-                    f"the loss state in checkpoint {str(resume_from_checkpoint)!r} (keys {sorted(state)}) "
-                    f"does not fit this trainer's loss {kind!r} (keys {sorted(self.loss_fn.state_dict())}): "
-                    "was it written with another loss?"
-                ) from exc
             finished = self._finished_checkpoint(resume_from_checkpoint)
             if finished is not None:
                 return finished

@@ -1,23 +1,20 @@
-"""What `prefloss.trl`'s DPO and CPO trainers share: labels from TRL's masks, the PEFT reference view,
-the checkpointed loss state and the refusal errors."""
+"""What `prefloss.trl`'s DPO and CPO trainers share beyond `prefloss.hf.core` (the loss, its state in
+checkpoints, the output-head check, the PEFT reference view, evaluation), which they share with
+`prefloss.hf.PreferenceTrainer`: labels from TRL's masks, TRL's reward and vocabulary metrics, and the
+refusal errors."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
-from torch import nn
-
-from prefloss.hf.adapters import AdaptersDisabled
-from prefloss.hf.trainer import LOSS_STATE_NAME
 
 __all__ = [
-    "AdapterReference",
-    "LossState",
     "refuse",
+    "reward_metrics",
     "shift_completion_labels",
     "shift_labels",
+    "vocab_statistics",
 ]
 
 
@@ -47,72 +44,14 @@ def shift_completion_labels(
     return shift_labels(input_ids.masked_fill(completion_mask == 0, ignore_index), ignore_index)
 
 
-def _use_adapter(model: nn.Module, adapter_name: str | None) -> Any:
-    from trl.trainer.utils import use_adapter
-
-    return use_adapter(model, adapter_name)
-
-
-class AdapterReference(AdaptersDisabled):
-    """The reference of a PEFT policy as TRL defines it, as a read-only view of the same model.
-
-    TRL's DPOTrainer runs the reference as the policy with its adapters disabled, or -- when the
-    PeftModel came with a trained adapter and no ``ref_model`` -- with the adapter copy TRL names
-    ``"ref"`` active. ``adapter_name=None`` is the former (`prefloss.hf.AdaptersDisabled`); a name
-    is the latter: the forward runs under that adapter and the head is the adapter's own saved copy
-    when ``lm_head`` is in ``modules_to_save``.
-    """
-
-    def __init__(self, model: nn.Module, adapter_name: str | None) -> None:
-        super().__init__(model)
-        object.__setattr__(self, "_adapter_name", adapter_name)
-
-    def get_output_embeddings(self) -> nn.Module:
-        if self._adapter_name is None:
-            return super().get_output_embeddings()
-        head = self._peft.get_output_embeddings()
-        saved = getattr(head, "modules_to_save", None)
-        if saved is not None and self._adapter_name in saved:
-            return saved[self._adapter_name]
-        return super().get_output_embeddings()
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._adapter_name is None:
-            return super().forward(*args, **kwargs)
-        was_training = self._peft.training
-        self._peft.eval()
-        try:
-            with _use_adapter(self._peft, self._adapter_name):
-                return self._peft(*args, **kwargs)
-        finally:
-            self._peft.train(was_training)
-
-    def extra_repr(self) -> str:
-        name = "disabled" if self._adapter_name is None else f"{self._adapter_name!r} active"
-        return f"adapters of {type(self._peft.get_base_model()).__name__}: {name}"
-
-
-class LossState:
-    """Saves the loss module's state (α-DPO's statistics, ε-DPO's β) with every checkpoint and loads it
-    on resume, as `prefloss.hf.PreferenceTrainer` does (file `prefloss_loss_state.pt`)."""
-
-    @staticmethod
-    def save(loss_fn: nn.Module, output_dir: str) -> None:
-        os.makedirs(output_dir, exist_ok=True)
-        torch.save(loss_fn.state_dict(), os.path.join(output_dir, LOSS_STATE_NAME))
-
-    @staticmethod
-    def load(loss_fn: nn.Module, checkpoint: str) -> None:
-        """Load the state from ``checkpoint``; a loss with state refuses a checkpoint without it."""
-        path = os.path.join(checkpoint, LOSS_STATE_NAME)
-        if os.path.isfile(path):
-            loss_fn.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        elif len(loss_fn.state_dict()):
-            raise ValueError(
-                f"resume_from_checkpoint={checkpoint!r} has no {LOSS_STATE_NAME}: expected a checkpoint "
-                f"written by prefloss.trl (the state of {type(loss_fn).__name__}, e.g. ε-DPO's β, would be "
-                "lost)"
-            )
+def reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    """TRL's reward metrics (its names) from the per-pair rewards ``[B]`` gathered over the ranks."""
+    return {
+        "rewards/chosen": chosen.mean().item(),
+        "rewards/rejected": rejected.mean().item(),
+        "rewards/accuracies": (chosen > rejected).float().mean().item(),
+        "rewards/margins": (chosen - rejected).mean().item(),
+    }
 
 
 @torch.no_grad()

@@ -16,11 +16,10 @@ from torch import nn
 from trl.experimental.cpo import CPOConfig
 from trl.experimental.cpo import CPOTrainer as _TRLCPOTrainer
 
-from prefloss.hf.adapters import check_peft_head, is_peft_model
-from prefloss.hf.model import check_output_head
+from prefloss.hf.core import LossOnlyPrediction, OutputHeadCheck, attach_loss, check_peft_policy
 from prefloss.hf.step import preference_loss
 from prefloss.losses import SimPOLoss
-from prefloss.trl._common import refuse, shift_labels
+from prefloss.trl._common import refuse, reward_metrics, shift_labels
 
 __all__ = ["CPOConfig", "CPOTrainer", "check_cpo_args"]
 
@@ -54,7 +53,7 @@ def check_cpo_args(args: Any) -> None:
         refuse("is_encoder_decoder", True, "prefloss trains decoder-only causal LMs", "Use a causal LM")
 
 
-class CPOTrainer(_TRLCPOTrainer):
+class CPOTrainer(LossOnlyPrediction, _TRLCPOTrainer):
     """``trl.experimental.cpo.CPOTrainer`` for SimPO through `prefloss.SimPOLoss` (same arguments).
 
     Logged metrics (CPO's names): ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
@@ -78,7 +77,7 @@ class CPOTrainer(_TRLCPOTrainer):
             gamma_beta_ratio=args.simpo_gamma / args.beta,
             label_smoothing=args.label_smoothing,
         )
-        self._output_head_unchecked = True
+        self._output_head_check = OutputHeadCheck()
         super().__init__(model, args, *pargs, **kwargs)
         if self.is_encoder_decoder:
             refuse("model", type(self.model).__name__, "it is an encoder-decoder model", "Use a causal LM")
@@ -90,9 +89,8 @@ class CPOTrainer(_TRLCPOTrainer):
                 "load-balancing loss",
                 "Set model.config.router_aux_loss_coef=0.0 or output_router_logits=False",
             )
-        if is_peft_model(self.model):
-            check_peft_head(self.model)
-        self.loss_fn.to(self.args.device)
+        check_peft_policy(self.model)
+        attach_loss(self)
 
     def get_batch_loss_metrics(
         self, model: nn.Module, batch: dict[str, Any], train_eval: str = "train"
@@ -103,33 +101,20 @@ class CPOTrainer(_TRLCPOTrainer):
         )
         ids, mask = cat["concatenated_input_ids"], cat["concatenated_attention_mask"]
         labels = shift_labels(cat["concatenated_labels"])  # CPO's labels are unshifted, -100 on the prompt
-        if self._output_head_unchecked:  # once: hidden states + head reproduce the model's logits
-            self._output_head_unchecked = False
-            check_output_head(model, ids[:1, :32], mixed_precision=bool(self.accelerator.native_amp))
+        # once: hidden states + head reproduce the model's logits
+        self._output_head_check(ids, model, mixed_precision=bool(self.accelerator.native_amp))
         self.loss_fn.train(model.training)
         out = preference_loss(self.loss_fn, model, ids, mask, labels)
         gather = self.accelerator.gather_for_metrics
         chosen, rejected = gather(out.chosen_rewards.float()), gather(out.rejected_rewards.float())
         prefix = "eval_" if train_eval == "eval" else ""
-        metrics = {
-            f"{prefix}rewards/chosen": chosen.mean().item(),
-            f"{prefix}rewards/rejected": rejected.mean().item(),
-            f"{prefix}rewards/accuracies": (chosen > rejected).float().mean().item(),
-            f"{prefix}rewards/margins": (chosen - rejected).mean().item(),
-            f"{prefix}nll_loss": 0.0,
-        }
+        metrics = {prefix + name: value for name, value in reward_metrics(chosen, rejected).items()}
+        metrics[f"{prefix}nll_loss"] = 0.0
         for name in ("logps/chosen", "logps/rejected"):
             metrics[prefix + name] = gather(out.metrics[name].float().reshape(1)).mean().item()
         return out.loss, metrics
 
-    def prediction_step(
-        self,
-        model: nn.Module,
-        inputs: dict[str, Any],
-        prediction_loss_only: bool,
-        ignore_keys: list[str] | None = None,
-    ) -> tuple[torch.Tensor, None, None]:
-        with torch.no_grad():
-            loss, metrics = self.get_batch_loss_metrics(model, inputs, train_eval="eval")
+    def _evaluation_loss(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        loss, metrics = self.get_batch_loss_metrics(model, inputs, train_eval="eval")
         self.store_metrics(metrics, train_eval="eval")
-        return loss.detach(), None, None
+        return loss

@@ -29,29 +29,31 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import trl
 from torch import nn
-from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
-from prefloss.hf.adapters import check_peft_head, is_peft_model
-from prefloss.hf.engines import gathered_heads
-from prefloss.hf.loss_fields import LossFields, loss_field, loss_module_kwargs
-from prefloss.hf.model import check_output_head, decoder_hidden_states, unwrap_model
-from prefloss.hf.step import preference_loss
-from prefloss.hf.trainer import LOSSES, build_loss
-from prefloss.ops import sequence_logprobs
-from prefloss.trl._common import (
-    AdapterReference,
-    LossState,
-    refuse,
-    shift_completion_labels,
-    vocab_statistics,
+from prefloss.hf.adapters import is_peft_model
+from prefloss.hf.core import (
+    LOSSES,
+    LossCheckpoint,
+    LossOnlyPrediction,
+    LossStateCheckpoints,
+    OutputHeadCheck,
+    attach_loss,
+    build_loss,
+    check_peft_policy,
+    peft_reference,
 )
+from prefloss.hf.engines import gathered_heads
+from prefloss.hf.loss_fields import LossFields, config_field, loss_field, loss_module_kwargs
+from prefloss.hf.model import decoder_hidden_states, unwrap_model
+from prefloss.hf.step import preference_loss
+from prefloss.ops import sequence_logprobs
+from prefloss.trl._common import refuse, reward_metrics, shift_completion_labels, vocab_statistics
 
 __all__ = ["DPOConfig", "DPOTrainer", "LOSS_TYPES", "check_dpo_args"]
 
@@ -207,12 +209,10 @@ class DPOConfig(LossFields, trl.DPOConfig):
     loss_kwargs: dict[str, Any] | str | None = loss_field(
         "Other keyword arguments of the prefloss loss module (a dict or a JSON string)."
     )
-    log_vocab_metrics: bool = field(
-        default=False,
-        metadata={
-            "help": "Also log TRL's entropy, logits/chosen, logits/rejected and mean_token_accuracy: one "
-            "extra no-grad N·H·V GEMM per step over the response tokens, in chunks of 256 rows."
-        },
+    log_vocab_metrics: bool = config_field(
+        False,
+        "Also log TRL's entropy, logits/chosen, logits/rejected and mean_token_accuracy: one extra "
+        "no-grad N·H·V GEMM per step over the response tokens, in chunks of 256 rows.",
     )
 
     def __post_init__(self) -> None:
@@ -223,18 +223,7 @@ class DPOConfig(LossFields, trl.DPOConfig):
             self.beta = float(build_loss(kind).beta)
 
 
-class _BetaUpdate(TrainerCallback):
-    """ε-DPO: ``β ← β/(1 + ε·mean s)`` once per optimizer step, after all its micro-batches."""
-
-    def __init__(self, trainer: Any) -> None:
-        self.trainer = trainer
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        metrics = self.trainer.loss_fn.update_beta()
-        self.trainer._metrics["train"]["kl/avg_steps"].append(float(metrics["kl/avg_steps"]))
-
-
-class DPOTrainer(trl.DPOTrainer):
+class DPOTrainer(LossStateCheckpoints, LossOnlyPrediction, trl.DPOTrainer):
     """``trl.DPOTrainer`` whose loss is a prefloss loss on hidden states (no ``[2B, T, V]`` logits).
 
     Same arguments as ``trl.DPOTrainer`` (TRL 1.16); ``args`` is a `DPOConfig` (or a plain
@@ -254,6 +243,8 @@ class DPOTrainer(trl.DPOTrainer):
     Checkpoints also hold the loss state (``prefloss_loss_state.pt``: α-DPO's running statistics,
     ε-DPO's β), restored by ``train(resume_from_checkpoint=...)``.
     """
+
+    loss_checkpoint = LossCheckpoint("prefloss.trl", records_loss=False)
 
     def __init__(
         self, model: Any, ref_model: nn.Module | None = None, args: Any = None, *pargs: Any, **kwargs: Any
@@ -275,7 +266,7 @@ class DPOTrainer(trl.DPOTrainer):
         )
         self._loss_weight = float(args.loss_weights[0]) if args.loss_weights else 1.0
         self._peft_reference: nn.Module | None = None
-        self._output_head_unchecked = True
+        self._output_head_check = OutputHeadCheck()
         super().__init__(model, ref_model, args, *pargs, **kwargs)
         if self._is_vlm or self._is_vision_dataset:
             refuse(
@@ -293,11 +284,8 @@ class DPOTrainer(trl.DPOTrainer):
                 "sets a load-balancing coefficient) and prefloss does not add the auxiliary loss",
                 "Set router_aux_loss_coef=0.0 to train without it",
             )
-        if is_peft_model(self.model):
-            check_peft_head(self.model)
-        self.loss_fn.to(self.args.device)
-        if hasattr(self.loss_fn, "update_beta"):
-            self.add_callback(_BetaUpdate(self))
+        check_peft_policy(self.model)
+        attach_loss(self, self._record_beta_update)
 
     # ----------------------------------------------------------------------------------------------
     # Reference
@@ -306,8 +294,7 @@ class DPOTrainer(trl.DPOTrainer):
         """The PEFT reference as TRL runs it: adapters disabled, or TRL's ``"ref"`` adapter active."""
         if self._peft_reference is None:
             inner = unwrap_model(self.accelerator.unwrap_model(self.model))
-            name = "ref" if "ref" in inner.peft_config else None
-            self._peft_reference = AdapterReference(inner, name)
+            self._peft_reference = peft_reference(inner, "ref" if "ref" in inner.peft_config else None)
         return self._peft_reference
 
     def _live_reference(self) -> nn.Module:
@@ -351,13 +338,8 @@ class DPOTrainer(trl.DPOTrainer):
             ref_logps = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).to(ids.device)
         else:
             ref_model = self._live_reference()
-        if self._output_head_unchecked:
-            self._output_head_unchecked = False
-            # TRL's default bf16=True: accelerate runs the forwards, and so the logits, under autocast
-            mixed = bool(self.accelerator.native_amp)
-            check_output_head(model, ids[:1, :32], mixed_precision=mixed)
-            if ref_model is not None:
-                check_output_head(ref_model, ids[:1, :32], mixed_precision=mixed)
+        # TRL's default bf16=True: accelerate runs the forwards, and so the logits, under autocast
+        self._output_head_check(ids, model, ref_model, mixed_precision=bool(self.accelerator.native_amp))
         self.loss_fn.train(self.model.training)
         captured: list[torch.Tensor] = []
         handle = None
@@ -395,10 +377,8 @@ class DPOTrainer(trl.DPOTrainer):
         store = self._metrics[mode]
         chosen = self.accelerator.gather(out.chosen_rewards.detach().float())
         rejected = self.accelerator.gather(out.rejected_rewards.detach().float())
-        store["rewards/chosen"].append(chosen.mean().item())
-        store["rewards/rejected"].append(rejected.mean().item())
-        store["rewards/accuracies"].append((chosen > rejected).float().mean().item())
-        store["rewards/margins"].append((chosen - rejected).mean().item())
+        for name, value in reward_metrics(chosen, rejected).items():
+            store[name].append(value)
         for name, value in out.metrics.items():
             if not name.startswith("rewards/"):
                 value = value.detach().float().reshape(1)
@@ -424,33 +404,18 @@ class DPOTrainer(trl.DPOTrainer):
         store["logits/rejected"].append(ratio(rejected["mean_logit"], rejected["count"]))
         store["mean_token_accuracy"].append(ratio(chosen["top1"], chosen["count"]))
 
-    def prediction_step(
-        self,
-        model: nn.Module,
-        inputs: dict[str, Any],
-        prediction_loss_only: bool,
-        ignore_keys: list[str] | None = None,
-    ) -> Any:
-        if self.compute_metrics is not None:  # TRL's path: logits from a second, full-logit forward
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs, return_outputs=False)
-        return loss.detach(), None, None
+    def _predicts_loss_only(self) -> bool:
+        return self.compute_metrics is None  # else TRL's path: logits from a second, full-logit forward
+
+    def _evaluation_loss(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        return self.compute_loss(model, inputs)
+
+    def _record_beta_update(self, metrics: dict[str, torch.Tensor]) -> None:
+        self._metrics["train"]["kl/avg_steps"].append(float(metrics["kl/avg_steps"]))
 
     # ----------------------------------------------------------------------------------------------
-    # Checkpoints
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        super().save_model(output_dir, _internal_call=_internal_call)
-        if self.args.should_save:
-            LossState.save(self.loss_fn, output_dir if output_dir is not None else self.args.output_dir)
+    # Checkpoints (saved by `LossStateCheckpoints.save_model`)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"no checkpoint to resume from in output_dir {self.args.output_dir!r}")
-        if resume_from_checkpoint:
-            LossState.load(self.loss_fn, resume_from_checkpoint)
+        resume_from_checkpoint = self._resume_loss_state(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
