@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 NOT_PROMISED = {"pytest", "ruff"}
 LOWER_BOUND = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(?:\[[^\]]*\])?\s*>=\s*([0-9][0-9A-Za-z.]*)\s*$")
@@ -25,7 +26,9 @@ def oldest_pins(pyproject: Path) -> dict[str, str]:
     for spec in specs:
         match = LOWER_BOUND.match(spec.split(";")[0])
         if match is None:
-            raise SystemExit(f"{pyproject}: dependency {spec!r} has no plain lower bound (expected 'name>=X')")
+            raise SystemExit(
+                f"{pyproject}: dependency {spec!r} has no plain lower bound (expected 'name>=X')"
+            )
         name, version = match.group(1).lower(), match.group(2)
         if name in NOT_PROMISED:
             continue

@@ -1,12 +1,12 @@
 """Row kernels of the fused log-prob op: log-softmax at the label, and its gradient, in one pass over V.
 
 Each chunk of ``n`` token rows arrives here as raw GEMM output ``raw = h @ W.T`` (``[n, V]``, fp32, bf16
-or fp16; produced by `prefloss.ops`). The kernels apply the model's logit transform
+or fp16; produced by `prefloss.fused.op`). The kernels apply the model's logit transform
 
     z = softcap * tanh(((raw + bias) * logit_scale) / softcap)      (each step only when given)
 
 and reduce every row with an fp32 online log-sum-exp, so that no ``[n, V]`` fp32 copy is ever made.
-They compute exactly what `prefloss.rows.logprobs_fwd` / `logprobs_bwd` compute in PyTorch:
+They compute exactly what `prefloss.fused.rows.logprobs_fwd` / `logprobs_bwd` compute in PyTorch:
 
     logp  = z[y] - logsumexp(z)                          lse = logsumexp(z)   (saved for backward)
     ref   = z_ref[y] - logsumexp(z_ref)
@@ -16,7 +16,7 @@ They compute exactly what `prefloss.rows.logprobs_fwd` / `logprobs_bwd` compute 
 
 Cost per training step of the chunk loop around these kernels, in units of one ``N·H·V`` GEMM: policy
 forward 1, reference 1, recompute in backward 1, backward 2; with a frozen head, forward 1 + 1 + 1
-(``J = ∂logp/∂h`` from the same chunk) and no backward GEMM (`prefloss.ops`). The row
+(``J = ∂logp/∂h`` from the same chunk) and no backward GEMM (`prefloss.fused.op`). The row
 kernels themselves read each logit once (forward: policy and reference rows; backward: policy rows,
 overwritten in place) and add no memory beyond their ``[n]`` fp32 outputs; the peak extra memory of
 the op is the chunk's ``[C, V]`` logit buffers, O(C·V), independent of batch size and sequence length.
@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from prefloss.rows import RowStats, check_bwd_args, check_fwd_args
+from prefloss.fused.rows import RowStats, check_bwd_args, check_fwd_args
 
 __all__ = [
     "BWD_CONFIGS",
@@ -226,8 +226,8 @@ def logprobs_bwd_kernel(
 
 
 # Tile sizes a GPU may choose among (each compiled for sm_80 / sm_90 without spills by
-# `prefloss.compile_report`). Under the interpreter there is no benchmarker and the cost is set by the
-# number of programs and loop trips, so a single wide tile is used.
+# `prefloss.commands.compile_report`). Under the interpreter there is no benchmarker and the cost
+# is set by the number of programs and loop trips, so a single wide tile is used.
 if INTERPRET:
     FWD_CONFIGS = [triton.Config({"BLOCK_V": 16384}, num_warps=4)]
     BWD_CONFIGS = [triton.Config({"BLOCK_V": 16384}, num_warps=4)]
@@ -291,7 +291,7 @@ def logprobs_fwd(
 ) -> RowStats:
     """Log-probabilities of ``labels`` under the policy, reference and the two ε-mixtures (Triton).
 
-    Same contract as `prefloss.rows.logprobs_fwd`; equivalent to, in fp32,
+    Same contract as `prefloss.fused.rows.logprobs_fwd`; equivalent to, in fp32,
     ``z = transform(logits); logp = z.gather(1, y[:, None]) - z.logsumexp(1)`` (and likewise for
     ``z_ref`` and the mixtures ``(1+ε) z − ε z_ref`` / ``(1−ε) z + ε z_ref``) without materialising
     ``z``: one program per row, one pass over V. Matmuls: none (the caller's GEMMs produce the rows).
@@ -375,7 +375,7 @@ def logprobs_bwd(
 ) -> torch.Tensor:
     """Gradient of ``Σ_t grad[t] · logp[t]`` w.r.t. the raw rows, written in place into ``logits`` (Triton).
 
-    Same contract as `prefloss.rows.logprobs_bwd`:
+    Same contract as `prefloss.fused.rows.logprobs_bwd`:
     ``d raw[t] = grad[t] · (onehot(y_t) − softmax(z_t)) · logit_scale · (1 − (z_t / softcap)²)``
     (each factor only when its transform is used), ``softmax(z_t) = exp(z_t − lse[t])`` from the saved
     ``lse``. One program per row, one pass over V; the result is rounded once, to ``logits.dtype``.

@@ -4,6 +4,7 @@ The Triton kernels (`prefloss.kernels`) are imported lazily, on the first call w
 ``backend="triton"``, so that ``TRITON_INTERPRET`` can still be set after ``import prefloss``.
 """
 
+from prefloss.fused.op import SequenceLogProbs, TokenLogProbs, fused_logprobs, sequence_logprobs
 from prefloss.losses import (
     AlphaDPOLoss,
     DPOLoss,
@@ -15,7 +16,6 @@ from prefloss.losses import (
     epsilon_dpo_loss,
     simpo_loss,
 )
-from prefloss.ops import SequenceLogProbs, TokenLogProbs, fused_logprobs, sequence_logprobs
 
 __version__ = "0.1.0"
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from prefloss.cli import main
+from prefloss.commands.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,7 @@
 """Unfused float64 oracle for every prefloss op and loss.
 
 Everything here materialises full logits and computes in float64 with plain PyTorch, written
-independently of the fused code paths (`prefloss.ops`, `prefloss.rows`, `prefloss.kernels`,
+independently of the fused code paths (`prefloss.fused.op`, `prefloss.fused.rows`, `prefloss.kernels`,
 `prefloss.losses`; only the loss names and their default hyperparameters are read from
 `prefloss.losses.LOSSES`). Tests, ``prefloss check`` and ``prefloss bench`` compare against it.
 Memory is O(N·V): use it on small shapes only.
@@ -14,8 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from prefloss.fused.op import TokenLogProbs
 from prefloss.losses import LOSSES
-from prefloss.ops import TokenLogProbs
 
 
 def transform_logits(raw: torch.Tensor, bias, logit_scale, softcap) -> torch.Tensor:

@@ -45,7 +45,7 @@ from typing import NamedTuple
 import torch
 
 from prefloss import reference
-from prefloss.ops import TokenLogProbs
+from prefloss.fused.op import TokenLogProbs
 
 # Margin on plain PyTorch's error (or an error bound derived from it); see the module docstring.
 ERROR_MARGIN = 4.0

@@ -10,7 +10,7 @@ On a bare H100/H200 machine with this checkout and a CUDA build of PyTorch (the 
 3. ``prefloss check --quick --no-compile`` (kernel cases vs the float64 reference, on CUDA);
 4. ``prefloss bench`` at Llama-3-8B shapes (2 pairs × 2048 positions = 8192 tokens, H=4096,
    V=128256, bf16): the four ``prefloss-triton`` losses, ``liger/dpo`` and the ``floor``;
-5. the measured time and peak memory of each prefloss case against `prefloss.plan`'s model at the
+5. the measured time and peak memory of each prefloss case against `prefloss.commands.plan`'s model at the
    bench's counted tokens, on the GPU it finds.
 
 Everything goes into one JSON (``--json``, default ``$OUT/gpu_check.json`` or
@@ -99,7 +99,7 @@ def _machine(py: str, env: dict) -> dict:
 
 
 def gpu_key(name: str | None) -> str | None:
-    """`prefloss.plan.GPUS` key for a CUDA device name (``None`` if it is none of them)."""
+    """`prefloss.commands.plan.GPUS` key for a CUDA device name (``None`` if it is none of them)."""
     low = (name or "").lower()
     for key in ("h200", "h100", "a100"):
         if key in low:
@@ -133,7 +133,7 @@ def _install(runner: Runner, py: str, dry_run: bool) -> bool:
 
 def _compare(bench: dict, plan_gpu: str | None, dry_run: bool) -> dict:
     """Measured (bench) against modelled (plan) for each prefloss case, and the floor."""
-    from prefloss.plan import plan_step
+    from prefloss.commands.plan import plan_step
 
     rows = bench.get("results", bench if isinstance(bench, list) else [])
     out = {"gpu_model": plan_gpu, "cases": []}
@@ -214,7 +214,16 @@ def main(argv: list[str] | None = None) -> int:
         tests = ["tests/test_plan.py", "-k", "cli"]
     runner.run("tests", [py, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider"], 120)
     check_json = log_dir / "check.json"
-    check_cmd = [py, "-m", "prefloss.cli", "check", "--quick", "--no-compile", "--json", str(check_json)]
+    check_cmd = [
+        py,
+        "-m",
+        "prefloss.commands.cli",
+        "check",
+        "--quick",
+        "--no-compile",
+        "--json",
+        str(check_json),
+    ]
     if args.dry_run:
         check_cmd += ["--cases", "odd-V", "--dtypes", "fp32"]
     runner.run("check", check_cmd, 90)
@@ -227,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         else ("prefloss-triton/*,liger/dpo,floor" if has_liger else "prefloss-triton/*,floor")
     )
     bench_cmd = [
-        py, "-m", "prefloss.cli", "bench",
+        py, "-m", "prefloss.commands.cli", "bench",
         "--batch", str(shape["batch"]), "--seq-len", str(shape["seq_len"]),
         "--hidden", str(shape["hidden"]), "--vocab", str(shape["vocab"]), "--dtype", shape["dtype"],
         "--cases", cases, "--repeats", str(args.repeats), "--json", str(bench_json), "--no-progress",

@@ -113,7 +113,7 @@ def _new_storage_bytes_mode():
     """A ``TorchDispatchMode``: peak live bytes of the CPU tensor storages that torch ops *create*
     while it is active.
 
-    Like ``prefloss.train._live_tensor_bytes_mode``, except that an op's output whose storage is
+    Like ``prefloss.commands.train._live_tensor_bytes_mode``, except that an op's output whose storage is
     shared with one of the op's inputs (a view, an in-place op, an ``out=`` argument) is not
     counted: that mode counts the storage of any output it has not seen before, so a slice of a
     weight that existed before the phase adds the whole weight (measured: ``w[0:10].sum()`` of a
@@ -459,7 +459,7 @@ def run_config(config: str, rank: int, world: int, args, log) -> dict:
 
 def compile_warmup(rank: int, args) -> float:
     """One call of the loss at the measured shapes (random inputs): ``torch.compile`` of its tile
-    arithmetic (`prefloss.tile_math`), with every recompilation those shapes trigger, happens here."""
+    arithmetic (`prefloss.fused.tile_math`), with every recompilation those shapes trigger, happens here."""
     import prefloss
 
     t0 = time.perf_counter()

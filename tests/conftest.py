@@ -132,9 +132,9 @@ def make_logprob_inputs():
 def small_vocab_tiles(monkeypatch):
     """The torch backend's vocabulary tile at 32 (default 4096): small V spans several tiles, the last
     one partial, so the online rescaling across tiles is exercised."""
-    import prefloss.torch_backend
+    import prefloss.fused.torch_backend
 
-    monkeypatch.setattr(prefloss.torch_backend, "VOCAB_TILE", 32)
+    monkeypatch.setattr(prefloss.fused.torch_backend, "VOCAB_TILE", 32)
 
 
 # --- tiny trainers, prefloss.trl's against TRL's (test_trl_dpo.py, test_trl_cpo.py) -----------------

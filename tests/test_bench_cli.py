@@ -25,7 +25,7 @@ from prefloss.benchmark.machine import describe
 from prefloss.benchmark.oracle import ground_truth
 from prefloss.benchmark.report import plot_title
 from prefloss.benchmark.worker import check_step
-from prefloss.cli import main
+from prefloss.commands.cli import main
 from prefloss.testing import ERROR_MARGIN
 
 
@@ -324,7 +324,18 @@ def test_floor_parts_splits_the_step_against_its_floor(tmp_path):
     """``--floor-parts --threads 1``: each prefloss case also gets its CPU-time ratios to the floor
     (alternating pairs) and its step split into GEMMs, tile arithmetic and the rest, in a second table."""
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "prefloss.cli", "bench", "--seq-len", "24", "--batch", "2", "--hidden", "16"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "prefloss.commands.cli",
+        "bench",
+        "--seq-len",
+        "24",
+        "--batch",
+        "2",
+        "--hidden",
+        "16",
+    ]
     cmd += ["--vocab", "203", "--repeats", "2", "--no-progress", "--json", str(out), "--device", "cpu"]
     cmd += ["--cases", "prefloss-torch/dpo", "--floor-parts", "--threads", "1"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -365,7 +376,7 @@ def test_bench_cli_end_to_end(tmp_path):
     never importable as a bare ``kernels``.
     """
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "prefloss.cli", "bench", "--seq-len", "24,40", "--batch", "2"]
+    cmd = [sys.executable, "-m", "prefloss.commands.cli", "bench", "--seq-len", "24,40", "--batch", "2"]
     cmd += ["--hidden", "16", "--vocab", "203", "--repeats", "2", "--no-progress", "--json", str(out)]
     cmd += ["--plot", str(tmp_path / "plots"), "--cases", "*", "--cases", "selftest/wrong_dpo"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)

@@ -14,15 +14,15 @@ import sys
 
 import pytest
 
-from prefloss import check
-from prefloss.check import QUICK_CASES, QUICK_DTYPES
-from prefloss.cli import main
+from prefloss.commands import check
+from prefloss.commands.check import QUICK_CASES, QUICK_DTYPES
+from prefloss.commands.cli import main
 
 
 def _check(tmp_path, *args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return subprocess.run(
-        [sys.executable, "-m", "prefloss.cli", "check", *args],
+        [sys.executable, "-m", "prefloss.commands.cli", "check", *args],
         cwd=tmp_path,
         env=env,
         capture_output=True,

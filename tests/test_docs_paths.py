@@ -7,7 +7,8 @@ bench/*.py and scripts/*.py; the comments of the other files in scripts/.
 What counts as a path (`find_paths`):
 
 1. a token that starts with a top-level folder of this repository (`TOP_DIRS`) followed by ``/``,
-   e.g. ``prefloss/ops.py``, ``docs/``, ``tests/test_trl_dpo.py::test_prefloss_losses_first_step_float64``;
+   e.g. ``prefloss/fused/op.py``, ``docs/``,
+   ``tests/test_trl_dpo.py::test_prefloss_losses_first_step_float64``;
 2. a root file name (`ROOT_FILES`) or any bare ``*.md`` name, resolved against the naming file's own
    folder first (a link between two pages of docs/), then the repository root;
 3. a bare file name in single backticks with an extension in `BARE_EXTENSIONS` (``plan.py``,

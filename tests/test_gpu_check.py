@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from prefloss.plan import plan_step
+from prefloss.commands.plan import plan_step
 
 _PATH = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
 _spec = importlib.util.spec_from_file_location("prefloss_gpu_check", _PATH)

@@ -161,7 +161,7 @@ def test_lora_on_the_head_is_refused(tmp_path, preference_rows) -> None:
 def test_prefloss_train_lora_learns_with_adapters_only(tmp_path) -> None:
     import argparse
 
-    from prefloss import train
+    from prefloss.commands import train
 
     parser = argparse.ArgumentParser()
     train.add_arguments(parser)

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 
-from prefloss import cli
+from prefloss.commands import cli
 from prefloss.hf.data import (
     SOURCE_COLUMN,
     PreferenceDataError,

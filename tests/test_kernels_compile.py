@@ -1,13 +1,13 @@
 """Every Triton kernel compiles for sm_80 and sm_90 at every autotune config, without register spills.
 
-Compilation runs in a subprocess without TRITON_INTERPRET (`prefloss.compile_report`); no GPU needed.
+Compilation runs in a subprocess without TRITON_INTERPRET (`prefloss.commands.compile_report`); no GPU needed.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from prefloss.compile_report import compile_report, format_table
+from prefloss.commands.compile_report import compile_report, format_table
 
 
 @pytest.fixture(scope="module")

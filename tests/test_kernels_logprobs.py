@@ -20,7 +20,7 @@ import torch
 import prefloss
 import prefloss.kernels
 from prefloss import reference
-from prefloss import rows as torch_rows
+from prefloss.fused import rows as torch_rows
 from prefloss.kernels import logprobs as kernels
 from prefloss.testing import assert_close_to_reference
 

@@ -1,4 +1,4 @@
-"""The Triton launchers as custom ops (`prefloss.kernel_ops`) and the vocabulary-tiled backward.
+"""The Triton launchers as custom ops (`prefloss.fused.custom_ops`) and the vocabulary-tiled backward.
 
 - The ops pass ``torch.library.opcheck`` (schema, fake kernel, mutation of ``logits``), and their
   fake outputs have the real outputs' shapes and dtypes (the real ones run the kernels under
@@ -6,7 +6,7 @@
 - The whole triton-backend step (`fused_logprobs` and every loss, forward and backward) runs on
   ``meta`` tensors, and inside ``torch.compile`` with gradients equal to eager.
 - The backward's GEMMs take the inputs' dtype (16-bit operands, fp32 accumulation emulated on CPU
-  by upcasting, as `prefloss.triton_backend` documents): its gradients are judged against float64
+  by upcasting, as `prefloss.fused.triton_backend` documents): its gradients are judged against float64
   with the torch backend as the same-dtype baseline, with one and with several row blocks.
 """
 
@@ -16,8 +16,10 @@ import pytest
 import torch
 
 import prefloss
-from prefloss import kernel_ops, reference, triton_backend
-from prefloss import rows as torch_rows
+from prefloss import reference
+from prefloss.fused import custom_ops as kernel_ops
+from prefloss.fused import rows as torch_rows
+from prefloss.fused import triton_backend
 from prefloss.kernels import logprobs as kernel_launchers
 from prefloss.testing import assert_close_to_reference
 
@@ -246,8 +248,8 @@ def test_custom_ops_compile_fullgraph():
 def test_fused_op_compiles_fullgraph_when_every_row_counts(dtype):
     """The autograd Function itself (forward, backward, reference and ε-mixtures) in one graph each
     way: without ignored labels there is no data-dependent row count. Equal to eager, bit for bit."""
-    from prefloss.chunks import CountedRows
-    from prefloss.ops import _FusedLogProbs, _Options
+    from prefloss.fused.chunks import CountedRows
+    from prefloss.fused.op import _FusedLogProbs, _Options
 
     hidden, weight, _, labels, ref_hidden, ref_weight = _inputs(dtype, ignore=False)
     h2d, ref2d, y = (

@@ -143,7 +143,7 @@ def test_frozen_head_against_float64(backend, case_name, dtype_name, monkeypatch
 
 def test_compiled_tiles_against_float64(monkeypatch, make_logprob_inputs):
     """The torch backend's compiled tile arithmetic (softcap's chain factor included)."""
-    from prefloss import tile_math
+    from prefloss.fused import tile_math
 
     monkeypatch.setenv("PREFLOSS_COMPILE", "always")
     case = CASES["softcap-logit-scale-bias"]

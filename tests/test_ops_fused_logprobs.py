@@ -2,7 +2,7 @@
 
 Criterion (`prefloss.testing`): err(fused) <= err(plain PyTorch at the same dtype) + tol[dtype],
 forward and backward with a random upstream gradient. The main test runs the torch backend's tile
-arithmetic both ways (`prefloss.tile_math`): eagerly and compiled by torch.compile.
+arithmetic both ways (`prefloss.fused.tile_math`): eagerly and compiled by torch.compile.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def _grads(out, inputs, upstream):
 @pytest.fixture(params=["eager", "compiled"])
 def tile_arithmetic(request, monkeypatch):
     """Runs the test with the tile arithmetic eager (``never``) and compiled (``always``)."""
-    from prefloss import tile_math
+    from prefloss.fused import tile_math
 
     monkeypatch.setenv("PREFLOSS_COMPILE", {"eager": "never", "compiled": "always"}[request.param])
     yield request.param
@@ -233,7 +233,7 @@ def test_int32_labels_and_leading_dims_are_flattened(make_logprob_inputs):
 
 
 def test_auto_backend_uses_torch_on_cpu(monkeypatch, make_logprob_inputs):
-    import prefloss.ops as ops
+    import prefloss.fused.op as ops
 
     monkeypatch.setattr(ops.triton_backend, "_kernels", lambda: pytest.fail("Triton backend used on CPU"))
     hidden, weight, labels, *_ = make_logprob_inputs(Case(rows=2, T=3, V=7), torch.float32)

@@ -14,8 +14,8 @@ import json
 
 import pytest
 
-from prefloss import cli
-from prefloss.plan import GIB, GPUS, LOSSES, plan_step
+from prefloss.commands import cli
+from prefloss.commands.plan import GIB, GPUS, LOSSES, plan_step
 
 LLAMA3_8B = {"tokens": 8192, "hidden": 4096, "vocab": 128256}
 

@@ -1,4 +1,4 @@
-"""`prefloss.tile_math`: the torch backend's tile arithmetic, eager and compiled, against float64."""
+"""`prefloss.fused.tile_math`: the torch backend's tile arithmetic, eager and compiled, against float64."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from prefloss import tile_math
+from prefloss.fused import tile_math
 
 TOL = {torch.float32: 2e-6, torch.float64: 1e-12}
 

@@ -18,8 +18,8 @@ import sys
 import pytest
 import torch
 
-from prefloss import train
-from prefloss.cli_args import InputError
+from prefloss.commands import train
+from prefloss.commands.cli_args import InputError
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -142,7 +142,7 @@ def test_nonfinite_training_stops_with_a_one_line_error(tmp_path, capsys) -> Non
     every checkpoint written holds finite weights (none after the stop)."""
     from safetensors.torch import load_file
 
-    from prefloss.cli import main
+    from prefloss.commands.cli import main
 
     out = tmp_path / "nan"
     argv = ["train", "--loss", "dpo", "--learning-rate", "1e6", "--max-steps", "30", "--eval-steps", "30"]
@@ -260,7 +260,16 @@ def test_cli_with_local_model_and_data_epsilon_dpo(tmp_path) -> None:
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "prefloss.cli", "train", "--model", str(model_dir), "--data", str(data)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "prefloss.commands.cli",
+        "train",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+    ]
     cmd += ["--loss", "epsilon_dpo", "--epsilon", "0.2", "--max-steps", "3", "--batch-size", "2"]
     cmd += ["--grad-accum", "2", "--eval-steps", "2", "--save-steps", "2", "--output-dir", "out"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

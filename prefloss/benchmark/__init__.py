@@ -15,7 +15,7 @@ import re
 import sys
 import time
 
-from prefloss.cli_args import (
+from prefloss.commands.cli_args import (
     int_list,
     nonnegative_float,
     positive_float,

@@ -28,8 +28,8 @@ import torch
 
 from prefloss.benchmark.inputs import Inputs
 from prefloss.benchmark.trl_case import trl_dpo_step
+from prefloss.fused.op import TokenLogProbs
 from prefloss.losses import LOSSES
-from prefloss.ops import TokenLogProbs
 
 LOSS_NAMES = tuple(LOSSES)
 

@@ -255,7 +255,7 @@ def _tile_arithmetic(case) -> str | None:
     """``"compiled"`` / ``"eager"``: how the torch backend's tile arithmetic ran in this process."""
     if case.method != "prefloss-torch":
         return None
-    from prefloss import tile_math
+    from prefloss.fused import tile_math
 
     return "compiled" if tile_math.used_compiled() else "eager"
 

@@ -40,7 +40,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from prefloss.cli_args import InputError
+from prefloss.commands.cli_args import InputError
 
 __all__ = [
     "BOS_MODES",

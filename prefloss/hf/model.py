@@ -149,7 +149,7 @@ def check_output_head(
     Raises:
         ValueError: the difference exceeds ``atol``.
     """
-    from prefloss.ops import fused_logprobs
+    from prefloss.fused.op import fused_logprobs
 
     inner = unwrap_model(model)
     was_training = inner.training

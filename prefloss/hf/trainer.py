@@ -225,7 +225,7 @@ def score_pairs(
         ``chosen_logps``, ``rejected_logps`` (float32 sums), ``chosen_length``, ``rejected_length``
         (response tokens), each ``[len(dataset)]`` on the CPU.
     """
-    from prefloss.ops import sequence_logprobs
+    from prefloss.fused.op import sequence_logprobs
 
     inner = unwrap_model(model)
     device = torch.device(device) if device is not None else inner.device

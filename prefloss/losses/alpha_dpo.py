@@ -20,10 +20,10 @@ from typing import NamedTuple
 
 import torch
 
+from prefloss.fused.op import check_number
 from prefloss.losses.base import PairLoss, PairValues
 from prefloss.losses.common import check_beta, check_gamma_beta_ratio, sigmoid_loss
 from prefloss.losses.distributed import gather_values
-from prefloss.ops import check_number
 
 NORMALIZATIONS = ("ema", "batch")
 

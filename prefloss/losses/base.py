@@ -17,6 +17,7 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import nn
 
+from prefloss.fused.op import check_ignore_index, sequence_logprobs
 from prefloss.losses.common import (
     LossOutput,
     PairLosses,
@@ -29,7 +30,6 @@ from prefloss.losses.common import (
     reward_metrics,
     split_pairs,
 )
-from prefloss.ops import check_ignore_index, sequence_logprobs
 
 
 class PairValues(NamedTuple):

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from prefloss.ops import check_backend, check_chunk_size, check_number
+from prefloss.fused.op import check_backend, check_chunk_size, check_number
 
 
 @dataclass

@@ -26,11 +26,11 @@ from typing import NamedTuple
 
 import torch
 
+from prefloss.fused.op import check_number
 from prefloss.losses.base import PairLoss, PairValues
 from prefloss.losses.common import check_beta
 from prefloss.losses.distributed import all_reduce_sum
 from prefloss.losses.dpo import dpo_loss
-from prefloss.ops import check_number
 
 
 class EpsilonDPOLosses(NamedTuple):

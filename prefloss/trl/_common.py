@@ -72,7 +72,7 @@ def vocab_statistics(
     Returns:
         ``entropy``, ``mean_logit``, ``top1``, ``count``: ``[R]`` float32 sums (count: tokens).
     """
-    from prefloss.rows import transform_logits
+    from prefloss.fused.rows import transform_logits
 
     mask = labels != ignore_index
     rows = mask.nonzero()[:, 0]

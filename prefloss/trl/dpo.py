@@ -36,6 +36,7 @@ import torch
 import trl
 from torch import nn
 
+from prefloss.fused.op import sequence_logprobs
 from prefloss.hf.adapters import is_peft_model
 from prefloss.hf.core import (
     LOSSES,
@@ -52,7 +53,6 @@ from prefloss.hf.engines import gathered_heads
 from prefloss.hf.loss_fields import LossFields, config_field, loss_field, loss_module_kwargs
 from prefloss.hf.model import decoder_hidden_states, unwrap_model
 from prefloss.hf.step import preference_loss
-from prefloss.ops import sequence_logprobs
 from prefloss.trl._common import refuse, reward_metrics, shift_completion_labels, vocab_statistics
 
 __all__ = ["DPOConfig", "DPOTrainer", "LOSS_TYPES", "check_dpo_args"]

@@ -10,7 +10,7 @@ and accumulates in fp32, and no fp32 copy of a chunk or of ``W`` exists. Matmul 
 ``N·H·V`` GEMM: forward 1 (+1 reference), backward 3. With a frozen head (only ``∂hidden``
 wanted) the forward also forms ``J = ∂logp/∂h`` (`forward`: the backward kernel with an upstream
 gradient of ones over the rows it already holds, then one GEMM) and the backward is a per-row
-scale in `prefloss.ops`: 3 GEMMs a step with a reference instead of 4. Peak extra memory: one
+scale in `prefloss.fused.op`: 3 GEMMs a step with a reference instead of 4. Peak extra memory: one
 ``[C, V]`` buffer per model, O(C·V), independent of batch size and sequence length; ``J`` is
 ``[n, H]`` in ``hidden``'s dtype, the size of ``∂hidden``.
 The kernels are imported on first use: ``TRITON_INTERPRET`` must be decided before that import.
@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import torch
 
-from prefloss.chunks import CountedRows
+from prefloss.fused.chunks import CountedRows
 
 
 def _kernels():
     # The launchers as torch.library custom ops (same signatures): they trace on meta tensors and
     # inside torch.compile, and still launch the Triton kernels on real tensors.
-    from prefloss import kernel_ops
+    from prefloss.fused import custom_ops as kernel_ops
 
     return kernel_ops
 

@@ -9,7 +9,7 @@ the local-memory stack (spills: the kernels have no local arrays) and the shared
 
 Compilation must run in a process without ``TRITON_INTERPRET`` (otherwise triton's own library
 functions are interpreted and code generation fails), so `compile_report` spawns
-``python -m prefloss.compile_report --worker`` with the variable removed, one process per target,
+``python -m prefloss.commands.compile_report --worker`` with the variable removed, one process per target,
 and parses the JSON it prints.
 
 Integer arguments (``V``, row strides) are compiled as divisible by 16, like the JIT specialises them
@@ -251,7 +251,7 @@ def compile_report(
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
     def run_target(target: int) -> list[CompileResult]:
-        cmd = [sys.executable, "-m", "prefloss.compile_report", "--worker", "--targets", str(target)]
+        cmd = [sys.executable, "-m", "prefloss.commands.compile_report", "--worker", "--targets", str(target)]
         if kernels:
             cmd += ["--kernels", ",".join(kernels)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -5,13 +5,13 @@ Two functions of a ``[C, V_t]`` logit tile (already transformed: bias, ``logit_s
 - `log_sum_exps` — per-row ``lse = max + log Σ exp(x − max)`` of the policy tile, the reference
   tile and the two ε-mixtures ``(1+ε) z − ε z_ref`` and ``(1−ε) z + ε z_ref``, returned in
   float64 (each tile's sum of exponentials is accumulated in the tile's dtype; the fold across
-  tiles is float64, in `prefloss.torch_backend`).
+  tiles is float64, in `prefloss.fused.torch_backend`).
 - `neg_softmax_times_` — in place, ``z ← −g · exp(z − lse)``, the ``−g·softmax`` part of
   ``∂logits = g·(onehot − softmax)``.
 - `log_sum_exps_and_exp_` — the frozen-head forward's step: `log_sum_exps`, and in place
   ``z ← exp(z − s) · (1 − (z/c)²)`` with ``s`` the rows' running maximum, the tile the forward
   multiplies by the weight tile to accumulate ``Σ_v softmax_v · dz_v/draw_v · W_v``
-  (`prefloss.torch_backend`); the policy's exponentials serve both.
+  (`prefloss.fused.torch_backend`); the policy's exponentials serve both.
 
 Tiles are float32 (float64 for float64 inputs): the backend's logit transform upcasts bf16/fp16 GEMM
 output before anything else.
@@ -72,7 +72,7 @@ def _row_lses(x: torch.Tensor) -> torch.Tensor:
     """``[C, K]`` float64 ``max + log Σ_v exp(x[:, k, v] − max)`` of a ``[C, K, V_t]`` tile.
 
     The tile's sum is accumulated in the tile's dtype (rows at most
-    `prefloss.torch_backend.VOCAB_TILE` wide, summed over 16 vector lanes); the result, and every
+    `prefloss.fused.torch_backend.VOCAB_TILE` wide, summed over 16 vector lanes); the result, and every
     fold across tiles, in float64.
     """
     top = x.amax(-1, keepdim=True)

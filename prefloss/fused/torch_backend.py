@@ -2,7 +2,7 @@
 
 For each chunk of ``C`` counted rows and each tile of ``VOCAB_TILE`` vocabulary columns, one GEMM
 produces the ``[C, V_t]`` logit tile, which is transformed (bias, ``logit_scale``, softcap); its
-row log-sum-exps (policy, reference, the two ε-mixtures: `prefloss.tile_math`) are folded into
+row log-sum-exps (policy, reference, the two ε-mixtures: `prefloss.fused.tile_math`) are folded into
 running float64 per-row values with ``logaddexp``, and the label's logit is picked from the tile
 that holds it (the mixtures' label logits are formed from the two picked ones). Tiles instead of
 whole ``[C, V]`` rows keep every GEMM tall (``C`` rows) and its output cache-sized: the weight tile
@@ -12,13 +12,13 @@ row-chunked loop slow (the tile size's measurements: docs/performance.md).
 Backward recomputes each tile and writes ``g·(onehot − softmax)·dz/draw`` over it, then
 ``∂h[chunk] += G @ W_t`` and ``∂W[tile] += Gᵀ @ h[chunk]`` (fp32 accumulation; upcast operands).
 Matmul work per step, in units of one ``N·H·V`` GEMM: forward 1 (+1 reference), backward 3
-(recompute, ∂h, ∂W). With a frozen head (only ∂hidden wanted; `prefloss.ops` decides) the forward
+(recompute, ∂h, ∂W). With a frozen head (only ∂hidden wanted; `prefloss.fused.op` decides) the forward
 also forms ``J = ∂logp/∂h`` (`forward`: one more GEMM per tile, ``exp(z − s)·χ @ W_t``, over the
 tile it already holds) and there is no backward GEMM: 3 a step with a reference. Peak extra
 memory: a few ``[C, V_t]`` fp32 tiles plus ``[C, H]`` accumulators, independent of batch size and
 sequence length; with a frozen head also ``J``, ``[n, H]`` in ``hidden``'s dtype (the size of ∂hidden).
 
-The per-tile arithmetic (`prefloss.tile_math`) is compiled by ``torch.compile`` on CPU for large
+The per-tile arithmetic (`prefloss.fused.tile_math`) is compiled by ``torch.compile`` on CPU for large
 calls; see there for when and why.
 """
 
@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import torch
 
-from prefloss import tile_math
-from prefloss.chunks import CountedRows, new_grads
-from prefloss.rows import transform_logits
+from prefloss.fused import tile_math
+from prefloss.fused.chunks import CountedRows, new_grads
+from prefloss.fused.rows import transform_logits
 
 VOCAB_TILE = 2048  # columns per tile; module-level so tests can shrink it
 
@@ -75,7 +75,7 @@ def forward(
     sum is accumulated tile by tile against the rows' running maximum ``s`` (online softmax): after
     tile ``k``, ``s_k = max(s_{k−1}, max z_k)`` and
     ``acc ← acc·exp(s_{k−1} − s_k) + (exp(z_k − s_k)·χ_k) @ W_k``, the exponentials being the
-    ones the policy's log-sum-exp sums (`prefloss.tile_math.log_sum_exps_and_exp_`); at the end
+    ones the policy's log-sum-exp sums (`prefloss.fused.tile_math.log_sum_exps_and_exp_`); at the end
     ``Σ_v p_v·χ_v·W_v = acc·exp(s − lse)`` with the float64 running lse. Every factor is ≤ 1:
     nothing overflows. One GEMM per tile beside the logits'; an fp32 ``[C, H]`` accumulator per
     chunk.

@@ -2,7 +2,7 @@
 
 No GPU is needed and none is used. The loss module runs forward and backward with
 ``backend="triton"`` on ``meta`` tensors (shapes and dtypes, no values, no memory): the row kernels
-are ``torch.library`` custom ops with fake implementations (`prefloss.kernel_ops`), everything else
+are ``torch.library`` custom ops with fake implementations (`prefloss.fused.custom_ops`), everything else
 is the code a GPU would run. A ``TorchDispatchMode`` records, exactly:
 
 - every GEMM (``mm``/``addmm``/``bmm``...): shape, operand and result dtypes, FLOPs ``2·M·N·K``;
@@ -485,7 +485,7 @@ def plan_step(
 
     import torch
 
-    from prefloss import kernel_ops  # noqa: F401  (registers the custom ops and their fake kernels)
+    from prefloss.fused import custom_ops  # noqa: F401  (registers the custom ops and their fake kernels)
 
     tdtype = getattr(torch, dtype)
     meta = {"device": "meta", "dtype": tdtype}

@@ -45,7 +45,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from prefloss.cli_args import (
+from prefloss.commands.cli_args import (
     InputError,
     nonnegative_float,
     nonnegative_int,

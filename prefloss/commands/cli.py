@@ -12,13 +12,19 @@ import argparse
 import importlib
 import sys
 
-from prefloss.cli_args import InputError
+from prefloss.commands.cli_args import InputError
 
 SUBCOMMANDS = {
-    "train": ("prefloss.train", "train a small model with alpha-DPO / epsilon-DPO / DPO / SimPO (default)"),
-    "check": ("prefloss.check", "kernel-correctness harness: fused op vs the float64 reference"),
+    "train": (
+        "prefloss.commands.train",
+        "train a small model with alpha-DPO / epsilon-DPO / DPO / SimPO (default)",
+    ),
+    "check": ("prefloss.commands.check", "kernel-correctness harness: fused op vs the float64 reference"),
     "bench": ("prefloss.benchmark", "memory and speed of prefloss vs the alternatives"),
-    "plan": ("prefloss.plan", "a MODEL of one CUDA training step (GEMMs, bytes, memory, roofline), no GPU"),
+    "plan": (
+        "prefloss.commands.plan",
+        "a MODEL of one CUDA training step (GEMMs, bytes, memory, roofline), no GPU",
+    ),
 }
 
 

@@ -6,7 +6,7 @@ every gradient with the shared criterion of `prefloss.testing`:
 ``err(triton) <= ERROR_MARGIN · max(err(torch backend at the same dtype), u·max|expected|)``, and per
 row ``|Σ_t err| <= ERROR_MARGIN · sequence_error_scale(torch backend)``, errors measured against the
 float64 oracle `prefloss.reference.token_logprobs`. Then compiles every kernel for sm_80 / sm_90
-(`prefloss.compile_report`) and fails on compile errors or register spills.
+(`prefloss.commands.compile_report`) and fails on compile errors or register spills.
 
 On CUDA the compiled kernels run on GPU-sized shapes; without CUDA the kernels run under Triton's
 interpreter (``TRITON_INTERPRET=1``, set here before `prefloss.kernels` is imported) on small shapes.
@@ -24,7 +24,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from prefloss.cli_args import int_list, nonnegative_float, random_seed
+from prefloss.commands.cli_args import int_list, nonnegative_float, random_seed
 
 KINDS = ("policy", "ref", "minus", "plus")
 QUANTITIES = (*KINDS, *(f"{k} sums" for k in KINDS), "d hidden", "d weight", "d bias")
@@ -308,7 +308,7 @@ def run(args) -> int:
     import triton
     from tqdm import tqdm
 
-    from prefloss.compile_report import compile_report, format_table
+    from prefloss.commands.compile_report import compile_report, format_table
 
     jobs = [(c, d) for c in CASES if c.name in case_names for d in dtype_names]
     results: list[CheckResult] = []

@@ -1,10 +1,10 @@
 """Per-row reductions over a ``[C, V]`` chunk of logits, in PyTorch: the Triton kernels' contract.
 
 `prefloss.kernels` implements these two functions as Triton kernels with the same signatures, and
-`prefloss.ops`' row-chunk loop (the Triton backend) hands each chunk's logit rows to them. This
+`prefloss.fused.op`' row-chunk loop (the Triton backend) hands each chunk's logit rows to them. This
 module states that contract in plain PyTorch; the kernel tests use it as the same-dtype baseline
 next to the float64 oracle. (The ``"torch"`` backend tiles the vocabulary instead, see
-`prefloss.torch_backend`, and shares only `transform_logits`.) Everything here is fp32 whatever
+`prefloss.fused.torch_backend`, and shares only `transform_logits`.) Everything here is fp32 whatever
 the input dtype (float64 inputs stay float64).
 
 The logit transform the models use, applied identically to policy and reference rows:
@@ -13,7 +13,7 @@ The logit transform the models use, applied identically to policy and reference 
 
 Both functions may overwrite their ``logits`` / ``ref_logits`` arguments: they are the chunk's
 scratch buffers. `check_fwd_args` / `check_bwd_args` check the shapes and strides the Triton
-launchers take; the launchers and their custom ops (`prefloss.kernel_ops`) call them.
+launchers take; the launchers and their custom ops (`prefloss.fused.custom_ops`) call them.
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def check_fwd_args(
     labels, ``ref_logits`` of the same shape, ``epsilon`` only with ``ref_logits``.
 
     Shapes and strides only (no host sync). Called by the launcher and by the custom op's wrapper
-    (`prefloss.kernel_ops`), whose fake implementation never reaches the launcher.
+    (`prefloss.fused.custom_ops`), whose fake implementation never reaches the launcher.
 
     Raises:
         ValueError: naming the argument, what was expected and what came.

@@ -12,11 +12,11 @@ Computes, per counted token ``t`` (``labels[t] != ignore_index``), from the logi
 without ever holding the ``[N, V]`` logits: ignored rows are dropped first, then counted rows are
 processed ``chunk_size`` at a time. Two loops, one per backend:
 
-- ``"torch"`` (`prefloss.torch_backend`): each chunk × each vocabulary tile, online log-sum-exp;
+- ``"torch"`` (`prefloss.fused.torch_backend`): each chunk × each vocabulary tile, online log-sum-exp;
   peak extra memory O(C·V_tile).
 - ``"triton"``: one reused ``[C, V]`` buffer per model, GEMMs in torch (cuBLAS), the row
   reductions and the in-place backward in the kernels of `prefloss.kernels` (whose contract
-  `prefloss.rows` states in PyTorch); peak extra memory O(C·V).
+  `prefloss.fused.rows` states in PyTorch); peak extra memory O(C·V).
 
 Two backward paths, chosen inside the autograd Function from ``ctx.needs_input_grad`` and the grad
 mode of the call (matmul work per step in units of one ``N·H·V`` GEMM):
@@ -45,13 +45,13 @@ from typing import NamedTuple
 
 import torch
 
-from prefloss import torch_backend, triton_backend
-from prefloss.chunks import CountedRows
+from prefloss.fused import torch_backend, triton_backend
+from prefloss.fused.chunks import CountedRows
 
 BACKENDS = ("auto", "torch", "triton")
 # Triton backend: elements of one [C, V] row-chunk buffer (GPU GEMMs want tall chunks).
 _TRITON_CHUNK_ELEMENTS = 1 << 26
-# Torch backend: rows per chunk; each GEMM is [C, H] x [H, VOCAB_TILE] (prefloss.torch_backend).
+# Torch backend: rows per chunk; each GEMM is [C, H] x [H, VOCAB_TILE] (prefloss.fused.torch_backend).
 _TORCH_CHUNK_ROWS = 2048
 
 
@@ -468,7 +468,7 @@ def fused_logprobs(
 
     flat_labels = labels.reshape(-1).long()
     mask = flat_labels != ignore_index
-    if device.type == "meta":  # shapes without values (`prefloss.plan` runs the step so): all count
+    if device.type == "meta":  # shapes without values (`prefloss.commands.plan` runs the step so): all count
         idx = torch.arange(flat_labels.numel(), device=device)
     else:
         idx = mask.nonzero().squeeze(1)  # the one host sync: the counted-row count sets GEMM shapes

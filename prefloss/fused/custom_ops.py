@@ -1,18 +1,18 @@
 """The Triton launchers of `prefloss.kernels` as ``torch.library`` custom ops, with fake implementations.
 
 ``prefloss::logprobs_fwd`` and ``prefloss::logprobs_bwd`` wrap `prefloss.kernels.logprobs.logprobs_fwd` /
-`logprobs_bwd` (whose contract `prefloss.rows` states in PyTorch). As custom ops they
+`logprobs_bwd` (whose contract `prefloss.fused.rows` states in PyTorch). As custom ops they
 
 - trace on ``meta`` tensors and under ``FakeTensorMode`` without a GPU: the fake implementation
   gives the outputs' shapes and dtypes, so the whole CUDA step of the ``"triton"`` backend runs on
-  ``meta`` tensors (`prefloss.plan` models it that way);
+  ``meta`` tensors (`prefloss.commands.plan` models it that way);
 - are opaque, correctly described nodes for ``torch.compile`` (``logprobs_bwd`` declares that it
   overwrites ``logits``), so a compiled training step calls the same kernels as eager;
 - still launch the kernels on real tensors: CUDA, or CPU under ``TRITON_INTERPRET=1``.
 
 They live here, not in `prefloss.kernels`, because that package stays "Triton only, tensors in,
 tensors out" (docs/conventions.md); registering the ops does not import Triton, so ``TRITON_INTERPRET`` can
-still be decided after `prefloss` is imported. `prefloss.triton_backend` calls the two Python
+still be decided after `prefloss` is imported. `prefloss.fused.triton_backend` calls the two Python
 functions below, which have exactly the launchers' signatures.
 
 ``torch.library.custom_op`` (rather than ``triton_op``) keeps the launchers' autotuner and the
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from prefloss.rows import RowStats, check_bwd_args, check_fwd_args
+from prefloss.fused.rows import RowStats, check_bwd_args, check_fwd_args
 
 __all__ = ["logprobs_bwd", "logprobs_fwd"]
 
@@ -129,7 +129,7 @@ def logprobs_fwd(
     """`prefloss.kernels.logprobs.logprobs_fwd` through the ``prefloss::logprobs_fwd`` custom op.
 
     Same arguments and result (`RowStats` of ``[n]`` float32, ``None`` where not asked for), and the
-    launcher's argument checks (`prefloss.rows.check_fwd_args`), on ``meta`` tensors too.
+    launcher's argument checks (`prefloss.fused.rows.check_fwd_args`), on ``meta`` tensors too.
     """
     check_fwd_args(logits, labels, ref_logits, epsilon)
     logp, lse, ref, minus, plus = _logprobs_fwd_op(
@@ -164,7 +164,7 @@ def logprobs_bwd(
 ) -> torch.Tensor:
     """`prefloss.kernels.logprobs.logprobs_bwd` through the ``prefloss::logprobs_bwd`` custom op.
 
-    Same arguments and checks (`prefloss.rows.check_bwd_args`); overwrites ``logits`` with ``∂/∂raw``
+    Same arguments and checks (`prefloss.fused.rows.check_bwd_args`); overwrites ``logits`` with ``∂/∂raw``
     in place and returns it.
     """
     check_bwd_args(logits, labels, lse, grad)
