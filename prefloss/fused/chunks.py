@@ -56,3 +56,27 @@ def new_grads(hidden, weight, rows: CountedRows, need, acc_dtype):
     grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
     grad_b = torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if need_b else None
     return grad_h, grad_w, grad_b
+
+
+@dataclass(frozen=True)
+class HeadInputs:
+    """What both backends' ``forward`` and ``backward`` take: the policy's head and, optionally,
+    the reference's.
+
+    Attributes:
+        hidden: ``[N, H]`` policy hidden states (every row, counted or not).
+        weight: ``[V, H]`` policy LM-head weight; ``bias``: ``[V]`` or ``None``.
+        labels: ``[n]`` the counted rows' labels, in the order of ``rows``.
+        rows: which rows of ``hidden`` count (`CountedRows`).
+        ref_hidden, ref_weight, ref_bias: the reference's ``[N, H]``, ``[V, H]``, ``[V]``; ``None``
+            without a reference (and always ``None`` in ``backward``: the reference has no gradient).
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    labels: torch.Tensor
+    rows: CountedRows
+    ref_hidden: torch.Tensor | None = None
+    ref_weight: torch.Tensor | None = None
+    ref_bias: torch.Tensor | None = None

@@ -46,7 +46,7 @@ from typing import NamedTuple
 import torch
 
 from prefloss.fused import torch_backend, triton_backend
-from prefloss.fused.chunks import CountedRows
+from prefloss.fused.chunks import CountedRows, HeadInputs
 
 BACKENDS = ("auto", "torch", "triton")
 # Triton backend: elements of one [C, V] row-chunk buffer (GPU GEMMs want tall chunks).
@@ -140,9 +140,8 @@ class _FusedLogProbs(torch.autograd.Function):
         acc = _accumulate_dtype(hidden)
         backend = _BACKENDS[opts.backend]
         frozen = frozen_head(ctx.needs_input_grad, opts.grad_enabled)
-        logp, lse, ref, minus, plus, jac = backend.forward(
-            hidden, weight, bias, labels, rows, ref_hidden, ref_weight, ref_bias, opts, acc, jacobian=frozen
-        )
+        inputs = HeadInputs(hidden, weight, bias, labels, rows, ref_hidden, ref_weight, ref_bias)
+        logp, lse, ref, minus, plus, jac = backend.forward(inputs, opts, acc, jacobian=frozen)
         ctx.opts, ctx.rows, ctx.frozen = opts, rows, frozen
         if frozen:
             # hidden itself is not saved: J replaces it (same size when every row counts).
@@ -168,9 +167,8 @@ class _FusedLogProbs(torch.autograd.Function):
         grad = grad_logp.to(acc).contiguous()
         need = ctx.needs_input_grad[:3]
         backend = _BACKENDS[ctx.opts.backend]
-        grad_h, grad_w, grad_b = backend.backward(
-            hidden, weight, bias, labels, ctx.rows, lse, grad, ctx.opts, need, acc
-        )
+        inputs = HeadInputs(hidden, weight, bias, labels, ctx.rows)
+        grad_h, grad_w, grad_b = backend.backward(inputs, lse, grad, ctx.opts, need, acc)
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
         return grad_h, grad_w, grad_b, None, None, None, None, None, None

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from prefloss.fused import tile_math
-from prefloss.fused.chunks import CountedRows, new_grads
+from prefloss.fused.chunks import HeadInputs, new_grads
 from prefloss.fused.rows import transform_logits
 
 VOCAB_TILE = 2048  # columns per tile; module-level so tests can shrink it
@@ -50,25 +50,12 @@ def _tile(h, weight, bias, start, stop, buf, opts) -> torch.Tensor:
     return transform_logits(raw, tile_bias, opts.logit_scale, opts.softcap)
 
 
-def forward(
-    hidden,
-    weight,
-    bias,
-    labels,
-    rows: CountedRows,
-    ref_hidden,
-    ref_weight,
-    ref_bias,
-    opts,
-    acc_dtype,
-    jacobian: bool = False,
-):
+def forward(x: HeadInputs, opts, acc_dtype, jacobian: bool = False):
     """Per-row log-probs ``(logp, lse, ref, minus, plus, jac)``: each ``[n]`` (``None`` when not
     asked for), and with ``jacobian`` the ``[n, H]`` rows ``J_t = ∂logp_t/∂h_t`` in ``hidden``'s
     dtype (else ``None``).
 
-    ``hidden``/``ref_hidden`` are the full ``[N, H]`` inputs; ``labels`` ``[n]`` are the counted
-    rows' labels, in the order of ``rows``.
+    ``x`` (`HeadInputs`): the policy's and the reference's heads, and which rows count.
 
     ``J_t = σ·(χ_t[y_t]·W[y_t] − Σ_v p_t[v]·χ_t[v]·W_v)`` with ``σ`` the logit scale,
     ``χ = 1 − (z/c)²`` the softcap's chain factor (1 without one) and ``p_t = softmax(z_t)``. The
@@ -80,6 +67,8 @@ def forward(
     nothing overflows. One GEMM per tile beside the logits'; an fp32 ``[C, H]`` accumulator per
     chunk.
     """
+    hidden, weight, bias, labels, rows = x.hidden, x.weight, x.bias, x.labels, x.rows
+    ref_hidden, ref_weight, ref_bias = x.ref_hidden, x.ref_weight, x.ref_bias
     n, vocab = rows.count, weight.shape[0]
     has_ref, eps = ref_hidden is not None, opts.epsilon
     want_mix = has_ref and eps is not None
@@ -147,11 +136,12 @@ def _jacobian_rows(acc, weight, labels, label_logit, opts) -> torch.Tensor:
     return jac.mul_(opts.logit_scale) if opts.logit_scale is not None else jac
 
 
-def backward(hidden, weight, bias, labels, rows: CountedRows, lse, grad, opts, need, acc_dtype):
+def backward(x: HeadInputs, lse, grad, opts, need, acc_dtype):
     """Gradients of ``Σ_t grad[t]·logp[t]``: ``(∂hidden [N, H], ∂weight, ∂bias)``, ``None`` where
     ``need`` (three booleans) says so. ∂weight and ∂bias are accumulated and returned in
     ``acc_dtype``; ∂hidden is in ``hidden``'s dtype, 0 at ignored rows.
     """
+    hidden, weight, bias, labels, rows = x.hidden, x.weight, x.bias, x.labels, x.rows
     need_h, need_w, need_b = need
     n, vocab = rows.count, weight.shape[0]
     grad_h, grad_w, grad_b = new_grads(hidden, weight, rows, need, acc_dtype)

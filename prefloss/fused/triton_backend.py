@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from prefloss.fused.chunks import CountedRows
+from prefloss.fused.chunks import HeadInputs
 
 
 def _kernels():
@@ -31,31 +31,20 @@ def _kernels():
     return kernel_ops
 
 
-def forward(
-    hidden,
-    weight,
-    bias,
-    labels,
-    rows: CountedRows,
-    ref_hidden,
-    ref_weight,
-    ref_bias,
-    opts,
-    acc_dtype,
-    jacobian: bool = False,
-):
+def forward(x: HeadInputs, opts, acc_dtype, jacobian: bool = False):
     """Per-row log-probs ``(logp, lse, ref, minus, plus, jac)``: each ``[n]`` (``None`` when not
     asked for), and with ``jacobian`` the ``[n, H]`` rows ``J_t = ∂logp_t/∂h_t`` in ``hidden``'s
     dtype (else ``None``).
 
-    ``hidden``/``ref_hidden`` are the full ``[N, H]`` inputs; ``labels`` ``[n]`` are the counted
-    rows' labels, in the order of ``rows``.
+    ``x`` (`HeadInputs`): the policy's and the reference's heads, and which rows count.
 
     ``J`` (frozen head): once `prefloss.kernels.logprobs.logprobs_fwd` has each row's lse, the chunk's raw
     rows are not needed any more, so `prefloss.kernels.logprobs.logprobs_bwd` with an upstream gradient of
     ones overwrites them with ``∂logp/∂raw`` and ``J = buf @ W`` (one GEMM, ``hidden``'s dtype,
     the same GEMM as the trainable backward's ``∂h``).
     """
+    hidden, weight, bias, labels, rows = x.hidden, x.weight, x.bias, x.labels, x.rows
+    ref_hidden, ref_weight, ref_bias = x.ref_hidden, x.ref_weight, x.ref_bias
     kernels = _kernels()
     n, vocab = rows.count, weight.shape[0]
     has_ref = ref_hidden is not None
@@ -145,7 +134,7 @@ def _grad_w_tile_(out: torch.Tensor, d: torch.Tensor, h: torch.Tensor, accumulat
         torch.mm(d.T, h, out=out)
 
 
-def backward(hidden, weight, bias, labels, rows: CountedRows, lse, grad, opts, need, acc_dtype):
+def backward(x: HeadInputs, lse, grad, opts, need, acc_dtype):
     """Gradients of ``Σ_t grad[t]·logp[t]``: ``(∂hidden [N, H], ∂weight, ∂bias)``, ``None`` where
     ``need`` (three booleans) says so; ∂hidden and ∂weight in the inputs' dtype, ∂bias in
     ``acc_dtype``.
@@ -167,6 +156,7 @@ def backward(hidden, weight, bias, labels, rows: CountedRows, lse, grad, opts, n
     dtype (``2·V·H`` bytes in bf16, instead of a ``4·V·H`` fp32 accumulator plus its cast), the
     ``[R, V_t]`` tile buffer and the ``[R, H]`` fp32 ∂h accumulator.
     """
+    hidden, weight, bias, labels, rows = x.hidden, x.weight, x.bias, x.labels, x.rows
     kernels = _kernels()
     need_h, need_w, need_b = need
     n, vocab, width = rows.count, weight.shape[0], weight.shape[1]
