@@ -204,11 +204,7 @@ def run(args: argparse.Namespace) -> int:
         "results": results,
         "wall_s": time.perf_counter() - t0,
     }
-    print(report.table(document))
-    print(f"\nwall time {document['wall_s']:.1f} s")
-    if args.json:
-        report.write_json(document, args.json)
-        print(f"JSON: {args.json}")
+    _print_and_save(report.table(document), document, args.json)
     if args.plot:
         for path in report.write_plots(document, args.plot):
             print(f"plot: {path}")
@@ -220,7 +216,7 @@ def _run_gate(args: argparse.Namespace, cases: list, lists: dict, device: str) -
     """``--seeds``: the correctness gate of every selected loss case (floors have none) over the seeds."""
     import torch
 
-    from prefloss.benchmark import gate, machine, report, runner
+    from prefloss.benchmark import gate, machine, runner
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -246,9 +242,16 @@ def _run_gate(args: argparse.Namespace, cases: list, lists: dict, device: str) -
         "records": records,
         "wall_s": time.perf_counter() - t0,
     }
-    print(gate.table(document))
-    print(f"\nwall time {document['wall_s']:.1f} s")
-    if args.json:
-        report.write_json(document, args.json)
-        print(f"JSON: {args.json}")
+    _print_and_save(gate.table(document), document, args.json)
     return 1 if any(r["status"] != "ok" for r in records) else 0
+
+
+def _print_and_save(table: str, document: dict, json_path: str | None) -> None:
+    """Print a run's table and wall time; write its JSON document when asked for."""
+    from prefloss.benchmark import report
+
+    print(table)
+    print(f"\nwall time {document['wall_s']:.1f} s")
+    if json_path:
+        report.write_json(document, json_path)
+        print(f"JSON: {json_path}")
