@@ -55,6 +55,7 @@ def decoder_hidden_states(
     model: nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
+    **model_inputs: Any,
 ) -> torch.Tensor:
     """``[B, T, H]`` last hidden states of a causal LM (post final norm), without full logits.
 
@@ -74,6 +75,8 @@ def decoder_hidden_states(
         model: causal LM, possibly wrapped (DDP, accelerate).
         input_ids: ``[B, T]`` int64.
         attention_mask: ``[B, T]`` or ``None``.
+        **model_inputs: further keyword inputs of the model's forward (a vision-language model's
+            ``pixel_values``, ``image_grid_thw``, ...; ``position_ids``), passed through unchanged.
     """
     inner = unwrap_model(model)
     get_decoder = getattr(inner, "get_decoder", None)
@@ -93,7 +96,7 @@ def decoder_hidden_states(
         hidden = getattr(output, "last_hidden_state", None)
         captured.append(hidden if hidden is not None else output[0])
 
-    kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
+    kwargs: dict[str, Any] = {**model_inputs, "attention_mask": attention_mask, "use_cache": False}
     kwargs.update(_logits_to_keep_kwarg(inner))
     if torch.is_grad_enabled():
         out = model(input_ids=input_ids, output_hidden_states=True, **kwargs)

@@ -8,6 +8,9 @@ prefloss loss module on top. Works unchanged under DDP, FSDP2 and DeepSpeed ZeRO
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -29,6 +32,7 @@ def preference_loss(
     ref_model: nn.Module | None = None,
     ref_logps: torch.Tensor | None = None,
     ignore_index: int = -100,
+    model_inputs: Mapping[str, Any] | None = None,
 ) -> LossOutput:
     """The loss of one micro-batch of ``B`` pairs (rows ``[0, B)`` chosen, ``[B, 2B)`` rejected).
 
@@ -46,15 +50,18 @@ def preference_loss(
             run under ``no_grad``; ``None`` with ``ref_logps`` or for SimPO.
         ref_logps: ``[2B]`` precomputed reference log-prob sums (replaces ``ref_model``).
         ignore_index: label of tokens that do not count.
+        model_inputs: further keyword inputs of both models' forwards (a vision-language model's
+            ``pixel_values``, ...), passed unchanged to the policy's and the reference's.
 
     Returns:
         The loss module's `LossOutput`; ``loss`` back-propagates through the gathered heads.
     """
-    hidden = decoder_hidden_states(model, input_ids, attention_mask)
+    extra = dict(model_inputs or {})
+    hidden = decoder_hidden_states(model, input_ids, attention_mask, **extra)
     ref_hidden = None
     if ref_logps is None and ref_model is not None:
         with torch.no_grad():
-            ref_hidden = decoder_hidden_states(ref_model, input_ids, attention_mask)
+            ref_hidden = decoder_hidden_states(ref_model, input_ids, attention_mask, **extra)
     with gathered_heads(model, ref_model if ref_hidden is not None else None) as heads:
         kwargs = heads.policy.fused_kwargs()
         if ref_logps is not None:
