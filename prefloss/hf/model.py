@@ -20,7 +20,7 @@ compares the fused log-probabilities with ``log_softmax(model(...).logits)`` on 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -30,9 +30,11 @@ from prefloss.hf.heads import LOGIT_TRANSFORMS, OutputHead, output_head, unwrap_
 
 __all__ = [
     "LOGIT_TRANSFORMS",
+    "DecoderOutput",
     "OutputHead",
     "check_output_head",
     "decoder_hidden_states",
+    "decoder_outputs",
     "output_head",
     "unwrap_model",
 ]
@@ -51,13 +53,32 @@ def _logits_to_keep_kwarg(model: nn.Module) -> dict[str, int]:
     return {}  # full logits are formed (and discarded): correct, only not memory-flat
 
 
+class DecoderOutput(NamedTuple):
+    """What `decoder_outputs` reads off one forward of a causal LM."""
+
+    hidden_states: torch.Tensor  # [B, T, H] last hidden states (post final norm)
+    aux_loss: torch.Tensor | None  # a MoE's load-balancing loss when asked for (output_router_logits)
+
+
 def decoder_hidden_states(
     model: nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     **model_inputs: Any,
 ) -> torch.Tensor:
-    """``[B, T, H]`` last hidden states of a causal LM (post final norm), without full logits.
+    """``[B, T, H]`` last hidden states of a causal LM: ``decoder_outputs(...).hidden_states``."""
+    return decoder_outputs(model, input_ids, attention_mask, **model_inputs).hidden_states
+
+
+def decoder_outputs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    **model_inputs: Any,
+) -> DecoderOutput:
+    """``[B, T, H]`` last hidden states of a causal LM (post final norm), without full logits, and the
+    ``aux_loss`` of the same forward (``None`` unless a mixture-of-experts model is asked for it with
+    ``output_router_logits=True`` in ``model_inputs``: `prefloss.hf.moe`).
 
     Runs ``model(input_ids, attention_mask, logits_to_keep=1)`` through ``model`` itself, so that a
     DDP wrapper synchronises gradients and FSDP2 / DeepSpeed run their hooks.
@@ -76,7 +97,8 @@ def decoder_hidden_states(
         input_ids: ``[B, T]`` int64.
         attention_mask: ``[B, T]`` or ``None``.
         **model_inputs: further keyword inputs of the model's forward (a vision-language model's
-            ``pixel_values``, ``image_grid_thw``, ...; ``position_ids``), passed through unchanged.
+            ``pixel_values``, ``image_grid_thw``, ...; ``position_ids``; a MoE's
+            ``output_router_logits``), passed through unchanged.
     """
     inner = unwrap_model(model)
     get_decoder = getattr(inner, "get_decoder", None)
@@ -106,10 +128,10 @@ def decoder_hidden_states(
                 f"model {type(inner).__name__}: output_hidden_states=True returned no hidden states; "
                 "expected a Hugging Face causal LM"
             )
-        return states[-1]
+        return DecoderOutput(states[-1], getattr(out, "aux_loss", None))
     handle = decoder.register_forward_hook(hook)
     try:
-        model(input_ids=input_ids, **kwargs)
+        out = model(input_ids=input_ids, **kwargs)
     finally:
         handle.remove()
     if len(captured) != 1:
@@ -117,7 +139,7 @@ def decoder_hidden_states(
             f"model {type(inner).__name__}: expected its decoder {type(decoder).__name__} to run once per "
             f"forward, it ran {len(captured)} times"
         )
-    return captured[0]
+    return DecoderOutput(captured[0], getattr(out, "aux_loss", None))
 
 
 @torch.no_grad()
