@@ -16,7 +16,8 @@ from torch import nn
 
 from prefloss.hf.engines import gathered_heads
 from prefloss.hf.heads import check_logit_transforms
-from prefloss.hf.model import decoder_hidden_states
+from prefloss.hf.model import decoder_hidden_states, decoder_outputs
+from prefloss.hf.moe import add_router_aux_loss, router_aux_loss, router_logits_kwargs
 from prefloss.losses.common import LossOutput
 
 __all__ = ["preference_loss"]
@@ -33,6 +34,7 @@ def preference_loss(
     ref_logps: torch.Tensor | None = None,
     ignore_index: int = -100,
     model_inputs: Mapping[str, Any] | None = None,
+    router_aux_loss_coef: float = 0.0,
 ) -> LossOutput:
     """The loss of one micro-batch of ``B`` pairs (rows ``[0, B)`` chosen, ``[B, 2B)`` rejected).
 
@@ -52,16 +54,28 @@ def preference_loss(
         ignore_index: label of tokens that do not count.
         model_inputs: further keyword inputs of both models' forwards (a vision-language model's
             ``pixel_values``, ...), passed unchanged to the policy's and the reference's.
+        router_aux_loss_coef: a mixture-of-experts policy's load-balancing coefficient: when not 0, the
+            policy's forward returns its routers' ``aux_loss`` and the loss becomes
+            ``loss + router_aux_loss_coef · aux_loss``, ``aux_loss`` in the metrics (`prefloss.hf.moe`).
+            A MoE reference (and a MoE policy at 0) is told not to form router logits.
 
     Returns:
-        The loss module's `LossOutput`; ``loss`` back-propagates through the gathered heads.
+        The loss module's `LossOutput`; ``loss`` back-propagates through the gathered heads (and, for
+        the auxiliary loss, through the routers).
     """
     extra = dict(model_inputs or {})
-    hidden = decoder_hidden_states(model, input_ids, attention_mask, **extra)
+    aux_wanted = bool(router_aux_loss_coef)
+    policy = decoder_outputs(
+        model, input_ids, attention_mask, **extra, **router_logits_kwargs(model, aux_wanted)
+    )
+    hidden = policy.hidden_states
+    aux_loss = router_aux_loss(policy.aux_loss, model) if aux_wanted else None
     ref_hidden = None
     if ref_logps is None and ref_model is not None:
         with torch.no_grad():
-            ref_hidden = decoder_hidden_states(ref_model, input_ids, attention_mask, **extra)
+            ref_hidden = decoder_hidden_states(
+                ref_model, input_ids, attention_mask, **extra, **router_logits_kwargs(ref_model, False)
+            )
     with gathered_heads(model, ref_model if ref_hidden is not None else None) as heads:
         kwargs = heads.policy.fused_kwargs()
         if ref_logps is not None:
@@ -77,4 +91,6 @@ def preference_loss(
             **kwargs,
         )
         out.loss = heads.gather_before_backward(out.loss)
+    if aux_loss is not None:
+        add_router_aux_loss(out, aux_loss, router_aux_loss_coef)
     return out
