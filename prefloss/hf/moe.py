@@ -45,6 +45,7 @@ from prefloss.hf.heads import unwrap_model
 __all__ = [
     "AUX_LOSS_METRIC",
     "add_router_aux_loss",
+    "check_router_aux_loss_coef",
     "is_moe",
     "router_aux_loss",
     "router_logits_kwargs",
@@ -78,6 +79,15 @@ def router_logits_kwargs(model: nn.Module, wanted: bool) -> dict[str, bool]:
     return {"output_router_logits": wanted} if is_moe(model) else {}
 
 
+def check_router_aux_loss_coef(coef: Any) -> None:
+    """Raise ``ValueError`` unless ``coef`` is ``None`` or a finite number ≥ 0 (a config's
+    ``router_aux_loss_coef``, checked before any model is loaded)."""
+    if coef is None:
+        return
+    if isinstance(coef, bool) or not isinstance(coef, int | float) or not 0.0 <= coef < float("inf"):
+        raise ValueError(f"router_aux_loss_coef must be a finite number >= 0 or None, got {coef!r}")
+
+
 def trainer_aux_loss_coef(model: nn.Module, coef: float | None = None) -> float:
     """`PreferenceTrainer`'s coefficient of the load-balancing loss (0.0: not added).
 
@@ -95,8 +105,7 @@ def trainer_aux_loss_coef(model: nn.Module, coef: float | None = None) -> float:
         if not is_moe(model) or not getattr(config, "output_router_logits", False):
             return 0.0
         return float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
-    if isinstance(coef, bool) or not isinstance(coef, int | float) or not coef >= 0.0 or coef == float("inf"):
-        raise ValueError(f"router_aux_loss_coef must be a finite number >= 0 or None, got {coef!r}")
+    check_router_aux_loss_coef(coef)
     if coef and not is_moe(model):
         raise ValueError(
             f"router_aux_loss_coef={coef} but {type(unwrap_model(model)).__name__} is not a "

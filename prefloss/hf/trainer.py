@@ -71,6 +71,7 @@ from prefloss.hf.data import BOS_MODES, OVERLONG_MODES, load_preferences, tokeni
 from prefloss.hf.engines import gathered_heads, prepare_reference
 from prefloss.hf.loss_fields import LossFields, loss_module_kwargs
 from prefloss.hf.model import decoder_hidden_states, output_head, unwrap_model
+from prefloss.hf.moe import check_router_aux_loss_coef, router_logits_kwargs, trainer_aux_loss_coef
 from prefloss.hf.step import preference_loss
 from prefloss.losses import LOSSES as LOSS_CLASSES
 
@@ -150,6 +151,15 @@ class PreferenceConfig(LossFields, TrainingArguments):
             "stopping at once keeps the weights (and every checkpoint) of the last finite step."
         },
     )
+    router_aux_loss_coef: float | None = field(
+        default=None,
+        metadata={
+            "help": "Mixture-of-experts models: weight of the routers' load-balancing loss added to the "
+            "preference loss (logged as aux_loss). None: as transformers, the model config's "
+            "router_aux_loss_coef when the config sets output_router_logits=True, else none; a number: "
+            "that weight (0.0: none); refused for a model that is not a MoE."
+        },
+    )
     logging_nan_inf_filter: bool = field(
         default=False,
         metadata={
@@ -169,6 +179,7 @@ class PreferenceConfig(LossFields, TrainingArguments):
                     f"which takes {list(takes)}"
                 )
         self.parse_loss_kwargs()
+        check_router_aux_loss_coef(self.router_aux_loss_coef)
         if self.precompute_ref_log_probs and self.loss == "epsilon_dpo":
             raise ValueError(
                 "precompute_ref_log_probs=True does not work with loss 'epsilon_dpo': ε-DPO mixes the "
@@ -240,7 +251,7 @@ def score_pairs(
             mask = batch["attention_mask"].to(device)
             labels = batch["shift_labels"].to(device)
             with autocast() if autocast is not None else contextlib.nullcontext():
-                hidden = decoder_hidden_states(model, ids, mask)
+                hidden = decoder_hidden_states(model, ids, mask, **router_logits_kwargs(model, False))
             with gathered_heads(model) as heads:
                 seq = sequence_logprobs(
                     hidden,
@@ -281,6 +292,11 @@ class PreferenceTrainer(LossStateCheckpoints, LossOnlyPrediction, Trainer):
             Adapters on the output head itself are refused (the fused op reads the head weight);
             ``modules_to_save=["lm_head"]`` works.
         Remaining arguments go to ``transformers.Trainer``.
+
+    A mixture-of-experts policy trains with its routers' load-balancing loss as transformers adds it
+    (``loss + router_aux_loss_coef · aux_loss``, ``aux_loss`` logged; `prefloss.hf.moe`): by default
+    when its config sets ``output_router_logits=True``, with the config's coefficient, or with
+    ``args.router_aux_loss_coef`` when that is set. The reference forms no router logits.
 
     ``train()`` raises `NonFiniteLossError` after ``args.max_nonfinite_steps`` consecutive optimizer steps
     with a NaN/inf loss or gradient norm (logged with its true value first; the optimizer update of the
@@ -328,6 +344,7 @@ class PreferenceTrainer(LossStateCheckpoints, LossOnlyPrediction, Trainer):
         if processing_class is None:
             raise ValueError("processing_class (the tokenizer) is required")
         output_head(model)  # fails early, with a clear message, on a model without LM head
+        self._router_aux_loss_coef = trainer_aux_loss_coef(model, args.router_aux_loss_coef)  # MoE
         if loss_fn is None:
             loss_fn = build_loss(
                 args.loss,
@@ -490,6 +507,7 @@ class PreferenceTrainer(LossStateCheckpoints, LossOnlyPrediction, Trainer):
             ref_model=ref_model,
             ref_logps=inputs.get("ref_logps"),
             ignore_index=getattr(self._collator, "ignore_index", -100),
+            router_aux_loss_coef=self._router_aux_loss_coef,
         )
 
     def compute_loss(
