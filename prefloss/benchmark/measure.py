@@ -41,6 +41,12 @@ def cpu_peak_supported() -> bool:
         return False
 
 
+def resident_mib() -> tuple[float, float]:
+    """This process's resident set now and its high-water mark since the last reset (``VmRSS``,
+    ``VmHWM`` of ``/proc/self/status``), in MiB; Linux only. For a mark inside a measured step."""
+    return _proc_status_kib("VmRSS") / 1024, _proc_status_kib("VmHWM") / 1024
+
+
 class Measurement(NamedTuple):
     seconds: float  # wall clock (CUDA events on a GPU)
     peak_bytes: float  # peak extra memory of the step
