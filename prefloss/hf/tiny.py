@@ -1,6 +1,8 @@
-"""A byte-level tokenizer and a tiny Llama-style model, built offline (no downloads).
+"""A byte-level tokenizer and tiny random models, built offline (no downloads).
 
-Used by ``prefloss train`` when no ``--model`` is given, and by the tests.
+`byte_level_tokenizer` and `tiny_llama` are what ``prefloss train`` uses when no ``--model`` is given;
+`tiny_vision_processor` and `tiny_vision_model` build a vision-language model of a few ten thousand
+parameters with its processor (`VISION_FAMILIES`: LLaVA, Gemma 3), for the vision tests.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def byte_level_tokenizer(*, chat_template: bool = True, add_bos: bool = True) -> Any:
+def byte_level_tokenizer(
+    *, chat_template: bool = True, add_bos: bool = True, extra_special_tokens: dict[str, str] | None = None
+) -> Any:
     """A ``PreTrainedTokenizerFast`` over the 256 bytes plus BOS, EOS and PAD (vocabulary 259).
 
     No merges: every byte is one token, so any text round-trips and nothing is downloaded.
@@ -26,13 +30,17 @@ def byte_level_tokenizer(*, chat_template: bool = True, add_bos: bool = True) ->
         chat_template: attach `CHAT_TEMPLATE` (conversational data needs a chat template).
         add_bos: the tokenizer prepends BOS to encoded text (with ``add_special_tokens=True``, the
             default), as Llama's tokenizers do; ``False`` makes it GPT-2-like (no special tokens added).
+        extra_special_tokens: named special tokens appended to the vocabulary after PAD, in order
+            (``{"image_token": "<image>"}`` gives ``tokenizer.image_token`` and ``image_token_id``, as a
+            vision-language processor reads them).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {symbol: i for i, symbol in enumerate(alphabet)}
-    for special in (BOS, EOS, PAD):
+    extra = dict(extra_special_tokens or {})
+    for special in (BOS, EOS, PAD, *extra.values()):
         vocab[special] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -41,7 +49,13 @@ def byte_level_tokenizer(*, chat_template: bool = True, add_bos: bool = True) ->
         tok.post_processor = processors.TemplateProcessing(
             single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])]
         )
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        **({"extra_special_tokens": extra} if extra else {}),
+    )
     if chat_template:
         tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
@@ -149,3 +163,142 @@ def tiny_moe(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny vision-language models
+
+# family -> the placeholder its processor expands into image tokens, and the named special tokens
+VISION_FAMILIES: dict[str, tuple[str, dict[str, str]]] = {
+    "llava": ("<image>", {"image_token": "<image>"}),
+    "gemma3": (
+        "<start_of_image>",
+        {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+    ),
+}
+
+
+def vision_chat_template(image_placeholder: str) -> str:
+    """`CHAT_TEMPLATE` for messages whose content is a string or a list of parts
+    (``{"type": "text", "text": ...}``, ``{"type": "image"}`` rendered as ``image_placeholder``), the
+    structured form TRL gives multimodal messages."""
+    content = (
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for part in m['content'] %}"
+        f"{{% if part['type'] == 'image' %}}{image_placeholder}{{% else %}}{{{{ part['text'] }}}}{{% endif %}}"
+        "{% endfor %}{% endif %}"
+    )
+    return CHAT_TEMPLATE.replace("{{ m['content'] }}", content)
+
+
+def _check_family(family: str) -> None:
+    if family not in VISION_FAMILIES:
+        raise ValueError(f"family must be one of {sorted(VISION_FAMILIES)}, got {family!r}")
+
+
+IMAGE_SIZE = 16  # side of the square image a tiny vision model sees
+IMAGE_TOKENS = 4  # image tokens each image becomes in the text
+
+
+def tiny_vision_processor(family: str) -> Any:
+    """The processor of a tiny vision-language model, built in code (no downloads).
+
+    The byte-level tokenizer with the family's image tokens and a multimodal chat template
+    (`vision_chat_template`), and the family's image processor, which resizes every image to
+    `IMAGE_SIZE` squared; each image becomes `IMAGE_TOKENS` image tokens in the text.
+
+    Args:
+        family: ``"llava"`` (CLIP image processor; batches carry ``pixel_values``) or ``"gemma3"``
+            (Gemma 3's image processor; ``pixel_values`` and ``token_type_ids``).
+    """
+    _check_family(family)
+    placeholder, specials = VISION_FAMILIES[family]
+    tokenizer = byte_level_tokenizer(extra_special_tokens=specials)
+    tokenizer.chat_template = template = vision_chat_template(placeholder)
+    size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    if family == "llava":
+        from transformers import LlavaProcessor
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        return LlavaProcessor(  # (16 / 8)² patch features, CLIP's class token dropped ("default")
+            image_processor=CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size=size),
+            tokenizer=tokenizer,
+            patch_size=IMAGE_SIZE // 2,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=template,
+        )
+    from transformers import Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    return Gemma3Processor(  # (16 / 4)² patches pooled to 2 × 2 tokens
+        image_processor=Gemma3ImageProcessorPil(size=size),
+        tokenizer=tokenizer,
+        image_seq_length=IMAGE_TOKENS,
+        chat_template=template,
+    )
+
+
+def tiny_vision_model(family: str, processor: Any, *, hidden_size: int = 32, seed: int = 0) -> Any:
+    """A randomly initialised vision-language model for `tiny_vision_processor`'s processor.
+
+    A one-layer vision tower of width 16 over 16×16 images, the family's projector, and a two-layer
+    language model of width ``hidden_size`` (LLaVA: Llama; Gemma 3: Gemma 3's text model) with an
+    untied output head: ``LlavaForConditionalGeneration`` / ``Gemma3ForConditionalGeneration``.
+
+    Args:
+        family: as `tiny_vision_processor`'s.
+        processor: its processor (vocabulary size and the image token ids).
+        seed: initialisation seed (the same seed gives the same weights).
+    """
+    import torch
+    from transformers import AutoConfig
+
+    _check_family(family)
+    tokenizer = processor.tokenizer
+    vision = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=IMAGE_SIZE // 2 if family == "llava" else IMAGE_SIZE // 4,
+    )
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    if family == "llava":
+        from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+        cls = LlavaForConditionalGeneration
+        config = LlavaConfig(
+            vision_config=AutoConfig.for_model("clip_vision_model", **vision),
+            text_config=AutoConfig.for_model("llama", **text),
+            image_token_id=tokenizer.image_token_id,
+            vision_feature_layer=-1,
+            tie_word_embeddings=False,
+        )
+    else:
+        from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+        cls = Gemma3ForConditionalGeneration
+        config = Gemma3Config(
+            vision_config=AutoConfig.for_model("siglip_vision_model", **vision),
+            text_config=AutoConfig.for_model("gemma3_text", head_dim=hidden_size // 2, **text),
+            image_token_index=tokenizer.image_token_id,
+            boi_token_index=tokenizer.boi_token_id,
+            eoi_token_index=tokenizer.eoi_token_id,
+            mm_tokens_per_image=IMAGE_TOKENS,
+            tie_word_embeddings=False,
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(config).to(torch.float32)
