@@ -1,18 +1,37 @@
-"""Every Triton kernel compiles for sm_80 and sm_90 at every autotune config, without register spills.
+"""Every Triton kernel compiles for sm_80 and sm_90 at every autotune config, without register spills;
+and for AMD gfx942 (MI300X/MI325X) and gfx90a (MI250X) at the same configs, in the representative
+subset (`REPRESENTATIVE_VARIANTS`: every HAS_* flag set, both dtypes; `prefloss check` compiles all).
 
 Compilation runs in a subprocess without TRITON_INTERPRET (`prefloss.commands.compile_report`); no GPU needed.
 """
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
-from prefloss.commands.compile_report import compile_report, format_table
+from prefloss.commands.compile_report import (
+    AMD_TARGETS,
+    REPRESENTATIVE_VARIANTS,
+    AmdCompileResult,
+    compile_report,
+    format_table,
+    parse_amdgcn,
+)
 
 
 @pytest.fixture(scope="module")
 def results():
     return compile_report((80, 90))
+
+
+@pytest.fixture(scope="module")
+def amd(tmp_path_factory):
+    """AMD builds of the representative subset, and the directory holding their amdgcn listings."""
+    asm_dir = tmp_path_factory.mktemp("amdgcn")
+    return compile_report(tuple(AMD_TARGETS), variants=REPRESENTATIVE_VARIANTS, asm_dir=asm_dir), asm_dir
 
 
 def test_compile_all_kernels_without_spills(results):
@@ -32,8 +51,97 @@ def test_compile_report_covers_kernels_targets_dtypes(results):
     assert {"policy", "ref+eps", "all"} <= variants
 
 
+def test_amd_compiles_at_every_nvidia_config_without_spills(amd, results):
+    builds, _ = amd
+    table = format_table(builds)
+    assert builds and all(isinstance(r, AmdCompileResult) for r in builds)
+    assert all(r.error is None for r in builds), table
+    assert all(r.vgpr_spills == r.sgpr_spills == r.scratch_bytes == 0 for r in builds), table
+    # 512 VGPRs per lane at most on CDNA2/3; 1 to 8 waves per SIMD; a CU has 64 KiB of LDS
+    assert all(0 < r.vgprs <= 512 and 0 < r.sgprs and 1 <= r.occupancy <= 8 for r in builds), table
+    assert all(r.lds_bytes <= 65536 and r.threads == 64 * r.num_warps <= 1024 for r in builds), table
+    assert all(r.ok for r in builds), table
+    # every (kernel, autotune config) compiled for NVIDIA, for each AMD target and dtype
+    nvidia_configs = {(r.kernel, r.block_v, r.num_warps) for r in results}
+    for target in AMD_TARGETS:
+        for dtype in ("fp32", "bf16"):
+            built = {
+                (r.kernel, r.block_v, r.num_warps) for r in builds if (r.target, r.dtype) == (target, dtype)
+            }
+            assert built == nvidia_configs, (target, dtype)
+    assert {r.variant for r in builds} == set(REPRESENTATIVE_VARIANTS)
+    assert "VGPR" in table and "occupancy" in table and "gfx942" in table and "gfx90a" in table
+
+
+def _one(pattern: str, text: str) -> int:
+    found = re.findall(pattern, text, re.M)
+    assert len(found) == 1, (pattern, found)
+    return int(found[0])
+
+
+def test_amdgcn_metadata_parsed_from_the_real_listings(amd):
+    """`parse_amdgcn` (the code-object metadata) agrees with the listing's kernel descriptor and the
+    compiler's resource comments, read here independently, and with what the report holds."""
+    builds, asm_dir = amd
+    listings = sorted(Path(asm_dir).glob("*.amdgcn"))
+    assert len(listings) == len(builds)
+    by_name = {
+        f"{r.kernel}-{r.variant}-{r.dtype}-{r.target}-BLOCK_V{r.block_v}-w{r.num_warps}.amdgcn": r
+        for r in builds
+    }
+    for path in listings:
+        asm = path.read_text()
+        usage = parse_amdgcn(asm)
+        assert usage["vgprs"] == _one(r"^; TotalNumVgprs: (\d+)$", asm) == _one(r"^; NumVgprs: (\d+)$", asm)
+        assert usage["agprs"] == _one(r"^; NumAgprs: (\d+)$", asm)
+        assert usage["sgprs"] == _one(r"^; TotalNumSgprs: (\d+)$", asm)
+        assert usage["scratch_bytes"] == _one(r"^; ScratchSize: (\d+)$", asm)
+        assert usage["scratch_bytes"] == _one(r"^\s*\.amdhsa_private_segment_fixed_size (\d+)$", asm)
+        assert usage["lds_static_bytes"] == _one(r"^\s*\.amdhsa_group_segment_fixed_size (\d+)$", asm)
+        assert usage["wavefront_size"] == 64
+        r = by_name[path.name]
+        assert (r.vgprs, r.agprs, r.sgprs, r.scratch_bytes) == (
+            usage["vgprs"],
+            usage["agprs"],
+            usage["sgprs"],
+            usage["scratch_bytes"],
+        )
+        assert r.occupancy <= usage["occupancy"] and r.lds_bytes >= usage["lds_static_bytes"]
+
+
+def test_a_spill_in_the_amd_listing_fails_the_build(amd):
+    """A real listing with its spill counts raised: parsed as spilled, reported as SPILL, not ok."""
+    builds, asm_dir = amd
+    path = next(Path(asm_dir).glob("logprobs_fwd_kernel-*-gfx942-*.amdgcn"))
+    asm = path.read_text()
+    assert re.search(r"\.vgpr_spill_count:\s+0$", asm, re.M)
+    spilled = re.sub(r"(\.vgpr_spill_count:\s+)0$", r"\g<1>3", asm, flags=re.M)
+    spilled = re.sub(r"(\.sgpr_spill_count:\s+)0$", r"\g<1>2", spilled, flags=re.M)
+    usage = parse_amdgcn(spilled)
+    assert (usage["vgpr_spills"], usage["sgpr_spills"]) == (3, 2)
+    ok = builds[0]
+    bad = AmdCompileResult(
+        **{**ok.__dict__, "vgpr_spills": usage["vgpr_spills"], "sgpr_spills": usage["sgpr_spills"]}
+    )
+    assert ok.ok and not bad.ok
+    assert "SPILL" in format_table([bad]) and "3/2" in format_table([bad])
+    scratch = AmdCompileResult(**{**ok.__dict__, "scratch_bytes": 16})
+    assert not scratch.ok
+    # one kernel's metadata only; a key missing is an error, not a zero
+    with pytest.raises(ValueError, match="sgpr_count"):
+        parse_amdgcn(re.sub(r"^\s*\.sgpr_count:.*$", "", asm, flags=re.M))
+    with pytest.raises(ValueError, match="amdgpu_metadata"):
+        parse_amdgcn("v_add_f32 v0, v1, v2")
+
+
 def test_compile_report_rejects_bad_arguments():
     with pytest.raises(ValueError, match="targets"):
         compile_report(("sm_90",))
+    with pytest.raises(ValueError, match="targets"):
+        compile_report(("gfx1100",))
     with pytest.raises(ValueError, match="kernels"):
         compile_report((90,), kernels=("no_such_kernel",))
+    with pytest.raises(ValueError, match="variants"):
+        compile_report(("gfx942",), variants=("no_such_variant",))
+    with pytest.raises(ValueError, match="asm_dir"):
+        compile_report(("gfx942",), asm_dir="/no/such/directory")

@@ -2,10 +2,17 @@
 
 The interpreter (``TRITON_INTERPRET=1``) forgives what the GPU compiler rejects: loop-carried values
 that change type, non-power-of-2 ``tl.arange``, Python helper calls. This module builds each kernel
-of `prefloss.kernels` through Triton's own compiler for ``sm_80`` and ``sm_90`` (with the bundled
-``ptxas``) at every autotune config, for the flag combinations that change the register footprint,
-and reads from the cubin (bundled ``cuobjdump --dump-resource-usage``) the registers per thread,
-the local-memory stack (spills: the kernels have no local arrays) and the shared memory.
+of `prefloss.kernels` through Triton's own compiler at every autotune config, for the flag
+combinations that change the register footprint, for two kinds of target:
+
+- NVIDIA ``sm_80`` and ``sm_90`` (``GPUTarget("cuda", cc, 32)``, the bundled ``ptxas``): registers
+  per thread, the local-memory stack (spills: the kernels have no local arrays) and the shared
+  memory, read from the cubin with the bundled ``cuobjdump --dump-resource-usage``;
+- AMD ``gfx942`` (MI300X, MI325X) and ``gfx90a`` (MI250X) (``GPUTarget("hip", arch, 64)``, Triton's
+  own AMD backend and its bundled LLVM; no ROCm install): VGPRs, AGPRs and SGPRs per wave, VGPR and
+  SGPR spill counts, scratch (private segment) bytes per lane, LDS bytes and occupancy, read from the
+  ``amdgcn`` assembly (`parse_amdgcn`). A wave there is 64 lanes, so ``num_warps`` waves make
+  ``num_warps · 64`` threads: the same ``BLOCK_V`` gives each lane half the elements it has on NVIDIA.
 
 Compilation must run in a process without ``TRITON_INTERPRET`` (otherwise triton's own library
 functions are interpreted and code generation fails), so `compile_report` spawns
@@ -31,7 +38,19 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-DEFAULT_TARGETS = (80, 90)
+NVIDIA_TARGETS = (80, 90)  # CUDA compute capabilities
+# AMD Instinct targets: LLVM processor name -> (GPUs, LDS bytes per compute unit). Both have 4 SIMDs
+# per CU and at most 8 waves per SIMD (AMD CDNA2 and CDNA3 ISA guides).
+AMD_TARGETS = {
+    "gfx942": ("MI300X, MI325X (CDNA3)", 65536),
+    "gfx90a": ("MI250X, MI210 (CDNA2)", 65536),
+}
+DEFAULT_TARGETS = (*NVIDIA_TARGETS, *AMD_TARGETS)
+AMD_WAVE_SIZE = 64
+AMD_MAX_WORKGROUP = 1024  # threads
+# The variant with every HAS_* flag set: every line of each kernel, and the most registers (it keeps
+# the most values alive). At every config and both dtypes, it is the subset the tests compile for AMD.
+REPRESENTATIVE_VARIANTS = ("all",)
 DTYPES = ("fp32", "bf16")
 
 
@@ -58,6 +77,48 @@ class CompileResult:
     @property
     def config(self) -> str:
         return f"BLOCK_V={self.block_v} warps={self.num_warps}"
+
+
+@dataclass(frozen=True)
+class AmdCompileResult:
+    """Resource usage of one kernel variant compiled for an AMD target (``error`` set when it failed).
+
+    Per wave of 64 lanes: ``vgprs`` (architectural VGPRs per lane), ``agprs`` (accumulation VGPRs
+    per lane), ``sgprs``; ``vgpr_spills`` / ``sgpr_spills`` are register counts spilled,
+    ``scratch_bytes`` the private segment per lane (where spills go; the kernels have no local
+    arrays, so any scratch is a spill), ``lds_bytes`` the static LDS (``group_segment_fixed_size``)
+    plus Triton's dynamic LDS per workgroup, ``occupancy`` waves per SIMD: the compiler's figure
+    (registers, workgroup size) capped by what the LDS allows.
+    """
+
+    kernel: str
+    variant: str
+    dtype: str
+    target: str  # "gfx942" | "gfx90a"
+    block_v: int
+    num_warps: int  # waves per workgroup; threads = num_warps * 64
+    vgprs: int = 0
+    agprs: int = 0
+    sgprs: int = 0
+    vgpr_spills: int = 0
+    sgpr_spills: int = 0
+    scratch_bytes: int = 0
+    lds_bytes: int = 0
+    occupancy: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.vgpr_spills == self.sgpr_spills == self.scratch_bytes == 0
+
+    @property
+    def threads(self) -> int:
+        return self.num_warps * AMD_WAVE_SIZE
+
+    @property
+    def config(self) -> str:
+        return f"BLOCK_V={self.block_v} warps={self.num_warps}x{AMD_WAVE_SIZE}"
 
 
 @dataclass(frozen=True)
@@ -158,6 +219,125 @@ def _resource_usage(cubin: bytes) -> tuple[int, int, int]:
     return reg, stack + local, shared
 
 
+_AMD_METADATA_KEYS = {
+    "vgprs": "vgpr_count",
+    "agprs": "agpr_count",
+    "sgprs": "sgpr_count",
+    "vgpr_spills": "vgpr_spill_count",
+    "sgpr_spills": "sgpr_spill_count",
+    "scratch_bytes": "private_segment_fixed_size",
+    "lds_static_bytes": "group_segment_fixed_size",
+    "wavefront_size": "wavefront_size",
+}
+
+
+def parse_amdgcn(asm: str) -> dict[str, int]:
+    """Resource usage of the one kernel in an ``amdgcn`` assembly listing, as Triton's AMD backend emits it.
+
+    Reads the HSA code-object metadata (the YAML between ``.amdgpu_metadata`` and
+    ``.end_amdgpu_metadata``): ``.vgpr_count``, ``.agpr_count``, ``.sgpr_count``,
+    ``.vgpr_spill_count``, ``.sgpr_spill_count``, ``.private_segment_fixed_size`` (scratch bytes per
+    lane), ``.group_segment_fixed_size`` (static LDS bytes per workgroup), ``.wavefront_size``; and the
+    compiler's ``; Occupancy: N`` comment (waves per SIMD allowed by the registers and the workgroup
+    size; it does not see Triton's dynamic LDS).
+
+    Returns:
+        ``{"vgprs", "agprs", "sgprs", "vgpr_spills", "sgpr_spills", "scratch_bytes",
+        "lds_static_bytes", "wavefront_size", "occupancy"}``, all ints.
+
+    Raises:
+        ValueError: no metadata block, more than one kernel in it, or a key missing.
+    """
+    block = re.search(r"^\s*\.amdgpu_metadata\s*$(.*?)^\s*\.end_amdgpu_metadata", asm, re.M | re.S)
+    if block is None:
+        raise ValueError("`asm` has no .amdgpu_metadata block: not amdgcn assembly of a kernel.")
+    text = block.group(1)
+    if len(re.findall(r"^\s*\.symbol:", text, re.M)) != 1:
+        raise ValueError("`asm` must hold exactly one kernel's metadata (one .symbol entry).")
+    usage = {}
+    for name, key in _AMD_METADATA_KEYS.items():
+        found = re.findall(rf"^\s*(?:-\s+)?\.{key}:\s+(\d+)\s*$", text, re.M)
+        if len(found) != 1:
+            raise ValueError(f"`asm`: expected one .{key} in the kernel metadata, found {len(found)}.")
+        usage[name] = int(found[0])
+    occupancy = re.findall(r"^\s*;\s*Occupancy:\s*(\d+)\s*$", asm, re.M)
+    if len(occupancy) != 1:
+        raise ValueError(f"`asm`: expected one '; Occupancy: N' line, found {len(occupancy)}.")
+    usage["occupancy"] = int(occupancy[0])
+    return usage
+
+
+def _lds_occupancy(lds_bytes: int, num_warps: int, lds_per_cu: int) -> int:
+    """Waves per SIMD that the LDS allows: workgroups per CU (LDS / workgroup's LDS) · waves / 4 SIMDs."""
+    if lds_bytes == 0:
+        return 8
+    return (lds_per_cu // lds_bytes) * num_warps // 4
+
+
+def _compile_amd(
+    spec: _KernelSpec, variant: str, dtype: str, target: str, config, asm_dir: str | None = None
+) -> AmdCompileResult:
+    import importlib
+    import time
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module = importlib.import_module(spec.module)
+    fn = _jit_function(getattr(module, spec.kernel))
+    block_v = config.kwargs["BLOCK_V"]
+    base = {
+        "kernel": spec.kernel,
+        "variant": variant,
+        "dtype": dtype,
+        "target": target,
+        "block_v": block_v,
+        "num_warps": config.num_warps,
+    }
+    start = time.perf_counter()
+    try:
+        if config.num_warps * AMD_WAVE_SIZE > AMD_MAX_WORKGROUP:
+            raise ValueError(
+                f"{config.num_warps} waves of {AMD_WAVE_SIZE} lanes = {config.num_warps * AMD_WAVE_SIZE} "
+                f"threads, over the {AMD_MAX_WORKGROUP}-thread workgroup limit of {target}"
+            )
+        signature, constexprs, attrs = _signature(fn, spec, dtype, spec.variants[variant], block_v)
+        compiled = triton.compile(
+            ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+            target=GPUTarget("hip", target, AMD_WAVE_SIZE),
+            options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+        )
+        if asm_dir is not None:
+            name = f"{spec.kernel}-{variant}-{dtype}-{target}-BLOCK_V{block_v}-w{config.num_warps}.amdgcn"
+            with open(os.path.join(asm_dir, name), "w") as f:
+                f.write(compiled.asm["amdgcn"])
+        usage = parse_amdgcn(compiled.asm["amdgcn"])
+        if usage["wavefront_size"] != AMD_WAVE_SIZE:
+            raise ValueError(
+                f"compiled for waves of {usage['wavefront_size']} lanes, expected {AMD_WAVE_SIZE}"
+            )
+        lds = usage["lds_static_bytes"] + int(compiled.metadata.shared)
+        lds_per_cu = AMD_TARGETS[target][1]
+        if lds > lds_per_cu:
+            raise ValueError(f"needs {lds} B of LDS per workgroup, a {target} CU has {lds_per_cu} B")
+    except Exception as exc:  # reported per variant: one broken kernel must not hide the others
+        message = f"{type(exc).__name__}: {exc}"
+        return AmdCompileResult(**base, seconds=time.perf_counter() - start, error=message[-2000:])
+    return AmdCompileResult(
+        **base,
+        vgprs=usage["vgprs"],
+        agprs=usage["agprs"],
+        sgprs=usage["sgprs"],
+        vgpr_spills=usage["vgpr_spills"],
+        sgpr_spills=usage["sgpr_spills"],
+        scratch_bytes=usage["scratch_bytes"],
+        lds_bytes=lds,
+        occupancy=min(usage["occupancy"], _lds_occupancy(lds, config.num_warps, lds_per_cu)),
+        seconds=time.perf_counter() - start,
+    )
+
+
 def _compile_one(spec: _KernelSpec, variant: str, dtype: str, target: int, config) -> CompileResult:
     import importlib
     import time
@@ -198,7 +378,12 @@ def _compile_one(spec: _KernelSpec, variant: str, dtype: str, target: int, confi
     )
 
 
-def _worker(targets: list[int], kernels: list[str] | None) -> list[CompileResult]:
+def _worker(
+    targets: list[int | str],
+    kernels: list[str] | None,
+    variants: list[str] | None = None,
+    asm_dir: str | None = None,
+) -> list[CompileResult | AmdCompileResult]:
     import importlib
 
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -211,55 +396,103 @@ def _worker(targets: list[int], kernels: list[str] | None) -> list[CompileResult
             continue
         configs = getattr(importlib.import_module(spec.module), spec.configs)
         for target in targets:
+            amd = isinstance(target, str)
             for variant in spec.variants:
+                if variants and variant not in variants:
+                    continue
                 for dtype in DTYPES:
                     for config in configs:
-                        results.append(_compile_one(spec, variant, dtype, target, config))
+                        if amd:
+                            results.append(_compile_amd(spec, variant, dtype, target, config, asm_dir))
+                        else:
+                            results.append(_compile_one(spec, variant, dtype, target, config))
     return results
+
+
+def target_name(target: int | str) -> str:
+    """``"sm_90"`` for a CUDA compute capability, the name itself (``"gfx942"``) for an AMD target."""
+    return target if isinstance(target, str) else f"sm_{target}"
+
+
+def parse_targets(text: str) -> tuple[int | str, ...]:
+    """``"80,90,gfx942"`` -> ``(80, 90, "gfx942")``; raises ValueError naming what is accepted."""
+    items = [t.strip() for t in text.split(",")]
+    targets = tuple(int(t) if t.isdigit() else t for t in items)
+    _check_targets(targets)
+    return targets
+
+
+def _check_targets(targets: tuple) -> None:
+    def known(t) -> bool:
+        return (isinstance(t, int) and t >= 50) or (isinstance(t, str) and t in AMD_TARGETS)
+
+    if not targets or not all(known(t) for t in targets):
+        raise ValueError(
+            "`targets` must be CUDA compute capabilities like (80, 90) and/or AMD targets among "
+            f"{tuple(AMD_TARGETS)}, got {targets!r}."
+        )
 
 
 # --- public API: spawns the worker --------------------------------------------------------------
 
 
 def compile_report(
-    targets: tuple[int, ...] = DEFAULT_TARGETS,
+    targets: tuple[int | str, ...] = DEFAULT_TARGETS,
     *,
     kernels: tuple[str, ...] | None = None,
+    variants: tuple[str, ...] | None = None,
+    asm_dir: str | os.PathLike | None = None,
     timeout: float = 600.0,
-) -> list[CompileResult]:
+) -> list[CompileResult | AmdCompileResult]:
     """Compile every kernel variant for each target in a clean subprocess; return one result per build.
 
     Args:
-        targets: CUDA compute capabilities, e.g. ``(80, 90)``.
+        targets: CUDA compute capabilities (``80``, ``90``) and/or AMD targets (``"gfx942"``,
+            ``"gfx90a"``); default all four.
         kernels: restrict to these kernel names (default: all of `prefloss.kernels`).
+        variants: restrict to these ``HAS_*`` flag combinations (default: all), e.g.
+            `REPRESENTATIVE_VARIANTS`.
+        asm_dir: an existing directory to write each AMD build's ``amdgcn`` listing into, named
+            ``<kernel>-<variant>-<dtype>-<target>-BLOCK_V<b>-w<warps>.amdgcn`` (default: none written).
         timeout: seconds allowed per target's subprocess.
 
     Returns:
-        `CompileResult` per (kernel, variant, dtype, target, config). A failed build has ``error`` set;
-        a build that spills has ``spill_bytes > 0``; ``result.ok`` is False for both.
+        One result per (kernel, variant, dtype, target, config): `CompileResult` for a CUDA target,
+        `AmdCompileResult` for an AMD one. A failed build has ``error`` set; a build that spills
+        has ``spill_bytes > 0`` (CUDA) or spill counts / scratch > 0 (AMD); ``result.ok`` is False
+        for both.
 
     Raises:
-        ValueError: an unknown target or kernel name.
+        ValueError: an unknown target, kernel or variant name.
         RuntimeError: the worker process itself failed (its stderr is in the message).
     """
     targets = tuple(targets)
-    if not targets or any(not isinstance(t, int) or t < 50 for t in targets):
-        raise ValueError(f"`targets` must be CUDA compute capabilities like (80, 90), got {targets!r}.")
+    _check_targets(targets)
     known = {spec.kernel for spec in _SPECS}
     if kernels is not None and not set(kernels) <= known:
         raise ValueError(f"`kernels` must be among {sorted(known)}, got {sorted(set(kernels) - known)}.")
+    known_variants = {v for spec in _SPECS if not kernels or spec.kernel in kernels for v in spec.variants}
+    if variants is not None and (not variants or not set(variants) <= known_variants):
+        raise ValueError(f"`variants` must be among {sorted(known_variants)}, got {variants!r}.")
+    if asm_dir is not None and not os.path.isdir(asm_dir):
+        raise ValueError(f"`asm_dir` must be an existing directory, got {str(asm_dir)!r}.")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
-    def run_target(target: int) -> list[CompileResult]:
+    def run_target(target: int | str) -> list[CompileResult | AmdCompileResult]:
         cmd = [sys.executable, "-m", "prefloss.commands.compile_report", "--worker", "--targets", str(target)]
         if kernels:
             cmd += ["--kernels", ",".join(kernels)]
+        if variants:
+            cmd += ["--variants", ",".join(variants)]
+        if asm_dir is not None:
+            cmd += ["--asm-dir", os.fspath(asm_dir)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             raise RuntimeError(
-                f"compile worker for sm_{target} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+                f"compile worker for {target_name(target)} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
             )
-        return [CompileResult(**row) for row in json.loads(proc.stdout)]
+        cls = AmdCompileResult if isinstance(target, str) else CompileResult
+        return [cls(**row) for row in json.loads(proc.stdout)]
 
     # One process per target: compilation is single-threaded and the targets are independent.
     with ThreadPoolExecutor(max_workers=min(len(targets), os.cpu_count() or 1)) as pool:
@@ -267,48 +500,113 @@ def compile_report(
     return [r for results in per_target for r in results]
 
 
-def format_table(results: list[CompileResult]) -> str:
-    """Plain-text table: kernel, variant, dtype, target, config, registers, spills, shared memory."""
-    header = ("kernel", "variant", "dtype", "target", "config", "regs", "spill B", "smem B", "status")
-    rows = [
-        (
-            r.kernel,
-            r.variant,
-            r.dtype,
-            f"sm_{r.target}",
-            r.config,
-            str(r.registers),
-            str(r.spill_bytes),
-            str(r.shared_bytes),
-            "ok" if r.ok else ("ERROR" if r.error else "SPILL"),
-        )
-        for r in results
-    ]
+def _columns(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    return lines
+
+
+def format_table(results: list[CompileResult | AmdCompileResult]) -> str:
+    """Plain-text tables: CUDA builds (registers, spills, shared memory), then AMD builds if any.
+
+    The AMD table: VGPRs/AGPRs/SGPRs per wave, spilled VGPRs/SGPRs, scratch bytes per lane, LDS bytes
+    per workgroup, occupancy in waves per SIMD, threads per workgroup (``num_warps · 64``).
+    """
+    cuda = [r for r in results if not isinstance(r, AmdCompileResult)]
+    amd = [r for r in results if isinstance(r, AmdCompileResult)]
+    lines = []
+    if cuda or not amd:
+        header = ("kernel", "variant", "dtype", "target", "config", "regs", "spill B", "smem B", "status")
+        rows = [
+            (
+                r.kernel,
+                r.variant,
+                r.dtype,
+                f"sm_{r.target}",
+                r.config,
+                str(r.registers),
+                str(r.spill_bytes),
+                str(r.shared_bytes),
+                "ok" if r.ok else ("ERROR" if r.error else "SPILL"),
+            )
+            for r in cuda
+        ]
+        lines += _columns(header, rows)
+    if amd:
+        if lines:
+            lines.append("")
+        header = (
+            "kernel", "variant", "dtype", "target", "config", "VGPR", "AGPR", "SGPR",
+            "spill V/S", "scratch B", "LDS B", "occupancy", "status",
+        )  # fmt: skip
+        rows = [
+            (
+                r.kernel,
+                r.variant,
+                r.dtype,
+                r.target,
+                r.config,
+                str(r.vgprs),
+                str(r.agprs),
+                str(r.sgprs),
+                f"{r.vgpr_spills}/{r.sgpr_spills}",
+                str(r.scratch_bytes),
+                str(r.lds_bytes),
+                str(r.occupancy),
+                "ok" if r.ok else ("ERROR" if r.error else "SPILL"),
+            )
+            for r in amd
+        ]
+        lines += _columns(header, rows)
     lines += [
-        f"{r.kernel} {r.variant} {r.dtype} sm_{r.target} {r.config}: {r.error}" for r in results if r.error
+        f"{r.kernel} {r.variant} {r.dtype} {target_name(r.target)} {r.config}: {r.error}"
+        for r in (*cuda, *amd)
+        if r.error
     ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--targets", default=",".join(map(str, DEFAULT_TARGETS)), help="e.g. 80,90")
+    parser.add_argument(
+        "--targets",
+        default=",".join(map(str, DEFAULT_TARGETS)),
+        help="CUDA compute capabilities and/or AMD targets, e.g. 80,90,gfx942 (default: "
+        + ",".join(map(str, DEFAULT_TARGETS))
+        + ")",
+    )
     parser.add_argument("--kernels", default=None, help="comma-separated kernel names (default: all)")
+    parser.add_argument(
+        "--variants",
+        default=None,
+        help="comma-separated HAS_* variants (default: all; the tests' AMD subset: "
+        + ",".join(REPRESENTATIVE_VARIANTS)
+        + ")",
+    )
+    parser.add_argument("--asm-dir", default=None, help="write each AMD build's amdgcn listing here")
     parser.add_argument("--worker", action="store_true", help="compile in this process and print JSON")
     args = parser.parse_args(argv)
     try:
-        targets = tuple(int(t) for t in args.targets.split(","))
+        targets = parse_targets(args.targets)
     except ValueError:
-        parser.error(f"--targets must be comma-separated integers like 80,90, got {args.targets!r}")
+        parser.error(
+            f"--targets must be comma-separated CUDA compute capabilities like 80,90 and/or AMD targets "
+            f"among {','.join(AMD_TARGETS)}, got {args.targets!r}"
+        )
     kernels = tuple(args.kernels.split(",")) if args.kernels else None
+    variants = tuple(args.variants.split(",")) if args.variants else None
     if args.worker:
-        print(json.dumps([asdict(r) for r in _worker(list(targets), list(kernels) if kernels else None)]))
+        results = _worker(
+            list(targets),
+            list(kernels) if kernels else None,
+            list(variants) if variants else None,
+            args.asm_dir,
+        )
+        print(json.dumps([asdict(r) for r in results]))
         return 0
-    results = compile_report(targets, kernels=kernels)
+    results = compile_report(targets, kernels=kernels, variants=variants, asm_dir=args.asm_dir)
     print(format_table(results))
     return 0 if all(r.ok for r in results) else 1
 
