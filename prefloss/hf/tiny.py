@@ -184,7 +184,7 @@ def vision_chat_template(image_placeholder: str) -> str:
     structured form TRL gives multimodal messages."""
     content = (
         "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for part in m['content'] %}"
-        f"{{% if part['type'] == 'image' %}}{image_placeholder}{{% else %}}{{{{ part['text'] }}}}{{% endif %}}"
+        "{% if part['type'] == 'image' %}" + image_placeholder + "{% else %}{{ part['text'] }}{% endif %}"
         "{% endfor %}{% endif %}"
     )
     return CHAT_TEMPLATE.replace("{{ m['content'] }}", content)
