@@ -27,6 +27,7 @@ from torch import nn
 
 from prefloss.hf.engines import gathered_heads
 from prefloss.hf.heads import LOGIT_TRANSFORMS, OutputHead, output_head, unwrap_model
+from prefloss.hf.moe import router_logits_kwargs
 
 __all__ = [
     "LOGIT_TRANSFORMS",
@@ -142,6 +143,9 @@ def decoder_outputs(
     return DecoderOutput(captured[0], getattr(out, "aux_loss", None))
 
 
+CHECK_POSITIONS = 32  # next-token predictions per row `check_output_head` compares on a whole batch
+
+
 @torch.no_grad()
 def check_output_head(
     model: nn.Module,
@@ -150,12 +154,17 @@ def check_output_head(
     *,
     atol: float | None = None,
     mixed_precision: bool = False,
+    model_inputs: dict[str, Any] | None = None,
 ) -> float:
     """Check that `decoder_hidden_states` + `output_head` reproduce ``model(...).logits``.
 
     Compares ``log_softmax`` of the model's own logits with `prefloss.fused_logprobs` at the next
     tokens of ``input_ids`` (keep it short: this forms full logits). Catches model families whose
     logit transform prefloss does not know (see `LOGIT_TRANSFORMS`).
+
+    With ``model_inputs`` (a vision-language batch: its images belong to its rows, so it runs whole)
+    only the last `CHECK_POSITIONS` next-token predictions of every row are compared, and the model
+    forms only their logits (``logits_to_keep`` as a tensor of positions, when its forward takes it).
 
     Args:
         model: causal LM (possibly wrapped).
@@ -167,6 +176,8 @@ def check_output_head(
             ``native_amp``: a Trainer's ``bf16=True`` or ``fp16=True`` on fp32 weights), so its output
             head rounds the logits to 16 bits while the fused op computes them in the weight's fp32:
             judge them as for 16-bit weights.
+        model_inputs: further keyword inputs of the model's forward (``pixel_values``, ...), passed to
+            every forward of the check.
 
     Returns:
         The max abs difference.
@@ -180,10 +191,18 @@ def check_output_head(
     was_training = inner.training
     inner.eval()
     try:
-        logits = inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        hidden = decoder_hidden_states(inner, input_ids, attention_mask)
+        no_router = router_logits_kwargs(inner, False)  # a MoE's router logits play no part here
+        extra = {**dict(model_inputs or {}), **no_router}
+        length = input_ids.shape[1]
+        start = max(0, length - 1 - CHECK_POSITIONS) if model_inputs else 0
+        positions = torch.arange(start, length - 1, device=input_ids.device)  # predicting positions + 1
+        keep = _logits_to_keep_kwarg(inner) if model_inputs else {}
+        keep = {name: positions for name in keep}
+        out = inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra, **keep)
+        logits = out.logits if keep else out.logits[:, positions]
+        hidden = decoder_hidden_states(inner, input_ids, attention_mask, **extra)
         with torch.enable_grad():  # the training path reads the hidden states off the output
-            from_output = decoder_hidden_states(inner, input_ids, attention_mask).detach()
+            from_output = decoder_hidden_states(inner, input_ids, attention_mask, **extra).detach()
     finally:
         inner.train(was_training)
     same = 1e-5 if hidden.dtype in (torch.float32, torch.float64) else 1e-2  # two runs of one forward
@@ -193,20 +212,18 @@ def check_output_head(
             f"decoder's output (max abs {float((from_output - hidden).abs().max()):.3g}); prefloss reads "
             "the training hidden states from output_hidden_states, so it cannot train this model family"
         )
-    labels = input_ids[:, 1:]
+    labels = input_ids[:, positions + 1]
     if attention_mask is not None:
-        labels = labels.masked_fill(attention_mask[:, 1:] == 0, -100)
+        labels = labels.masked_fill(attention_mask[:, positions + 1] == 0, -100)
     with gathered_heads(inner) as heads:
         head = heads.policy
-        got = fused_logprobs(hidden[:, :-1], head.weight, labels, **head.fused_kwargs()).policy
+        got = fused_logprobs(hidden[:, positions], head.weight, labels, **head.fused_kwargs()).policy
         weight_dtype = head.weight.dtype
     if atol is None:
         full = weight_dtype in (torch.float32, torch.float64) and not mixed_precision
         atol = 1e-3 if full else 0.15
     precision = torch.promote_types(logits.dtype, torch.float32)
-    expected = torch.log_softmax(logits[:, :-1].to(precision), dim=-1).gather(
-        -1, labels.clamp(min=0)[..., None]
-    )
+    expected = torch.log_softmax(logits.to(precision), dim=-1).gather(-1, labels.clamp(min=0)[..., None])
     expected = expected.squeeze(-1).masked_fill(labels == -100, 0.0)
     err = float((got.to(precision) - expected).abs().max()) if labels.numel() else 0.0
     if not err <= atol:
