@@ -255,17 +255,29 @@ class OutputHeadCheck:
     def __init__(self, enabled: bool = True) -> None:
         self.pending = enabled
 
-    def __call__(self, input_ids: torch.Tensor, *models: nn.Module | None, mixed_precision: bool) -> None:
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        *models: nn.Module | None,
+        mixed_precision: bool,
+        attention_mask: torch.Tensor | None = None,
+        model_inputs: dict[str, Any] | None = None,
+    ) -> None:
         """Check each model (``None``: skipped) on the first 32 tokens of the batch's first row, the first
         time only. ``mixed_precision``: the forwards run under 16-bit autocast (accelerate's
-        ``native_amp``), judged as 16-bit weights."""
+        ``native_amp``), judged as 16-bit weights. With ``model_inputs`` (a vision-language batch's
+        ``pixel_values``, ...) the whole batch runs with them and its ``attention_mask``, and the last
+        predictions of each row are compared (`check_output_head`)."""
         if not self.pending:
             return
         self.pending = False
-        sample = input_ids[:1, :32]
+        if model_inputs:
+            sample, kwargs = input_ids, {"attention_mask": attention_mask, "model_inputs": model_inputs}
+        else:
+            sample, kwargs = input_ids[:1, :32], {}
         for model in models:
             if model is not None:
-                check_output_head(model, sample, mixed_precision=mixed_precision)
+                check_output_head(model, sample, mixed_precision=mixed_precision, **kwargs)
 
 
 def check_peft_policy(model: nn.Module) -> None:
