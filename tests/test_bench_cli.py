@@ -72,6 +72,15 @@ def test_oracle_and_authors_match_reference(name):
     torch.testing.assert_close(gw, ref_gw, rtol=1e-9, atol=1e-14)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch runs on one thread inside the test, and on as many as before after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 GATE_SHAPES = {
     "B2-T40-H16-V203": Shape(batch=2, seq_len=40, hidden=16, vocab=203),
     "B3-T24-H8-V97": Shape(batch=3, seq_len=24, hidden=8, vocab=97),
@@ -119,6 +128,26 @@ def test_gate_passes_trl_dpo_over_seeds(shape):
         result = _check("trl/dpo", shape, seed, _truth(shape, seed, ("dpo",)))
         assert {"loss", "grad_hidden", "grad_weight"} <= set(result)
         assert result["passed"], (seed, result["detail"])
+
+
+@pytest.mark.parametrize("shape", list(GATE_SHAPES.values()), ids=list(GATE_SHAPES))
+def test_gate_passes_torch_linear_cross_entropy_over_seeds(shape, one_torch_thread):
+    """``torch-lce/<loss>``: DPO, SimPO and α-DPO on torch's ``F.linear_cross_entropy`` (default
+    options) pass the same gate as prefloss, seeds 0–4; a wrong loss name is refused. (One torch
+    thread: the op's row chunks are a few rows here, and a 2-thread barrier per tiny GEMM costs
+    more than the GEMM on a loaded machine.)"""
+    from prefloss.benchmark.torch_lce_case import LOSSES as LCE_LOSSES
+    from prefloss.benchmark.torch_lce_case import torch_lce_step
+
+    assert LCE_LOSSES == ("dpo", "simpo", "alpha_dpo")
+    for seed in range(5):
+        truth = _truth(shape, seed, LCE_LOSSES)
+        for name in LCE_LOSSES:
+            result = _check(f"torch-lce/{name}", shape, seed, truth)
+            assert {"loss", "grad_hidden", "grad_weight"} <= set(result)
+            assert result["passed"], (name, seed, result["detail"])
+    with pytest.raises(ValueError, match="`loss` must be one of .* got 'epsilon_dpo'"):
+        torch_lce_step("epsilon_dpo", HYPERPARAMS["epsilon_dpo"])
 
 
 @pytest.mark.parametrize("name", ["epsilon_dpo", "dpo"], ids=["epsilon_dpo", "dpo"])

@@ -52,27 +52,12 @@ def authors_loss(
     logits = hidden @ weight.T  # [2B, T, V]
     policy = _full_logps(logits, safe, maskf)
     if name == "simpo":
-        pc, pr = _split(policy, maskf, True)
-        u = hp["beta"] * (pc - pr) - hp["beta"] * hp["gamma_beta_ratio"]
-        return -F.logsigmoid(u).mean()
+        return loss_from_token_logps(name, policy, None, maskf, **hp)
     with torch.no_grad():
         ref_logits = ref_hidden @ ref_weight.T
         ref = _full_logps(ref_logits, safe, maskf)
-    if name == "dpo":
-        pc, pr = _split(policy, maskf, False)
-        rc, rr = _split(ref, maskf, False)
-        return -F.logsigmoid(hp["beta"] * ((pc - rc) - (pr - rr))).mean()
-    if name == "alpha_dpo":
-        pc, pr = _split(policy, maskf, True)
-        rc, rr = _split(ref, maskf, True)
-        with torch.no_grad():
-            gap = (pc - pr) - (rc - rr)
-            # First update of an EMA that starts at zero (momentum 0.9): μ = 0.1·mean, σ = 0.1·std.
-            mu = 0.1 * gap.mean()
-            sigma = 0.1 * gap.std() if gap.numel() > 1 else torch.zeros_like(mu)
-            z = torch.where(sigma > 0, (gap - mu) / sigma, torch.zeros_like(gap))
-            margin = hp["gamma_beta_ratio"] + hp["alpha"] * z
-        return -F.logsigmoid(hp["beta"] * ((pc - pr) - margin)).mean()
+    if name in ("dpo", "alpha_dpo"):
+        return loss_from_token_logps(name, policy, ref, maskf, **hp)
     if name == "epsilon_dpo":
         eps = hp["epsilon"]
         with torch.no_grad():
@@ -90,3 +75,43 @@ def authors_loss(
         rc, rr = _split(ref, maskf, False)
         return -F.logsigmoid(beta_i * ((pc - rc) - (pr - rr))).mean()
     raise ValueError(f"unknown loss {name!r}")
+
+
+def loss_from_token_logps(
+    name: str, policy: torch.Tensor, ref: torch.Tensor | None, maskf: torch.Tensor, **hp: float
+) -> torch.Tensor:
+    """Mean first-step DPO, SimPO or α-DPO loss from masked per-token log-probs, in plain PyTorch.
+
+    Args:
+        name: ``"dpo"``, ``"simpo"`` or ``"alpha_dpo"``.
+        policy: ``[2B, T]`` per-token log-probs of the policy (0 at ignored tokens), differentiable;
+            rows ``[0, B)`` chosen, ``[B, 2B)`` rejected.
+        ref: ``[2B, T]`` the reference's (no grad); ``None`` for SimPO.
+        maskf: ``[2B, T]`` 1 at counted tokens, 0 elsewhere.
+        hp: the loss's hyperparameters (`prefloss.benchmark.cases.HYPERPARAMS`).
+
+    DPO: ``−log σ(β((π_w − ρ_w) − (π_l − ρ_l)))`` on sums; SimPO: ``−log σ(β(π̄_w − π̄_l) − β·r)`` on
+    per-token means; α-DPO: ``−log σ(β((π̄_w − π̄_l) − sg[r + α·z]))``, ``z = (M − μ)/σ`` with
+    ``M = (π̄_w − π̄_l) − (ρ̄_w − ρ̄_l)`` and the first update of a zero-started EMA of momentum 0.9
+    (``μ = 0.1·mean M``, ``σ = 0.1·std M``, ``z = 0`` where ``σ = 0``): docs/losses.md.
+    """
+    if name == "simpo":
+        pc, pr = _split(policy, maskf, True)
+        u = hp["beta"] * (pc - pr) - hp["beta"] * hp["gamma_beta_ratio"]
+        return -F.logsigmoid(u).mean()
+    if name == "dpo":
+        pc, pr = _split(policy, maskf, False)
+        rc, rr = _split(ref, maskf, False)
+        return -F.logsigmoid(hp["beta"] * ((pc - rc) - (pr - rr))).mean()
+    if name == "alpha_dpo":
+        pc, pr = _split(policy, maskf, True)
+        rc, rr = _split(ref, maskf, True)
+        with torch.no_grad():
+            gap = (pc - pr) - (rc - rr)
+            # First update of an EMA that starts at zero (momentum 0.9): μ = 0.1·mean, σ = 0.1·std.
+            mu = 0.1 * gap.mean()
+            sigma = 0.1 * gap.std() if gap.numel() > 1 else torch.zeros_like(mu)
+            z = torch.where(sigma > 0, (gap - mu) / sigma, torch.zeros_like(gap))
+            margin = hp["gamma_beta_ratio"] + hp["alpha"] * z
+        return -F.logsigmoid(hp["beta"] * ((pc - pr) - margin)).mean()
+    raise ValueError(f"`name` must be 'dpo', 'simpo' or 'alpha_dpo', got {name!r}.")

@@ -10,6 +10,8 @@ Methods:
 - ``authors``: full logits of policy and reference (`prefloss.benchmark.authors`).
 - ``liger``: Liger-Kernel's chunked fused-linear DPO / SimPO, eager (``compiled=False``).
 - ``trl``: TRL 1.16 ``DPOTrainer``'s DPO step through its chunked LM head (`prefloss.benchmark.trl_case`).
+- ``torch-lce``: DPO, SimPO and α-DPO on torch 2.13's ``F.linear_cross_entropy`` with its default
+  options, the losses in plain PyTorch (`prefloss.benchmark.torch_lce_case`).
 - ``floor``: the four GEMMs of ``N_counted·H·V`` any exact method needs; no loss.
 - ``prefloss-torch-frozen/<loss>`` (method ``prefloss-torch``): the same loss with the LM head frozen
   (``weight.requires_grad = False``, as under LoRA): only ``∂hidden``; judged and timed against
@@ -27,6 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from prefloss.benchmark.inputs import Inputs
+from prefloss.benchmark.torch_lce_case import LOSSES as TORCH_LCE_LOSSES
+from prefloss.benchmark.torch_lce_case import torch_lce_step
 from prefloss.benchmark.trl_case import trl_dpo_step
 from prefloss.fused.op import TokenLogProbs
 from prefloss.losses import LOSSES
@@ -228,6 +232,16 @@ def _registry() -> dict[str, Case]:
     cases.append(
         Case("trl/dpo", "trl", "dpo", trl_dpo_step(HYPERPARAMS["dpo"]["beta"]), note="TRL 1.16 chunked head")
     )
+    for loss in TORCH_LCE_LOSSES:
+        cases.append(
+            Case(
+                f"torch-lce/{loss}",
+                "torch-lce",
+                loss,
+                torch_lce_step(loss, HYPERPARAMS[loss]),
+                note="F.linear_cross_entropy, default options",
+            )
+        )
     cases.append(Case("floor", "floor", None, _floor_step, note="4 GEMMs of N_counted·H·V"))
     cases.append(
         Case(

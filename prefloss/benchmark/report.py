@@ -12,6 +12,7 @@ COLORS = {
     "authors": "C0",
     "liger": "C1",
     "trl": "C4",
+    "torch-lce": "C5",
     "prefloss-torch": "C2",
     "prefloss-triton": "C3",
     "floor": "k",
