@@ -14,10 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from prefloss.hf.adapters import AdapterView
 from prefloss.hf.engines import gathered_heads
 from prefloss.hf.heads import check_logit_transforms
 from prefloss.hf.model import decoder_hidden_states, decoder_outputs
 from prefloss.hf.moe import add_router_aux_loss, router_aux_loss, router_logits_kwargs
+from prefloss.hf.packing import check_packed_forward, check_packing_support, pack_batch
 from prefloss.losses.common import LossOutput
 
 __all__ = ["preference_loss"]
@@ -35,6 +37,8 @@ def preference_loss(
     ignore_index: int = -100,
     model_inputs: Mapping[str, Any] | None = None,
     router_aux_loss_coef: float = 0.0,
+    loss_weight: float = 1.0,
+    padding_free: bool = False,
 ) -> LossOutput:
     """The loss of one micro-batch of ``B`` pairs (rows ``[0, B)`` chosen, ``[B, 2B)`` rejected).
 
@@ -58,12 +62,33 @@ def preference_loss(
             policy's forward returns its routers' ``aux_loss`` and the loss becomes
             ``loss + router_aux_loss_coef · aux_loss``, ``aux_loss`` in the metrics (`prefloss.hf.moe`).
             A MoE reference (and a MoE policy at 0) is told not to form router logits.
+        loss_weight: weight of the preference loss alone (TRL's ``loss_weights``): the loss is
+            ``loss_weight · loss + router_aux_loss_coef · aux_loss``.
+        padding_free: pack the micro-batch (`prefloss.hf.packing.pack_batch`): both forwards run on
+            one ``[1, L]`` row of the ``L`` real tokens, ``position_ids`` restarting at each sequence,
+            ``attention_mask=None``, and the loss takes ``cu_seqlens``: the loss, gradients and loss
+            state of the padded batch. Models that cannot keep packed sequences apart are refused
+            (`prefloss.hf.packing.check_packing_support`), and each model's packed forward is compared
+            with separate ones on its first batch (`prefloss.hf.packing.check_packed_forward`).
 
     Returns:
         The loss module's `LossOutput`; ``loss`` back-propagates through the gathered heads (and, for
         the auxiliary loss, through the routers).
     """
     extra = dict(model_inputs or {})
+    loss_kwargs: dict[str, Any] = {}
+    if padding_free:
+        live_ref = ref_model if ref_logps is None else None
+        # a PEFT policy's reference is the policy under other adapters: checked with the policy
+        models = [m for m in (model, live_ref) if m is not None and not isinstance(m, AdapterView)]
+        for m in models:
+            check_packing_support(m, extra)
+        for m in models:
+            check_packed_forward(m, input_ids, attention_mask)
+        packed = pack_batch(input_ids, attention_mask, labels, ignore_index)
+        input_ids, attention_mask, labels = packed.input_ids, None, packed.labels
+        extra["position_ids"] = packed.position_ids
+        loss_kwargs["cu_seqlens"] = packed.cu_seqlens
     aux_wanted = bool(router_aux_loss_coef)
     policy = decoder_outputs(
         model, input_ids, attention_mask, **extra, **router_logits_kwargs(model, aux_wanted)
@@ -77,7 +102,7 @@ def preference_loss(
                 ref_model, input_ids, attention_mask, **extra, **router_logits_kwargs(ref_model, False)
             )
     with gathered_heads(model, ref_model if ref_hidden is not None else None) as heads:
-        kwargs = heads.policy.fused_kwargs()
+        kwargs = {**loss_kwargs, **heads.policy.fused_kwargs()}
         if ref_logps is not None:
             kwargs["ref_logps"] = ref_logps
         elif ref_hidden is not None:
@@ -91,6 +116,8 @@ def preference_loss(
             **kwargs,
         )
         out.loss = heads.gather_before_backward(out.loss)
+    if loss_weight != 1.0:
+        out.loss = out.loss * loss_weight
     if aux_loss is not None:
         add_router_aux_loss(out, aux_loss, router_aux_loss_coef)
     return out
