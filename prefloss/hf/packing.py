@@ -200,7 +200,9 @@ def check_packing_support(model: nn.Module, model_inputs: dict[str, Any] | None 
             "Set padding_free=False",
         )
     text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
-    implementation = getattr(text, "_attn_implementation", None) or getattr(config, "_attn_implementation", None)
+    implementation = getattr(text, "_attn_implementation", None) or getattr(
+        config, "_attn_implementation", None
+    )
     if implementation is not None and implementation not in ATTENTION_IMPLEMENTATIONS:
         refuse(
             f"its attention implementation {implementation!r} is not known to honour packed position_ids "
@@ -209,7 +211,8 @@ def check_packing_support(model: nn.Module, model_inputs: dict[str, Any] | None 
             "padding_free=False",
         )
     kinds = set(getattr(text, "layer_types", None) or ()) - _ATTENTION_LAYERS
-    if model_type in STATEFUL_MODEL_TYPES or getattr(text, "model_type", None) in STATEFUL_MODEL_TYPES or kinds:
+    stateful = {model_type, getattr(text, "model_type", None)} & set(STATEFUL_MODEL_TYPES)
+    if stateful or kinds:
         what = f" (layer types {sorted(kinds)})" if kinds else ""
         refuse(
             f"its layers mix tokens other than through attention{what}, so a packed sequence would see "
