@@ -138,6 +138,15 @@ class PreferenceConfig(LossFields, TrainingArguments):
         default=True,
         metadata={"help": "Check once that hidden states + output head reproduce the model's logits."},
     )
+    padding_free: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack each micro-batch's sequences into one row without padding (position_ids restarting "
+            "at each sequence, no attention mask): the same loss and gradients, no padded tokens in the "
+            "forwards or the loss. Needs an attention implementation that keeps packed sequences apart "
+            "(flash_attention_2/3, flex_attention, sdpa, eager); see prefloss.hf.packing."
+        },
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Must stay False: the collator needs the tokenized columns."}
     )
@@ -508,6 +517,7 @@ class PreferenceTrainer(LossStateCheckpoints, LossOnlyPrediction, Trainer):
             ref_logps=inputs.get("ref_logps"),
             ignore_index=getattr(self._collator, "ignore_index", -100),
             router_aux_loss_coef=self._router_aux_loss_coef,
+            padding_free=self.args.padding_free,
         )
 
     def compute_loss(
