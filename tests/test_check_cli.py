@@ -32,7 +32,8 @@ def _check(tmp_path, *args):
 
 
 def test_check_quick_passes_and_writes_json(tmp_path):
-    proc = _check(tmp_path, "--quick", "--json", "out.json")
+    # one CUDA and one AMD target (CI's time): tests/test_kernels_compile.py covers all four
+    proc = _check(tmp_path, "--quick", "--targets", "90,gfx942", "--json", "out.json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads((tmp_path / "out.json").read_text())
     assert data["passed"] is True
@@ -44,8 +45,11 @@ def test_check_quick_passes_and_writes_json(tmp_path):
     assert {"policy", "ref", "minus", "plus", "d hidden", "d weight"} <= ref_eps
     assert {"policy sums", "ref sums", "minus sums", "plus sums"} <= ref_eps
     assert data["compile"] and all(r["ok"] for r in data["compile"])
-    assert {r["target"] for r in data["compile"]} == {80, 90}
+    assert {r["target"] for r in data["compile"]} == {90, "gfx942"}
+    amd = [r for r in data["compile"] if r["target"] == "gfx942"]
+    assert all(r["vgprs"] > 0 and r["vgpr_spills"] == r["scratch_bytes"] == 0 for r in amd)
     assert "max abs err" in proc.stdout and "spill" in proc.stdout
+    assert "compile report (sm_90, gfx942; no GPU needed)" in proc.stdout and "occupancy" in proc.stdout
 
 
 def test_check_detects_injected_error(tmp_path):
@@ -81,13 +85,16 @@ def test_check_rejects_bad_arguments(tmp_path, monkeypatch, capsys, args, messag
     [
         (
             ["--targets", "sm90"],
-            "argument --targets: expected a comma-separated list of integers >= 50 like 80,90, got 'sm90'",
+            "argument --targets: expected a comma-separated list of integers >= 50 like 80,90 "
+            "and/or AMD targets among gfx942,gfx90a, got 'sm90'",
         ),
         (
             ["--targets", "-5"],
-            "argument --targets: expected a comma-separated list of integers >= 50 like 80,90, got '-5'",
+            "argument --targets: expected a comma-separated list of integers >= 50 like 80,90 "
+            "and/or AMD targets among gfx942,gfx90a, got '-5'",
         ),
         (["--targets", "80,8"], "argument --targets: expected a comma-separated list of integers >= 50"),
+        (["--targets", "gfx1100"], "argument --targets: expected a comma-separated list of integers >= 50"),
         (["--targets", ","], "argument --targets: expected a comma-separated list of integers >= 50"),
         (["--inject-error", "-1"], "argument --inject-error: expected a finite number >= 0, got '-1'"),
         (["--inject-error", "nan"], "argument --inject-error: expected a finite number >= 0, got 'nan'"),
@@ -100,6 +107,7 @@ def test_check_rejects_bad_arguments(tmp_path, monkeypatch, capsys, args, messag
         "targets-name",
         "targets-negative",
         "targets-too-low",
+        "targets-unknown-amd",
         "targets-empty",
         "inject-negative",
         "inject-nan",
@@ -121,6 +129,7 @@ def test_check_number_defaults_and_good_values():
     parser = argparse.ArgumentParser()
     check.add_arguments(parser)
     args = parser.parse_args([])
-    assert (args.targets, args.seed, args.inject_error) == ([80, 90], 0, 0.0)
+    assert (args.targets, args.seed, args.inject_error) == ([80, 90, "gfx942", "gfx90a"], 0, 0.0)
     args = parser.parse_args(["--targets", "90", "--seed", "7", "--inject-error", "0.5"])
     assert (args.targets, args.seed, args.inject_error) == ([90], 7, 0.5)
+    assert parser.parse_args(["--targets", "gfx90a,80"]).targets == ["gfx90a", 80]

@@ -6,6 +6,7 @@ stay within 5/4 of the 4-GEMM floor (+1 %), the peak of live memory beyond the i
 1.6 GiB for ε-DPO (bf16 weights, bf16 gradients: 1.04 GiB of it), and the modelled effective
 throughput on an H100 SXM is at least 650 TFLOP/s. Before the vocabulary-tiled backward, the ∂W
 GEMM took fp32 operands (20 % of the FLOPs) and the peak was 3.0 GiB: these tests failed.
+AMD Instinct GPUs (MI300X, MI325X, one MI250X GCD): the same recorded step, timed at their datasheet peaks.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import pytest
 
 from prefloss.commands import cli
-from prefloss.commands.plan import GIB, GPUS, LOSSES, plan_step
+from prefloss.commands.plan import AMD_GPUS, GIB, GPUS, LOSSES, ROCM_UNVERIFIED, plan_step
 
 LLAMA3_8B = {"tokens": 8192, "hidden": 4096, "vocab": 128256}
 
@@ -81,7 +82,53 @@ def test_frozen_head_floor_is_three_gemms(plans):
 
 def test_every_gpu_names_its_source():
     for spec in GPUS.values():
-        assert "datasheet" in spec.source and spec.tflops_16bit > spec.tflops_tf32 > spec.tflops_fp32 > 0
+        assert "datasheet" in spec.source and spec.tflops_16bit > spec.tflops_fp32 > 0
+        # MI250X has no TF32
+        assert spec.tflops_tf32 is None or spec.tflops_16bit > spec.tflops_tf32 > spec.tflops_fp32
+
+
+# Datasheet peaks, written out here: (16-bit TFLOP/s dense, fp32 TFLOP/s, HBM TB/s, memory GB)
+AMD_DATASHEETS = {
+    "mi300x": (1307.4, 163.4, 5.3, 192),
+    "mi325x": (1307.4, 163.4, 6.0, 256),
+    "mi250x": (383.0 / 2, 95.7 / 2, 3.2768 / 2, 128 / 2),  # one GCD: half the package
+}
+
+
+@pytest.mark.parametrize("gpu", AMD_GPUS, ids=AMD_GPUS)
+def test_amd_model_is_the_same_step_at_the_datasheet_peaks(plans, gpu):
+    """The recorded step does not depend on the GPU; its roofline, recomputed here from the datasheet
+    figures, is the plan's time."""
+    h100, plan = plans("epsilon_dpo"), plans("epsilon_dpo", gpu=gpu)
+    assert [(g.role, g.m, g.n, g.k, g.flops, g.bytes) for g in plan.gemms] == [
+        (g.role, g.m, g.n, g.k, g.flops, g.bytes) for g in h100.gemms
+    ]
+    assert (plan.peak_bytes, plan.gradient_bytes) == (h100.peak_bytes, h100.gradient_bytes)
+    tflops_16, tflops_32, tb_s, gb = AMD_DATASHEETS[gpu]
+    spec = plan.gpu_spec
+    assert (spec.tflops_16bit, spec.tflops_fp32, spec.memory_gb) == pytest.approx((tflops_16, tflops_32, gb))
+    assert spec.hbm_tb_s == pytest.approx(tb_s)
+    expected = sum(
+        max(g.flops / ((tflops_32 if g.operands_32bit else tflops_16) * 1e12), g.bytes / (tb_s * 1e12))
+        for g in plan.gemms
+    ) + sum((r.bytes_read + r.bytes_written) / (tb_s * 1e12) for r in (*plan.kernels, *plan.other))
+    assert plan.step_time_s == pytest.approx(expected, rel=1e-12)
+    assert plan.floor_time_s == pytest.approx(plan.floor_flops / (tflops_16 * 1e12), rel=1e-12)
+
+
+def test_amd_cli_prints_the_model_its_source_and_what_is_unverified(tmp_path, capsys):
+    path = tmp_path / "plan.json"
+    argv = ["plan", "--loss", "dpo", "--tokens", "512", "--hidden", "256", "--vocab", "1000"]
+    assert cli.main([*argv, "--gpu", "mi300x", "--json", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "MODEL" in text and "not a measurement" in text and "ROCm" in text
+    assert "datasheet" in text and "1307.4" in text and "unverified on ROCm" in text
+    assert "out_dtype" in text
+    data = json.loads(path.read_text())
+    assert data["gpu"] == "mi300x" and data["rocm_unverified"] == list(ROCM_UNVERIFIED)
+    assert cli.main([*argv, "--gpu", "h100", "--json", str(path)]) == 0
+    assert "rocm_unverified" not in json.loads(path.read_text())
+    assert "ROCm" not in capsys.readouterr().out
 
 
 def test_cli_prints_a_model_and_writes_json(tmp_path, capsys):

@@ -5,8 +5,9 @@ backward (random upstream gradient), and judges every output, every per-row sum 
 every gradient with the shared criterion of `prefloss.testing`:
 ``err(triton) <= ERROR_MARGIN · max(err(torch backend at the same dtype), u·max|expected|)``, and per
 row ``|Σ_t err| <= ERROR_MARGIN · sequence_error_scale(torch backend)``, errors measured against the
-float64 oracle `prefloss.reference.token_logprobs`. Then compiles every kernel for sm_80 / sm_90
-(`prefloss.commands.compile_report`) and fails on compile errors or register spills.
+float64 oracle `prefloss.reference.token_logprobs`. Then compiles every kernel at every autotune
+config for NVIDIA sm_80 / sm_90 and AMD gfx942 / gfx90a (`prefloss.commands.compile_report`) and
+fails on compile errors or register spills.
 
 On CUDA the compiled kernels run on GPU-sized shapes; without CUDA the kernels run under Triton's
 interpreter (``TRITON_INTERPRET=1``, set here before `prefloss.kernels` is imported) on small shapes.
@@ -24,7 +25,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from prefloss.commands.cli_args import int_list, nonnegative_float, random_seed
+from prefloss.commands.cli_args import nonnegative_float, random_seed
 
 KINDS = ("policy", "ref", "minus", "plus")
 QUANTITIES = (*KINDS, *(f"{k} sums" for k in KINDS), "d hidden", "d weight", "d bias")
@@ -89,6 +90,29 @@ class CheckResult:
     worst_index: tuple[int, ...] = ()
 
 
+DEFAULT_TARGETS = "80,90,gfx942,gfx90a"
+
+
+def compile_targets(text: str) -> list[int | str]:
+    """``--targets``: CUDA compute capabilities (integers >= 50) and/or AMD targets (gfx942, gfx90a)."""
+    from prefloss.commands.compile_report import AMD_TARGETS
+
+    expected = (
+        "a comma-separated list of integers >= 50 like 80,90 and/or AMD targets among "
+        f"{','.join(AMD_TARGETS)}"
+    )
+    targets: list[int | str] = []
+    for item in text.split(","):
+        item = item.strip()
+        if item in AMD_TARGETS:
+            targets.append(item)
+        elif item.isdigit() and int(item) >= 50:
+            targets.append(int(item))
+        else:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return targets
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_CASES)} in fp32/bf16")
     parser.add_argument("--json", metavar="PATH", type=Path, default=None, help="write all results as JSON")
@@ -100,9 +124,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtypes", default=None, help="comma-separated among fp32,bf16,fp16 (default: all)")
     parser.add_argument(
         "--targets",
-        type=int_list(minimum=50, example="80,90"),
-        default="80,90",
-        help="CUDA compute capabilities to compile for, comma-separated (default 80,90)",
+        type=compile_targets,
+        default=DEFAULT_TARGETS,
+        help="CUDA compute capabilities and/or AMD targets to compile for, comma-separated "
+        f"(default {DEFAULT_TARGETS})",
     )
     parser.add_argument("--no-compile", action="store_true", help="skip the compile report")
     parser.add_argument("--seed", type=random_seed, default=0, help="input seed (default 0)")
@@ -308,7 +333,7 @@ def run(args) -> int:
     import triton
     from tqdm import tqdm
 
-    from prefloss.commands.compile_report import compile_report, format_table
+    from prefloss.commands.compile_report import compile_report, format_table, target_name
 
     jobs = [(c, d) for c in CASES if c.name in case_names for d in dtype_names]
     results: list[CheckResult] = []
@@ -327,7 +352,7 @@ def run(args) -> int:
 
     compiled = []
     if not args.no_compile:
-        print(f"\ncompile report (sm_{', sm_'.join(map(str, targets))}; no GPU needed):")
+        print(f"\ncompile report ({', '.join(map(target_name, targets))}; no GPU needed):")
         try:
             compiled = compile_report(targets)
             print(format_table(compiled))

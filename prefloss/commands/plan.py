@@ -19,6 +19,12 @@ Real GEMMs typically reach 75–85 % of these peaks (not measured by this projec
 modelled time is a lower bound, the effective TFLOP/s an upper bound. Not modelled: the caching
 allocator's rounding, cuBLAS workspaces, autotuning, kernel launch latency.
 
+AMD Instinct GPUs (``mi300x``, ``mi325x``, ``mi250x``) get the same model: PyTorch's ROCm build runs
+the same code on ``"cuda"`` devices (HIP), so the recorded step is identical and only the peaks
+differ. What the model assumes there and nobody has run is listed in `ROCM_UNVERIFIED` and printed
+with the model. ``mi250x`` is one GCD, half the package: each of its two dies is a separate PyTorch
+device (and rank), so one GCD is what one step runs on.
+
 The floor is the bench's (`prefloss bench`, case ``floor``): the 4 GEMMs any exact method needs,
 ``h·Wᵀ``, ``h_ref·W_refᵀ``, ``∂h = G·W``, ``∂W = Gᵀ·h`` over the counted tokens (3 with a frozen
 head: no ``∂W``), each ``2·N·H·V`` FLOPs at the 16-bit tensor-core rate.
@@ -50,8 +56,10 @@ class GpuSpec:
 
     name: str
     tflops_16bit: float  # bf16 and fp16 tensor cores, dense
-    tflops_tf32: float  # TF32 tensor cores, dense (not used: PyTorch's default allow_tf32=False)
-    tflops_fp32: float  # plain fp32 (CUDA cores): fp32-operand GEMMs under PyTorch's default
+    tflops_tf32: float | None  # TF32 tensor cores, dense (not used: PyTorch's default
+    # allow_tf32=False); None where the GPU has none (MI250X)
+    tflops_fp32: float  # plain fp32 (CUDA cores; AMD: fp32 matrix cores, exact fp32): fp32-operand
+    # GEMMs under PyTorch's default
     hbm_tb_s: float  # HBM bandwidth, TB/s (10^12 bytes/s)
     memory_gb: float
     source: str
@@ -98,6 +106,66 @@ GPUS = {
         ),
     ),
 }
+
+# AMD Instinct, dense peaks (AMD quotes sparsity separately). fp32-operand GEMMs run on the matrix
+# cores in exact fp32 (rocBLAS/hipBLASLt), so `tflops_fp32` is the "FP32 Matrix" figure.
+GPUS |= {
+    "mi300x": GpuSpec(
+        name="AMD Instinct MI300X (OAM) 192GB",
+        tflops_16bit=1307.4,
+        tflops_tf32=653.7,
+        tflops_fp32=163.4,
+        hbm_tb_s=5.3,
+        memory_gb=192,
+        source=(
+            "AMD Instinct MI300X accelerator datasheet and product page "
+            "(amd.com/en/products/accelerators/instinct/mi300/mi300x.html): peak FP16/BF16 1307.4 TFLOPS "
+            "dense (2614.9 with sparsity), TF32 653.7 TFLOPS, FP32 matrix 163.4 TFLOPS, 192 GB HBM3, "
+            "peak memory bandwidth 5.3 TB/s"
+        ),
+    ),
+    "mi325x": GpuSpec(
+        name="AMD Instinct MI325X (OAM) 256GB",
+        tflops_16bit=1307.4,
+        tflops_tf32=653.7,
+        tflops_fp32=163.4,
+        hbm_tb_s=6.0,
+        memory_gb=256,
+        source=(
+            "AMD Instinct MI325X accelerator datasheet and product page "
+            "(amd.com/en/products/accelerators/instinct/mi300/mi325x.html): peak FP16/BF16 1307.4 TFLOPS "
+            "dense, TF32 653.7 TFLOPS, FP32 matrix 163.4 TFLOPS (the MI300X's compute), 256 GB HBM3E, "
+            "peak memory bandwidth 6 TB/s"
+        ),
+    ),
+    "mi250x": GpuSpec(
+        name="AMD Instinct MI250X (OAM), one GCD of two, 64GB",
+        tflops_16bit=191.5,
+        tflops_tf32=None,
+        tflops_fp32=47.85,
+        hbm_tb_s=1.6384,
+        memory_gb=64,
+        source=(
+            "AMD Instinct MI250X accelerator datasheet and product page "
+            "(amd.com/en/products/accelerators/instinct/mi200/mi250x.html), per package of 2 GCDs: peak "
+            "FP16/BF16 383 TFLOPS, FP32 matrix 95.7 TFLOPS, no TF32, 128 GB HBM2e, 3.2768 TB/s; halved "
+            "here: one GCD is one PyTorch device"
+        ),
+    ),
+}
+AMD_GPUS = ("mi300x", "mi325x", "mi250x")
+# Parts of the step the AMD model assumes and nobody has run on ROCm (no AMD GPU was available).
+ROCM_UNVERIFIED = (
+    "the Triton row kernels: compiled for gfx942/gfx90a without spills (prefloss check), never run "
+    "on an AMD GPU, so neither their numerics nor their speed is checked there",
+    "the backward's 16-bit GEMMs into fp32 (torch.addmm(..., out_dtype=torch.float32)): PyTorch's "
+    "source routes them to hipBLASLt or rocBLAS and refuses them ('not supported for ROCm') only "
+    "when the CK BLAS backend is preferred; a refusal was also reported on torch 2.9 / ROCm 7.0. "
+    "prefloss has no fallback there (the step would raise); the model assumes the GEMM runs as one "
+    "16-bit GEMM at the 16-bit peak, as on CUDA",
+    "fp32-operand GEMMs at the FP32 matrix peak (hipBLASLt/rocBLAS; PyTorch's allow_tf32=False)",
+    "the peaks themselves: the fraction of them real GEMMs and row kernels reach on these GPUs",
+)
 
 _GEMMS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_", "addbmm", "addbmm_"}
 _KERNELS = {"prefloss::logprobs_fwd": "logprobs_fwd", "prefloss::logprobs_bwd": "logprobs_bwd"}
@@ -217,7 +285,8 @@ class StepPlan:
         return out
 
     def to_json(self) -> dict:
-        """Everything, as plain JSON types."""
+        """Everything, as plain JSON types (AMD GPUs add ``rocm_unverified``)."""
+        extra = {"rocm_unverified": list(ROCM_UNVERIFIED)} if self.gpu in AMD_GPUS else {}
         return {
             "model": (
                 "MODEL, not a measurement: the real step on meta tensors; GEMM shapes/dtypes/FLOPs, kernel "
@@ -250,6 +319,7 @@ class StepPlan:
             "parts": self.parts(),
             "gemms": [{**asdict(g), "operands_32bit": g.operands_32bit} for g in self.gemms],
             "kernels": [asdict(k) for k in self.kernels],
+            **extra,
         }
 
 
@@ -463,7 +533,8 @@ def plan_step(
         hidden: hidden size H (default 4096).
         vocab: vocabulary size V (default 128256).
         dtype: ``"bfloat16"`` (default), ``"float16"`` or ``"float32"``: the hidden states and heads.
-        gpu: ``"h100"`` (SXM, default), ``"h200"`` or ``"a100"`` (SXM 80GB).
+        gpu: ``"h100"`` (SXM, default), ``"h200"``, ``"a100"`` (SXM 80GB), or AMD ``"mi300x"``,
+            ``"mi325x"``, ``"mi250x"`` (one of its two GCDs; see `ROCM_UNVERIFIED`).
         frozen_head: the head takes no gradient (LoRA, frozen head); floor of 3 GEMMs.
 
     Returns:
@@ -541,9 +612,10 @@ def _roofline(plan: StepPlan) -> None:
 def format_plan(plan: StepPlan) -> str:
     """The terminal table: parts of the step with FLOPs, bytes and modelled time, then the totals."""
     spec = plan.gpu_spec
+    amd = plan.gpu in AMD_GPUS
+    path = "GPU path (triton backend) under ROCm" if amd else "CUDA path (triton backend)"
     lines = [
-        f"prefloss plan — a MODEL of one {plan.loss} training step of the CUDA path (triton backend), "
-        "not a measurement",
+        f"prefloss plan — a MODEL of one {plan.loss} training step of the {path}, not a measurement",
         f"  shapes: {plan.tokens} tokens, H={plan.hidden}, V={plan.vocab}, {plan.dtype}"
         + (", frozen head" if plan.frozen_head else ""),
         f"  GPU: {spec.name}: {spec.tflops_16bit:g} TFLOP/s bf16/fp16 dense, {spec.tflops_fp32:g} fp32, "
@@ -551,8 +623,11 @@ def format_plan(plan: StepPlan) -> str:
         f"  source: {spec.source}",
         "  GEMM shapes/dtypes/FLOPs, kernel bytes and live memory: the real code on meta tensors;",
         "  times are a roofline (max of FLOPs/peak and bytes/bandwidth, no overlap): a lower bound.",
-        "",
     ]
+    if amd:
+        lines.append("  unverified on ROCm (never run on an AMD GPU):")
+        lines += [f"    - {item}" for item in ROCM_UNVERIFIED]
+    lines.append("")
     header = (
         f"{'phase':<9} {'part':<26} {'operands':<16} {'calls':>5} {'TFLOP':>8} {'GB':>8} {'ms':>8}  shapes"
     )
@@ -613,7 +688,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=DTYPES, default=DEFAULTS["dtype"], help="input dtype (default bfloat16)"
     )
-    parser.add_argument("--gpu", choices=tuple(GPUS), default="h100", help="h100 (SXM, default), h200, a100")
+    parser.add_argument(
+        "--gpu",
+        choices=tuple(GPUS),
+        default="h100",
+        help="h100 (SXM, default), h200, a100, mi300x, mi325x, mi250x (one GCD)",
+    )
     parser.add_argument("--frozen-head", action="store_true", help="the LM head takes no gradient")
     parser.add_argument("--json", metavar="PATH", type=Path, default=None, help="write the model as JSON")
 
