@@ -1,7 +1,13 @@
 """One-command GPU validation of prefloss (``scripts/gpu_check.sh``). NEVER RUN ON A GPU YET.
 
 On a bare H100/H200 machine with this checkout and a CUDA build of PyTorch (the image's own
-``python3``; nothing is downloaded when the machine has no network), in under 8 minutes:
+``python3``; nothing is downloaded when the machine has no network), in under 8 minutes. The same
+script, unchanged, on an AMD Instinct machine (MI300X, MI325X, MI250X) with a ROCm build of PyTorch
+and the Triton it pins: it calls no ``nvidia-smi`` or other vendor tool, only ``torch.cuda`` (which
+a ROCm build serves through HIP), pytest and ``prefloss``; the GPU's name picks the model to compare
+with (`gpu_key`), and the JSON records ``torch.version.hip``. Never run on ROCm either; there it
+would be the first run of the kernels and of the ``out_dtype`` GEMMs (``tests/test_ops_custom.py``)
+on an AMD GPU. Steps:
 
 1. install: this checkout (``pip install --no-deps --no-build-isolation -e .``) and, when missing,
    liger-kernel (from ``wheels/`` beside the checkout if present, else from the index);
@@ -88,6 +94,7 @@ def _machine(py: str, env: dict) -> dict:
     code = (
         "import json, torch, triton; c = torch.cuda.is_available();"
         "print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda,"
+        "'hip': getattr(torch.version, 'hip', None),"
         "'triton': triton.__version__,"
         "'cuda_available': c, 'gpu': torch.cuda.get_device_name() if c else None,"
         "'gpu_memory_gib': torch.cuda.get_device_properties(0).total_memory / 2**30 if c else None}))"
@@ -99,9 +106,13 @@ def _machine(py: str, env: dict) -> dict:
 
 
 def gpu_key(name: str | None) -> str | None:
-    """`prefloss.commands.plan.GPUS` key for a CUDA device name (``None`` if it is none of them)."""
+    """`prefloss.commands.plan.GPUS` key for a device name (``None`` if it is none of them).
+
+    ROCm names the device as AMD does (``"AMD Instinct MI300X"``); an MI250X's two GCDs are two
+    devices, each the model's ``mi250x``.
+    """
     low = (name or "").lower()
-    for key in ("h200", "h100", "a100"):
+    for key in ("h200", "h100", "a100", "mi325x", "mi300x", "mi250x"):
         if key in low:
             return key
     return None
@@ -198,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     report["machine"] = machine
     if not args.dry_run and not machine.get("cuda_available"):
         report["error"] = (
-            "no CUDA device visible to this python's torch: run with a CUDA build of PyTorch "
+            "no GPU visible to this python's torch: run with a CUDA or ROCm build of PyTorch "
             "(PYTHON=/path/to/python3 scripts/gpu_check.sh), or --dry-run on a CPU"
         )
         args.json.write_text(json.dumps(report, indent=1))

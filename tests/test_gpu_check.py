@@ -24,10 +24,15 @@ _spec.loader.exec_module(gpu_check)
         ("NVIDIA H100 80GB HBM3", "h100"),
         ("NVIDIA H200", "h200"),
         ("NVIDIA A100-SXM4-80GB", "a100"),
+        ("AMD Instinct MI300X", "mi300x"),
+        ("AMD Instinct MI300X VF", "mi300x"),
+        ("AMD Instinct MI325X", "mi325x"),
+        ("AMD Instinct MI250X", "mi250x"),
+        ("AMD Instinct MI210", None),
         ("NVIDIA L4", None),
         (None, None),
     ],
-    ids=["h100", "h200", "a100", "other", "none"],
+    ids=["h100", "h200", "a100", "mi300x", "mi300x-vf", "mi325x", "mi250x", "mi210", "other", "none"],
 )
 def test_gpu_key(name, key):
     assert gpu_check.gpu_key(name) == key
