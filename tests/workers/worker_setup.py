@@ -9,7 +9,31 @@ do not import it.
 
 from __future__ import annotations
 
+import importlib
+import socket
+from collections.abc import Callable
 from typing import Any
+
+import torch.multiprocessing
+
+
+def launch(main: Callable[..., None], args: tuple, nprocs: int = 2, preload: tuple[str, ...] = ()) -> None:
+    """Run ``main(rank, *args)`` in ``nprocs`` processes and wait for them, as
+    ``torch.multiprocessing.spawn`` does but by forking after importing the modules named in
+    ``preload``: each child inherits this process's imports (torch, transformers, DeepSpeed, prefloss)
+    instead of importing them again, which is about two thirds of a 2-process launch's CPU time on a
+    2-core machine (ddp engine worker: 38 s -> 16 s). Safe here because the parent has computed nothing
+    (no thread pool started, no CUDA)."""
+    for name in preload:
+        importlib.import_module(name)
+    torch.multiprocessing.start_processes(main, args=args, nprocs=nprocs, start_method="fork")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free at the time of the call (for ``distributed_env``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def distributed_env(rank: int, world: int, port: int) -> dict[str, str]:
