@@ -2,8 +2,9 @@
 
 The DPOConfig fields are decided one by one in `prefloss.trl.dpo.check_dpo_args` (config-level,
 before any model is loaded) and in ``DPOTrainer.__init__`` / ``_compute_loss`` (what depends on the
-model or the batch: a MoE model's auxiliary loss, extra model inputs). Options that are honoured
-(``loss_weights`` of one loss, ``label_smoothing`` of α-DPO) are checked to change the loss as stated.
+model or the batch: extra model inputs; a MoE model's auxiliary loss is implemented,
+tests/test_trl_moe.py). Options that are honoured (``loss_weights`` of one loss, ``label_smoothing``
+of α-DPO) are checked to change the loss as stated.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ trl = pytest.importorskip("trl")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import datasets  # noqa: E402
-import transformers  # noqa: E402
 
 import prefloss.trl as ptrl  # noqa: E402
 from prefloss.hf.tiny import byte_level_tokenizer, tiny_llama  # noqa: E402
@@ -51,7 +51,6 @@ DPO_REFUSED = [
     ("label_smoothing", 0.1, {}),  # TRL's 'sigmoid' ignores it; prefloss would apply it
     ("padding_free", True, {}),
     ("activation_offloading", True, {}),
-    ("router_aux_loss_coef", 0.01, {}),
     ("precompute_ref_log_probs", True, {"loss_type": "epsilon_dpo"}),
     ("gamma_beta_ratio", 0.5, {}),  # not a hyperparameter of loss_type 'sigmoid'
     ("epsilon", 0.1, {"loss_type": "alpha_dpo"}),
@@ -78,49 +77,6 @@ def test_dpo_trainer_refuses_a_plain_trl_config(tmp_path, dataset):
             model=tiny_llama(tok, hidden_size=32), args=args, train_dataset=dataset(), processing_class=tok
         )
     _message_names(err, "loss_type", "hinge")
-
-
-def _tiny_mixtral(tok):
-    config = transformers.AutoConfig.for_model(
-        "mixtral",
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        num_local_experts=2,
-        num_experts_per_tok=1,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config)
-
-
-def test_dpo_trainer_refuses_moe_aux_loss_but_trains_without_it(tmp_path, dataset):
-    tok = byte_level_tokenizer()
-    model = _tiny_mixtral(tok)
-    coef = model.config.router_aux_loss_coef
-    assert coef != 0
-    with pytest.raises(ValueError) as err:
-        ptrl.DPOTrainer(
-            model=model,
-            ref_model=_tiny_mixtral(tok),
-            args=ptrl.DPOConfig(str(tmp_path), **COMMON),
-            train_dataset=dataset(),
-            processing_class=tok,
-        )
-    _message_names(err, "router_aux_loss_coef", coef)
-    args = ptrl.DPOConfig(str(tmp_path), **COMMON, router_aux_loss_coef=0.0)  # the user's explicit choice
-    trainer = ptrl.DPOTrainer(
-        model=_tiny_mixtral(tok),
-        ref_model=_tiny_mixtral(tok),
-        args=args,
-        train_dataset=dataset(),
-        processing_class=tok,
-    )
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
-    assert torch.isfinite(trainer.compute_loss(trainer.model, batch))
 
 
 @pytest.fixture

@@ -52,6 +52,7 @@ from prefloss.hf.core import (
 from prefloss.hf.engines import gathered_heads
 from prefloss.hf.loss_fields import LossFields, config_field, loss_field, loss_module_kwargs
 from prefloss.hf.model import decoder_hidden_states, unwrap_model
+from prefloss.hf.moe import router_logits_kwargs
 from prefloss.hf.step import preference_loss
 from prefloss.trl._common import refuse, reward_metrics, shift_completion_labels, vocab_statistics
 
@@ -159,14 +160,6 @@ def check_dpo_args(args: Any) -> str:
             "it is untested with prefloss's fused op",
             "Set activation_offloading=False",
         )
-    if args.router_aux_loss_coef:
-        refuse(
-            "router_aux_loss_coef",
-            args.router_aux_loss_coef,
-            "the MoE load-balancing loss needs the router logits of the policy's forward, which prefloss "
-            "does not collect",
-            "Set router_aux_loss_coef=0.0",
-        )
     if args.precompute_ref_log_probs and kind == "epsilon_dpo":
         refuse(
             "precompute_ref_log_probs",
@@ -240,6 +233,12 @@ class DPOTrainer(LossStateCheckpoints, LossOnlyPrediction, trl.DPOTrainer):
     ``logits/rejected`` and ``mean_token_accuracy`` need vocabulary-wide reductions the fused op does
     not compute: logged only with ``log_vocab_metrics=True`` (one extra no-grad ``N·H·V`` GEMM).
 
+    Mixture-of-experts models as in TRL: when TRL enables the auxiliary loss (a MoE config and a
+    ``router_aux_loss_coef``, the ``DPOConfig``'s or else the model config's, that is not 0), the
+    policy's forward returns its routers' load-balancing loss, the loss is
+    ``loss_weight · loss + router_aux_loss_coef · aux_loss`` and ``aux_loss`` is logged
+    (`prefloss.hf.moe`); the reference forms no router logits.
+
     Checkpoints also hold the loss state (``prefloss_loss_state.pt``: α-DPO's running statistics,
     ε-DPO's β), restored by ``train(resume_from_checkpoint=...)``.
     """
@@ -276,14 +275,6 @@ class DPOTrainer(LossStateCheckpoints, LossOnlyPrediction, trl.DPOTrainer):
                 "prefloss's hidden-state path does not forward",
                 "Use trl.DPOTrainer for vision-language models",
             )
-        if self.aux_loss_enabled:
-            refuse(
-                "router_aux_loss_coef",
-                self.router_aux_loss_coef,
-                f"{type(unwrap_model(self.model)).__name__} returns router logits (a MoE model, whose config "
-                "sets a load-balancing coefficient) and prefloss does not add the auxiliary loss",
-                "Set router_aux_loss_coef=0.0 to train without it",
-            )
         check_peft_policy(self.model)
         attach_loss(self, self._record_beta_update)
 
@@ -312,7 +303,7 @@ class DPOTrainer(LossStateCheckpoints, LossOnlyPrediction, trl.DPOTrainer):
         labels = shift_completion_labels(ids, inputs["completion_mask"])
         scorer = self._reference_view() if self.ref_model is None and is_peft_model(self.model) else model
         with torch.no_grad(), self.accelerator.autocast():
-            hidden = decoder_hidden_states(scorer, ids, mask)
+            hidden = decoder_hidden_states(scorer, ids, mask, **router_logits_kwargs(scorer, False))
             with gathered_heads(scorer) as heads:
                 seq = sequence_logprobs(hidden, heads.policy.weight, labels, **heads.policy.fused_kwargs())
         return seq.policy.chunk(2, dim=0)
@@ -350,9 +341,19 @@ class DPOTrainer(LossStateCheckpoints, LossOnlyPrediction, trl.DPOTrainer):
                     o.last_hidden_state if hasattr(o, "last_hidden_state") else o[0]
                 )
             )
+        # MoE: TRL's rule (set in trl.DPOTrainer.__init__), loss_weight·loss + coef·aux_loss
+        aux_coef = self.router_aux_loss_coef if self.aux_loss_enabled else 0.0
         try:
             out = preference_loss(
-                self.loss_fn, model, ids, mask, labels, ref_model=ref_model, ref_logps=ref_logps
+                self.loss_fn,
+                model,
+                ids,
+                mask,
+                labels,
+                ref_model=ref_model,
+                ref_logps=ref_logps,
+                router_aux_loss_coef=aux_coef,
+                loss_weight=self._loss_weight,
             )
         finally:
             if handle is not None:
@@ -360,8 +361,8 @@ class DPOTrainer(LossStateCheckpoints, LossOnlyPrediction, trl.DPOTrainer):
         if captured:  # the first decoder call is the policy's (the reference runs after it)
             with torch.no_grad(), gathered_heads(model) as heads:
                 self._record_vocab_metrics(mode, vocab_statistics(captured[0], heads.policy, labels))
-        loss = out.loss * self._loss_weight if self._loss_weight != 1.0 else out.loss
-        self._record_metrics(mode, out, mask)
+        loss = out.loss
+        self._record_metrics(mode, out, mask)  # with a MoE's aux_loss, as TRL logs it
         if return_outputs:
             warnings.warn(
                 "return_outputs=True runs a second forward that forms the full [2B, T, V] logits (as TRL "
