@@ -6,6 +6,7 @@
 - `torch_backend`, `triton_backend`: the two backends (chunked PyTorch; Triton row kernels);
 - `tile_math`: the torch backend's per-tile arithmetic (compiled with ``torch.compile`` on CPU);
 - `rows`: the row contract the Triton kernels implement, stated in PyTorch;
+- `segments`: packed (padding-free) batches: ``cu_seqlens`` checks, packing, per-sequence sums;
 - `chunks`: counted-row selection and gradient buffers shared by both backends;
 - `custom_ops`: the Triton launchers of `prefloss.kernels` as ``torch.library`` custom ops.
 """

@@ -47,6 +47,7 @@ import torch
 
 from prefloss.fused import torch_backend, triton_backend
 from prefloss.fused.chunks import CountedRows, HeadInputs
+from prefloss.fused.segments import check_cu_seqlens, segment_sum
 
 BACKENDS = ("auto", "torch", "triton")
 # Triton backend: elements of one [C, V] row-chunk buffer (GPU GEMMs want tall chunks).
@@ -501,18 +502,84 @@ def fused_logprobs(
 
 
 def sequence_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, **kwargs
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    **kwargs,
 ) -> SequenceLogProbs:
-    """Per-row sums of `fused_logprobs` over the last (token) axis, plus counted-token lengths.
+    """Per-sequence sums of `fused_logprobs` over the token axis, plus counted-token lengths.
 
-    Same arguments as `fused_logprobs`. Shapes: ``[..., T, H]`` → ``[...]`` float32 sums and
-    ``length [...]`` int64. ``.mean()`` gives the length-normalised values (0 for empty rows).
+    Same keyword arguments as `fused_logprobs` (``bias``, the reference, ``epsilon``, the logit
+    transform, ``ignore_index``, ``chunk_size``, ``backend``), and two layouts:
+
+    - padded (``cu_seqlens=None``): one sequence per row. ``hidden [..., T, H]``, ``labels
+      [..., T]`` → ``[...]`` float32 sums ``Σ_t logp[..., t]`` and ``length [...]`` int64.
+    - packed (padding-free, ``cu_seqlens [S+1]`` int64): ``S`` sequences laid end to end on one
+      token axis, sequence ``i`` at positions ``cu_seqlens[i] : cu_seqlens[i+1]`` (see
+      `prefloss.fused.segments`). ``hidden [1, L, H]``, ``labels [1, L]`` (and ``ref_hidden
+      [1, L, H_ref]``) → ``[S]`` sums ``Σ_{cu[i] <= t < cu[i+1]} logp[t]`` and ``length [S]``:
+      exactly the values of the padded call on the same ``S`` sequences. The op runs once on the
+      ``L`` tokens (its per-token output is ``[L]``, no padding and no ``[S, max_len]`` buffer);
+      the sums are a segment reduction (`prefloss.fused.segments.segment_sum`), whose backward
+      hands each token its sequence's upstream gradient, so the fused backward is the same.
+
+    The last-label rule (packed): ``labels[0, t]`` is scored from ``hidden[0, t]`` (the caller
+    shifts), so at each sequence's last position ``t = cu_seqlens[i+1] − 1`` a shifted label would be
+    the next sequence's first token. That label must be ``ignore_index`` (`prefloss.hf.packing`
+    sets it); anything else raises ``ValueError`` naming the sequence and the position.
+
+    ``.mean()`` gives the length-normalised values (0 for a sequence with no counted token).
+
+    Raises:
+        TypeError, ValueError: as `fused_logprobs`, and for a bad ``cu_seqlens``
+            (`prefloss.fused.segments.check_cu_seqlens`), a packed ``labels`` that is not
+            ``[1, L]``, or a counted label at a sequence's last position.
     """
+    if cu_seqlens is None:
+        tok = fused_logprobs(hidden, weight, labels, **kwargs)
+
+        def total(x):
+            return None if x is None else x.sum(-1)
+
+        return SequenceLogProbs(
+            total(tok.policy), total(tok.ref), total(tok.minus), total(tok.plus), tok.mask.sum(-1)
+        )
+    cu = _check_packed_labels(labels, cu_seqlens, check_ignore_index(kwargs.get("ignore_index", -100)))
     tok = fused_logprobs(hidden, weight, labels, **kwargs)
 
     def total(x):
-        return None if x is None else x.sum(-1)
+        return None if x is None else segment_sum(x[0], cu)
 
     return SequenceLogProbs(
-        total(tok.policy), total(tok.ref), total(tok.minus), total(tok.plus), tok.mask.sum(-1)
+        total(tok.policy), total(tok.ref), total(tok.minus), total(tok.plus), total(tok.mask)
     )
+
+
+def _check_packed_labels(labels, cu_seqlens, ignore_index: int) -> torch.Tensor:
+    """A packed call's ``labels [1, L]`` and ``cu_seqlens [S+1]`` (moved to ``labels``' device), with
+    the last-label rule: ``labels[0, cu_seqlens[i+1] − 1] == ignore_index`` for every sequence."""
+    _check_tensor("labels", labels, floating=False)
+    if labels.dim() != 2 or labels.shape[0] != 1:
+        raise ValueError(
+            f"`labels` must be [1, L] with `cu_seqlens` (a packed batch: one row of L tokens), "
+            f"got shape {tuple(labels.shape)}."
+        )
+    check_cu_seqlens(cu_seqlens, labels.shape[1])
+    cu = cu_seqlens.to(labels.device)
+    if labels.device.type == "meta":
+        return cu
+    last = cu[1:] - 1
+    leaking = (labels[0].index_select(0, last) != ignore_index).nonzero()
+    if leaking.numel():
+        i = int(leaking[0, 0])
+        pos = int(last[i])
+        raise ValueError(
+            f"`labels`[0, {pos}] = {int(labels[0, pos])} is counted, but position {pos} is the last "
+            f"token of sequence {i} in `cu_seqlens` (cu_seqlens[{i + 1}] - 1): its shifted label would "
+            f"be the next sequence's first token. In a packed batch each sequence's last label must be "
+            f"`ignore_index` = {ignore_index} ({leaking.shape[0]} of {last.shape[0]} sequences break "
+            "this; `prefloss.hf.packing.pack_batch` sets them)."
+        )
+    return cu

@@ -23,6 +23,7 @@ from prefloss.losses.common import (
     PairLosses,
     check_label_smoothing,
     check_options,
+    check_packed_pairs,
     check_pair_rows,
     check_ref_logps,
     check_reference,
@@ -124,6 +125,7 @@ class PairLoss(nn.Module):
         logit_scale=None,
         softcap=None,
         ignore_index=-100,
+        cu_seqlens=None,
     ) -> LossOutput:
         """The mean loss of ``B`` pairs from hidden states.
 
@@ -136,6 +138,11 @@ class PairLoss(nn.Module):
             ref_logps: ``[2B]`` precomputed reference log-prob sums instead (``takes_ref_logps``;
                 a length-normalised loss divides them by each row's counted tokens itself).
             logit_scale, softcap, ignore_index: as `prefloss.fused_logprobs`.
+            cu_seqlens: ``[2B+1]`` int64 for a packed (padding-free) batch: ``hidden [1, L, H]``,
+                ``labels [1, L]``, ``ref_hidden [1, L, H_ref]``, the ``2B`` sequences end to end,
+                ordered as the padded rows (chosen 0..B−1, then rejected 0..B−1), each sequence's
+                last label ``ignore_index`` (`prefloss.sequence_logprobs`). ``ref_logps`` stays
+                ``[2B]``. Loss, gradients, metrics and loss state equal the padded call's.
 
         Returns:
             `LossOutput`: the mean loss, ``rewards/{chosen,rejected,accuracies,margins}``,
@@ -144,16 +151,22 @@ class PairLoss(nn.Module):
 
         Raises:
             ValueError: before any log-prob is computed, in this order: ``hidden`` not ``[2B, T, H]``
-                with an even, non-zero ``2B``; a pair whose chosen or rejected response has no
-                counted token (`common.check_responses`; under torch.distributed only the rank
-                holding that pair raises, and launchers such as ``torchrun`` then stop the others);
+                with an even, non-zero ``2B`` (packed: not ``[1, L, H]``, or a bad ``cu_seqlens``
+                or an odd number of sequences, `common.check_packed_pairs`); a pair whose chosen or
+                rejected response has no counted token (`common.check_responses`; under
+                torch.distributed only the rank holding that pair raises, and launchers such as
+                ``torchrun`` then stop the others);
                 a reference argument the loss does not take, or a missing one
                 (`common.check_reference`).
         """
         loss = type(self).__name__
-        check_pair_rows(hidden)
+        if cu_seqlens is None:
+            check_pair_rows(hidden)
+            rows = hidden.shape[0]
+        else:
+            rows = check_packed_pairs(hidden, cu_seqlens)
         ignore_index = check_ignore_index(ignore_index)
-        check_responses(loss, hidden, labels, ignore_index)
+        check_responses(loss, hidden, labels, ignore_index, cu_seqlens)
         check_reference(
             loss,
             needs_reference=self.needs_reference,
@@ -178,9 +191,10 @@ class PairLoss(nn.Module):
             ignore_index=ignore_index,
             chunk_size=self.chunk_size,
             backend=self.backend,
+            cu_seqlens=cu_seqlens,
         )
         if not live:
-            seq = seq._replace(ref=check_ref_logps(ref_logps, hidden.shape[0]))
+            seq = seq._replace(ref=check_ref_logps(ref_logps, rows))
         if self.length_normalised:
             seq = seq.mean()
         pairs = PairValues(*_split(seq.policy), *_split(seq.ref), *_split(seq.minus), *_split(seq.plus))

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from prefloss.fused.op import check_backend, check_chunk_size, check_number
+from prefloss.fused.segments import check_cu_seqlens, segment_sum
 
 
 @dataclass
@@ -59,14 +60,15 @@ def check_options(chunk_size, backend) -> tuple[int | None, str]:
     return check_chunk_size(chunk_size), check_backend(backend)
 
 
-def check_responses(loss: str, hidden, labels, ignore_index: int) -> None:
+def check_responses(loss: str, hidden, labels, ignore_index: int, cu_seqlens=None) -> None:
     """Refuse a pair whose chosen or rejected response has no counted token.
 
     Such a row's log-prob sum (and mean) is 0, the best score there is: the pair would count as
     perfectly learned (SimPO: reward 0, accuracy 1) and move batch statistics, so it is an error.
     This also refuses a batch whose labels are all ``ignore_index`` (the loss's state unchanged).
     One host synchronisation on ``[2B]`` flags, next to the op's own (skipped on ``meta`` tensors).
-    Malformed ``labels`` are left to `prefloss.fused_logprobs`' checks.
+    Malformed ``labels`` are left to `prefloss.fused_logprobs`' checks. With ``cu_seqlens`` (a packed
+    ``labels [1, L]``, already checked by `check_packed_pairs`) the responses are its ``2B`` sequences.
     """
     if (
         not isinstance(labels, torch.Tensor)
@@ -78,19 +80,28 @@ def check_responses(loss: str, hidden, labels, ignore_index: int) -> None:
         or labels.shape[0] != hidden.shape[0]
     ):
         return
-    counted = (labels != ignore_index).reshape(labels.shape[0], -1).any(-1)
+    if cu_seqlens is None:
+        counted = (labels != ignore_index).reshape(labels.shape[0], -1).any(-1)
+        where = "rows [0, B) of `labels` are the chosen responses, [B, 2B) the rejected"
+        unit = "row"
+    else:
+        if labels.dim() != 2 or labels.shape[1] != hidden.shape[1]:
+            return
+        counted = segment_sum(labels[0] != ignore_index, cu_seqlens.to(labels.device)) > 0
+        where = "sequences [0, B) of `cu_seqlens` are the chosen responses, [B, 2B) the rejected"
+        unit = "sequence"
     if bool(counted.all()):
         return
-    half = labels.shape[0] // 2
+    responses = counted.shape[0]
+    half = responses // 2
     empty = (~counted).nonzero().squeeze(1).tolist()
-    named = [f"pair {r % half} {'chosen' if r < half else 'rejected'} (row {r})" for r in empty[:8]]
+    named = [f"pair {r % half} {'chosen' if r < half else 'rejected'} ({unit} {r})" for r in empty[:8]]
     more = f" and {len(empty) - 8} more" if len(empty) > 8 else ""
     raise ValueError(
-        f"{loss}: {len(empty)} of {labels.shape[0]} responses {'has' if len(empty) == 1 else 'have'} "
+        f"{loss}: {len(empty)} of {responses} responses {'has' if len(empty) == 1 else 'have'} "
         "no counted token (every label is "
         f"`ignore_index` = {ignore_index}): {', '.join(named)}{more}. An empty response would get "
-        "log-prob 0, the best possible score; drop those pairs or fix their labels (rows [0, B) of "
-        "`labels` are the chosen responses, [B, 2B) the rejected)."
+        f"log-prob 0, the best possible score; drop those pairs or fix their labels ({where})."
     )
 
 
@@ -110,6 +121,27 @@ def check_pair_rows(hidden: torch.Tensor) -> None:
             "`hidden` must have an even, non-zero number of rows (chosen then rejected), "
             f"got {hidden.shape[0]}."
         )
+
+
+def check_packed_pairs(hidden, cu_seqlens) -> int:
+    """A packed pair batch: ``hidden [1, L, H]`` and ``cu_seqlens [2B+1]`` (an even, non-zero number
+    of sequences, chosen then rejected, checked by `prefloss.fused.segments.check_cu_seqlens`).
+    Returns ``2B``."""
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"`hidden` must be a torch.Tensor, got {type(hidden).__name__}.")
+    if hidden.dim() != 3 or hidden.shape[0] != 1:
+        raise ValueError(
+            "`hidden` must be [1, L, H] with `cu_seqlens` (a packed batch: one row of L tokens), "
+            f"got shape {tuple(hidden.shape)}."
+        )
+    check_cu_seqlens(cu_seqlens, hidden.shape[1])
+    sequences = cu_seqlens.shape[0] - 1
+    if sequences % 2 != 0:
+        raise ValueError(
+            "`cu_seqlens` must hold an even number of sequences for a pair loss (B chosen, then B "
+            f"rejected), got {sequences} (shape {tuple(cu_seqlens.shape)})."
+        )
+    return sequences
 
 
 def check_ref_logps(ref_logps: torch.Tensor, rows: int) -> torch.Tensor:
