@@ -12,6 +12,7 @@ import torch
 from prefloss.fused.segments import (
     check_cu_seqlens,
     cu_seqlens_from_mask,
+    cu_seqlens_from_position_ids,
     pack_rows,
     segment_ids,
     segment_sum,
@@ -108,6 +109,18 @@ def test_bad_mask(case):
     mask, error, match = BAD_MASKS[case]
     with pytest.raises(error, match=match):
         cu_seqlens_from_mask(mask)
+
+
+def test_cu_seqlens_from_position_ids_by_hand():
+    """Positions 0,1,2 | 0,1 | 0 | 0,1,2,3 → starts 0, 3, 5, 6 and L = 10; ``[L]`` and ``[1, L]``
+    alike; a row not starting at 0 is refused by name."""
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1, 2, 3]])
+    assert cu_seqlens_from_position_ids(pos).tolist() == [0, 3, 5, 6, 10]
+    assert cu_seqlens_from_position_ids(pos[0]).tolist() == [0, 3, 5, 6, 10]
+    with pytest.raises(ValueError, match="`position_ids` must start at 0"):
+        cu_seqlens_from_position_ids(pos[:, 1:])
+    with pytest.raises(TypeError, match="`position_ids` must be an integer tensor"):
+        cu_seqlens_from_position_ids(pos.float())
 
 
 def test_pack_rows_and_segment_sum_shape_errors():

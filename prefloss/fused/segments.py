@@ -7,6 +7,8 @@ strictly increasing (no empty sequence), ``cu_seqlens[S] = L``.
 
 - `check_cu_seqlens`: validate a ``cu_seqlens`` against the packed length;
 - `cu_seqlens_from_mask`: the ``cu_seqlens`` of the real tokens of a padded ``[N, T]`` batch;
+- `cu_seqlens_from_position_ids`: the ``cu_seqlens`` of a packed row from ``position_ids``
+  restarting at 0 for each sequence;
 - `pack_rows`: the real tokens of a padded ``[N, T, ...]`` tensor, row after row, as ``[1, L, ...]``;
 - `segment_ids`: the sequence index of every packed position;
 - `segment_sum`: per-sequence sums over the packed axis (differentiable, memory O(L)).
@@ -110,6 +112,38 @@ def cu_seqlens_from_mask(mask: torch.Tensor) -> torch.Tensor:
         row = int((lengths == 0).nonzero()[0, 0])
         raise ValueError(f"`mask` row {row} has no real token: a packed batch cannot hold an empty sequence.")
     return torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Cumulative sequence lengths of a packed row from its ``position_ids``, restarting at 0 for
+    each sequence (what Hugging Face padding-free collators produce, e.g. TRL's
+    ``DataCollatorWithFlattening``): a sequence starts wherever ``position_ids[0, t] == 0``.
+
+    Args:
+        position_ids: ``[1, L]`` or ``[L]`` integer tensor, ``position_ids[..., 0] == 0``.
+
+    Returns:
+        ``[S+1]`` int64 on ``position_ids``' device: the starts, then ``L``.
+
+    Raises:
+        TypeError, ValueError: not an integer ``[L]`` / ``[1, L]`` tensor, empty, or not starting at 0
+            (named `position_ids`).
+    """
+    if not isinstance(position_ids, torch.Tensor):
+        raise TypeError(f"`position_ids` must be a torch.Tensor, got {type(position_ids).__name__}.")
+    if position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
+        raise TypeError(f"`position_ids` must be an integer tensor, got dtype {position_ids.dtype}.")
+    flat = position_ids[0] if position_ids.dim() == 2 and position_ids.shape[0] == 1 else position_ids
+    if flat.dim() != 1 or flat.numel() == 0:
+        raise ValueError(
+            f"`position_ids` must be [1, L] or [L] with L >= 1, got shape {tuple(position_ids.shape)}."
+        )
+    if int(flat[0]) != 0:
+        raise ValueError(
+            f"`position_ids` must start at 0 (the first sequence's first token), got {int(flat[0])}."
+        )
+    starts = (flat == 0).nonzero().squeeze(1).to(torch.int64)
+    return torch.cat([starts, starts.new_full((1,), flat.numel())])
 
 
 def pack_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
