@@ -47,7 +47,7 @@ import torch
 
 from prefloss.fused import torch_backend, triton_backend
 from prefloss.fused.chunks import CountedRows, HeadInputs
-from prefloss.fused.segments import check_cu_seqlens, segment_sum
+from prefloss.fused.segments import check_cu_seqlens, segment_ids, segment_sum
 
 BACKENDS = ("auto", "torch", "triton")
 # Triton backend: elements of one [C, V] row-chunk buffer (GPU GEMMs want tall chunks).
@@ -549,8 +549,10 @@ def sequence_logprobs(
     cu = _check_packed_labels(labels, cu_seqlens, check_ignore_index(kwargs.get("ignore_index", -100)))
     tok = fused_logprobs(hidden, weight, labels, **kwargs)
 
+    ids = segment_ids(cu, labels.shape[1], check=False)  # one [L] index for the five sums
+
     def total(x):
-        return None if x is None else segment_sum(x[0], cu)
+        return None if x is None else segment_sum(x[0], cu, ids=ids)
 
     return SequenceLogProbs(
         total(tok.policy), total(tok.ref), total(tok.minus), total(tok.plus), total(tok.mask)

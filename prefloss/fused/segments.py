@@ -169,18 +169,22 @@ def pack_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x[m].unsqueeze(0)
 
 
-def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+def segment_ids(cu_seqlens: torch.Tensor, total: int, *, check: bool = True) -> torch.Tensor:
     """``[L]`` int64: the sequence index ``i`` of every packed position ``cu[i] <= t < cu[i+1]``.
 
-    ``cu_seqlens`` is checked with `check_cu_seqlens` against ``total = L``.
+    ``cu_seqlens`` is checked with `check_cu_seqlens` against ``total = L`` (one host
+    synchronisation) unless ``check=False`` (the caller has checked it: no synchronisation).
     """
-    check_cu_seqlens(cu_seqlens, total)
+    if check:
+        check_cu_seqlens(cu_seqlens, total)
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     seq = torch.arange(lengths.numel(), device=cu_seqlens.device)
     return torch.repeat_interleave(seq, lengths, output_size=total)
 
 
-def segment_sum(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+def segment_sum(
+    values: torch.Tensor, cu_seqlens: torch.Tensor, *, ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-sequence sums over a packed token axis: ``out[i] = Σ_{cu[i] <= t < cu[i+1]} values[t]``.
 
     Differentiable w.r.t. ``values`` (the backward broadcasts ``∂out[i]`` to the positions of
@@ -189,6 +193,8 @@ def segment_sum(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     Args:
         values: ``[L]`` or ``[1, L]`` (float, or int/bool counted as int64).
         cu_seqlens: ``[S+1]`` int64 cumulative lengths ending at ``L`` (checked with `check_cu_seqlens`).
+        ids: ``segment_ids(cu_seqlens, L)`` when the caller already has it (several sums over one
+            layout: one check and one index for all); ``cu_seqlens`` is then not checked again.
 
     Returns:
         ``[S]`` of ``values``' dtype (int64 for bool or integer ``values``).
@@ -199,11 +205,12 @@ def segment_sum(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         values = values[0]
     if values.dim() != 1:
         raise ValueError(f"`values` must be [L] or [1, L], got shape {tuple(values.shape)}.")
-    ids = segment_ids(cu_seqlens, values.shape[0])
+    if ids is None:
+        ids = segment_ids(cu_seqlens, values.shape[0])
+    elif tuple(ids.shape) != (values.shape[0],):
+        raise ValueError(f"`ids` must be [L] = [{values.shape[0]}], got shape {tuple(ids.shape)}.")
     if ids.device != values.device:
-        raise ValueError(
-            f"`cu_seqlens` must be on `values`' device {values.device}, got {cu_seqlens.device}."
-        )
+        raise ValueError(f"`cu_seqlens` must be on `values`' device {values.device}, got {ids.device}.")
     if not values.is_floating_point():
         values = values.to(torch.int64)
     out = values.new_zeros(cu_seqlens.shape[0] - 1)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from prefloss.fused.op import check_backend, check_chunk_size, check_number
-from prefloss.fused.segments import check_cu_seqlens, segment_sum
+from prefloss.fused.segments import check_cu_seqlens, segment_ids, segment_sum
 
 
 @dataclass
@@ -87,7 +87,9 @@ def check_responses(loss: str, hidden, labels, ignore_index: int, cu_seqlens=Non
     else:
         if labels.dim() != 2 or labels.shape[1] != hidden.shape[1]:
             return
-        counted = segment_sum(labels[0] != ignore_index, cu_seqlens.to(labels.device)) > 0
+        cu = cu_seqlens.to(labels.device)
+        ids = segment_ids(cu, labels.shape[1], check=False)  # checked by `check_packed_pairs`
+        counted = segment_sum(labels[0] != ignore_index, cu, ids=ids) > 0
         where = "sequences [0, B) of `cu_seqlens` are the chosen responses, [B, 2B) the rejected"
         unit = "sequence"
     if bool(counted.all()):
