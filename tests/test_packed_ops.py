@@ -194,6 +194,7 @@ PACKED_ERRORS = {
     "labels-2-rows": (dict(labels="2rows"), ValueError, r"`labels` must be \[1, L\].*got shape \(2, "),
     "cu-short": (dict(cu=torch.tensor([0, 7, 10])), ValueError, r"must end at the packed token count L = 27"),
     "cu-int32": (dict(cu=cu_seqlens().int()), TypeError, "`cu_seqlens` must be an int64 tensor"),
+    "labels-float": (dict(labels="float"), TypeError, r"`labels` must be an integer tensor"),
     "hidden-padded": (dict(hidden="padded"), ValueError, r"`labels` shape must equal `hidden`.shape\[:-1\]"),
 }
 
@@ -205,6 +206,8 @@ def test_packed_shape_errors(case):
     h, lab, cu = pack(hidden), pack(labels), change.get("cu", cu_seqlens())
     if change.get("labels") == "1d":
         lab = lab[0]
+    elif change.get("labels") == "float":
+        lab = lab.float()
     elif change.get("labels") == "2rows":
         lab = lab.expand(2, -1)
     if change.get("hidden") == "padded":

@@ -520,10 +520,11 @@ def sequence_logprobs(
       token axis, sequence ``i`` at positions ``cu_seqlens[i] : cu_seqlens[i+1]`` (see
       `prefloss.fused.segments`). ``hidden [1, L, H]``, ``labels [1, L]`` (and ``ref_hidden
       [1, L, H_ref]``) → ``[S]`` sums ``Σ_{cu[i] <= t < cu[i+1]} logp[t]`` and ``length [S]``:
-      exactly the values of the padded call on the same ``S`` sequences. The op runs once on the
-      ``L`` tokens (its per-token output is ``[L]``, no padding and no ``[S, max_len]`` buffer);
-      the sums are a segment reduction (`prefloss.fused.segments.segment_sum`), whose backward
-      hands each token its sequence's upstream gradient, so the fused backward is the same.
+      the padded call's values on the same ``S`` sequences (up to the order of the fp32
+      summation). The op runs once on the ``L`` tokens (its per-token output is ``[L]``, no
+      padding and no ``[S, max_len]`` buffer); the sums are a segment reduction
+      (`prefloss.fused.segments.segment_sum`), whose backward hands each token its sequence's
+      upstream gradient, so the fused backward is the same.
 
     The last-label rule (packed): ``labels[0, t]`` is scored from ``hidden[0, t]`` (the caller
     shifts), so at each sequence's last position ``t = cu_seqlens[i+1] − 1`` a shifted label would be
@@ -563,6 +564,8 @@ def _check_packed_labels(labels, cu_seqlens, ignore_index: int) -> torch.Tensor:
     """A packed call's ``labels [1, L]`` and ``cu_seqlens [S+1]`` (moved to ``labels``' device), with
     the last-label rule: ``labels[0, cu_seqlens[i+1] − 1] == ignore_index`` for every sequence."""
     _check_tensor("labels", labels, floating=False)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"`labels` must be an integer tensor (int64), got dtype {labels.dtype}.")
     if labels.dim() != 2 or labels.shape[0] != 1:
         raise ValueError(
             f"`labels` must be [1, L] with `cu_seqlens` (a packed batch: one row of L tokens), "
