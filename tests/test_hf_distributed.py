@@ -87,7 +87,10 @@ if __name__ == "__main__":
     if world_size == 1:
         run(1, out_dir)
     else:
-        torch.multiprocessing.spawn(ddp_worker, args=(world_size, out_dir, port), nprocs=world_size)
+        # fork: the children inherit the imports above instead of importing them again
+        torch.multiprocessing.start_processes(
+            ddp_worker, args=(world_size, out_dir, port), nprocs=world_size, start_method="fork"
+        )
 """
 
 

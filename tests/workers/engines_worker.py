@@ -27,7 +27,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from worker_setup import distributed_env  # noqa: E402
+from worker_setup import distributed_env, launch  # noqa: E402
 
 import prefloss  # noqa: E402
 from prefloss.hf import engines  # noqa: E402
@@ -311,4 +311,4 @@ if __name__ == "__main__":
     if family == "single":
         main(0, 1, family, out_dir, port)
     else:
-        torch.multiprocessing.spawn(main, args=(WORLD, family, out_dir, port), nprocs=WORLD)
+        launch(main, (WORLD, family, out_dir, port), nprocs=WORLD, preload=("deepspeed",) if family == "zero3" else ())

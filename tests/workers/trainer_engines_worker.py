@@ -29,7 +29,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
-from worker_setup import distributed_env, engine_arguments  # noqa: E402
+from worker_setup import distributed_env, engine_arguments, launch  # noqa: E402
 
 # run name -> PreferenceConfig settings; the first two are also resumed from their step-2 checkpoint
 RUNS = {
@@ -150,6 +150,9 @@ def main(rank: int, engine: str, out_dir: str, port: int) -> None:
         torch.save(results, os.path.join(out_dir, f"{engine}.pt"))
 
 
+# imported by the launcher before it forks the ranks, which then share them (worker_setup.launch)
+PRELOAD = ("transformers.trainer", "accelerate", "prefloss.hf")
+
 if __name__ == "__main__":
     engine, out_dir, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    torch.multiprocessing.spawn(main, args=(engine, out_dir, port), nprocs=2)
+    launch(main, (engine, out_dir, port), preload=PRELOAD + (("deepspeed",) if engine == "zero3" else ()))

@@ -37,7 +37,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import torch  # noqa: E402
-from worker_setup import distributed_env, engine_arguments  # noqa: E402
+from worker_setup import distributed_env, engine_arguments, launch  # noqa: E402
 
 RUNS = {
     "sigmoid": {"loss_type": "sigmoid", "beta": 0.5},
@@ -152,9 +152,12 @@ def main(rank: int, world: int, engine: str, out_dir: str, port: int) -> None:
         torch.save(results, os.path.join(out_dir, f"{engine}.pt"))
 
 
+# imported by the launcher before it forks the ranks, which then share them (worker_setup.launch)
+PRELOAD = ("datasets", "transformers.trainer", "prefloss.trl")
+
 if __name__ == "__main__":
     engine, out_dir, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
     if engine == "single":
         main(0, 1, engine, out_dir, port)
     else:
-        torch.multiprocessing.spawn(main, args=(2, engine, out_dir, port), nprocs=2)
+        launch(main, (2, engine, out_dir, port), preload=PRELOAD + (("deepspeed",) if engine == "zero3" else ()))
