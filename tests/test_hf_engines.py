@@ -11,6 +11,10 @@ micro-batches through `prefloss.hf.preference_loss`, under each engine configura
 * LoRA (PEFT, adapters on q/v, the head trained through ``modules_to_save``) under FSDP2 and ZeRO-3,
   the reference being the same model with adapters disabled (`prefloss.hf.AdaptersDisabled`);
 
+* a mixture-of-experts model (tiny Mixtral) under ZeRO-3 with DPO and its routers' load-balancing
+  loss (`prefloss.hf.moe`), against one process computing each rank's rows in turn (the aux loss is
+  per rank; see the worker's docstring): losses, aux losses, gradients and weights;
+
 against one process without any engine on the merged batch: fp32 for the fp32 runs; for the bf16
 runs, the same computation in bf16 (params cast as FSDP2 casts them, or the whole module as DeepSpeed
 does). fp32 runs must agree to float round-off; bf16 runs must be as close to the fp32 baseline as the
@@ -24,6 +28,8 @@ and does gather where the engine resharded it.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -45,6 +51,7 @@ EXPECTED_GATHERS = {
     "zero3": (8, 4),
     "zero3-bf16": (8, 4),
     "zero3-lora": (8, 4),
+    "zero3-moe": (8, 4),
     # LoRA: the trained head copy (modules_to_save) and the reference's original head share the
     # root unit, so one unshard serves both
     "fsdp2-lora-raf": (4, 4),
@@ -59,7 +66,7 @@ def single(tmp_path_factory, run_engine_worker) -> dict:
 def _baseline(config: str) -> str:
     if "bf16" in config:
         return "bf16-params" if config.startswith("fsdp2") else "bf16-module"
-    for variant in ("tied", "lora"):
+    for variant in ("tied", "lora", "moe"):
         if variant in config:
             return f"fp32-{variant}"
     return "fp32"
@@ -96,6 +103,8 @@ def _check_fp32(config: str, loss: str, run: dict, base: dict) -> None:
         worst = max(_grad_errors(run, base, key).items(), key=lambda kv: kv[1])
         assert worst[1] <= bound, f"{config}/{loss}: {key} of {worst[0]} off by {worst[1]:.3g} (rel)"
     assert _state_error(run, base) <= 1e-6, f"{config}/{loss}: loss state differs"
+    if "aux" in base:
+        torch.testing.assert_close(run["aux"], base["aux"], rtol=2e-5, atol=2e-6, msg=f"{config} aux loss")
 
 
 def _check_bf16(config: str, loss: str, run: dict, base: dict, fp32: dict) -> None:
@@ -125,6 +134,12 @@ def test_baselines_are_informative(single) -> None:
     assert fp32["dpo"]["losses"][-1] != fp32["dpo"]["losses"][0], "training did not move the policy"
     for bf16 in ("bf16-params", "bf16-module"):
         assert max(_grad_errors(single[bf16]["dpo"], fp32["dpo"], "grads").values()) > 1e-3
+    # The MoE's loss holds its aux loss: policy == reference at the first micro-batch, so DPO's part
+    # is exactly log 2; and the routers moved the aux loss.
+    moe = single["fp32-moe"]["dpo"]
+    first = math.log(2) + moe["aux_coef"] * float(moe["aux"][0])
+    assert abs(float(moe["losses"][0]) - first) <= 1e-6, (moe["losses"][0], first)
+    assert moe["aux"].min() > 1.0 and moe["aux"][-1] != moe["aux"][0]
 
 
 @pytest.mark.slow
@@ -132,7 +147,7 @@ def test_baselines_are_informative(single) -> None:
 def test_two_ranks_match_one_process(family, single, tmp_path, run_engine_worker) -> None:
     results = run_engine_worker("engines_worker.py", family, tmp_path)
     for config, per_loss in results.items():
-        for loss in LOSSES:
+        for loss in per_loss:  # all of LOSSES, DPO alone for the MoE
             run, base = per_loss[loss], single[_baseline(config)][loss]
             if "bf16" in config:
                 _check_bf16(config, loss, run, base, single["fp32"][loss])

@@ -10,10 +10,17 @@ single process holds all ``2B`` (chosen rows first, then rejected), so the mean 
 and the reduced gradients equal the single process's. The policy starts equal to the reference, so
 at the first micro-batch every reward must be exactly 0.
 
+The ``moe`` configurations train a tiny Mixtral (4 experts, 2 per token) with DPO alone, adding its
+routers' load-balancing loss (``router_aux_loss_coef`` = `MOE_COEF`). That loss is a product of two
+token means, so it is computed per rank on the rank's rows (as every DDP/ZeRO-3 run of a MoE does):
+the single process computes each rank's rows in turn (`micro_batch_loss`) and takes the mean, which
+with DPO's per-pair mean equals the 2 ranks exactly.
+
 Saved (rank 0, ``OUT_DIR/FAMILY.pt``): per configuration and loss, the 4 micro-batch losses (mean
 over ranks), whether the first micro-batch's rewards were all exactly 0, the full (gathered)
-gradients at both optimizer steps, the loss state after each step, and how often prefloss gathered
-a sharded head in forward and in backward. Run with cwd outside the repository, so its top-level
+gradients at both optimizer steps, the loss state after each step, how often prefloss gathered
+a sharded head in forward and in backward, and for the MoE the micro-batches' aux losses (mean over
+ranks) and their coefficient. Run with cwd outside the repository, so its top-level
 ``kernels/`` folder is never on ``sys.path``.
 """
 
@@ -33,12 +40,13 @@ import prefloss  # noqa: E402
 from prefloss.hf import engines  # noqa: E402
 from prefloss.hf.adapters import AdaptersDisabled  # noqa: E402
 from prefloss.hf.step import preference_loss  # noqa: E402
-from prefloss.hf.tiny import byte_level_tokenizer, tiny_llama  # noqa: E402
+from prefloss.hf.tiny import byte_level_tokenizer, tiny_llama, tiny_moe  # noqa: E402
 
 PAIRS_PER_RANK, WORLD, T, GAS, STEPS, LR = 2, 2, 16, 2, 2, 0.5
 CHUNK = 8  # rows per chunk of the fused op: many chunks, so a per-chunk gather would show
+MOE_COEF = 0.5  # the MoE's load-balancing coefficient: large, so that its gradients show
 CONFIGS = {
-    "single": ["fp32", "fp32-tied", "fp32-lora", "bf16-params", "bf16-module"],
+    "single": ["fp32", "fp32-tied", "fp32-lora", "bf16-params", "bf16-module", "fp32-moe"],
     "ddp": ["ddp"],
     "fsdp2": [
         "fsdp2-root",
@@ -50,15 +58,19 @@ CONFIGS = {
         "fsdp2-head-bf16",
         "fsdp2-lora-raf",
     ],
-    "zero3": ["zero3", "zero3-tied", "zero3-bf16", "zero3-lora"],
+    "zero3": ["zero3", "zero3-tied", "zero3-bf16", "zero3-lora", "zero3-moe"],
 }
 
 
-def make_losses() -> dict[str, torch.nn.Module]:
+def make_losses(config: str) -> dict[str, torch.nn.Module]:
+    """The losses ``config`` trains: DPO alone for the MoE (module docstring), else all three."""
+    dpo = {"dpo": prefloss.DPOLoss(beta=0.5, chunk_size=CHUNK)}
+    if "moe" in config:
+        return dpo
     return {
         "alpha_dpo": prefloss.AlphaDPOLoss(chunk_size=CHUNK),
         "epsilon_dpo": prefloss.EpsilonDPOLoss(beta=0.5, epsilon=0.3, compare_dtype=None, chunk_size=CHUNK),
-        "dpo": prefloss.DPOLoss(beta=0.5, chunk_size=CHUNK),
+        **dpo,
     }
 
 
@@ -93,6 +105,8 @@ def build_model(config: str) -> torch.nn.Module:
     """The tiny Llama; ``lora`` configurations wrap it in LoRA adapters (q/v) with a trained head
     (``modules_to_save``), whose reference is the same model with adapters disabled."""
     tok = byte_level_tokenizer()
+    if "moe" in config:
+        return tiny_moe(tok, "mixtral", router_aux_loss_coef=MOE_COEF, seed=0)
     model = tiny_llama(
         tok, hidden_size=32, intermediate_size=64, num_heads=2, seed=0, tie_word_embeddings="tied" in config
     )
@@ -242,32 +256,58 @@ class GatherCounter:
             cls.gather = counted
 
 
+def micro_batch_loss(config, loss_fn, policy, ref, batch, rank: int, world: int):
+    """(loss, whether every reward is exactly 0, the MoE's aux loss or ``None``) of this rank's rows
+    of ``batch``; for the MoE in one process, the mean over the `WORLD` ranks' rows, each with its own
+    aux loss (module docstring)."""
+    coef = MOE_COEF if "moe" in config else 0.0
+    ranks = range(WORLD) if coef and world == 1 else [rank]
+    world = WORLD if coef and world == 1 else world
+    outs = [
+        preference_loss(
+            loss_fn,
+            policy,
+            *(rank_rows(x, r, world) for x in batch),
+            ref_model=ref,
+            router_aux_loss_coef=coef,
+        )
+        for r in ranks
+    ]
+    loss = sum(out.loss for out in outs) / len(outs)
+    zero = all(bool(o.chosen_rewards.eq(0).all() and o.rejected_rewards.eq(0).all()) for o in outs)
+    aux = sum(out.metrics["aux_loss"] for out in outs) / len(outs) if coef else None
+    return loss, zero, aux
+
+
 def run_config(config: str, rank: int, world: int, counter: GatherCounter) -> dict:
     batches = make_batches()
     result = {}
-    for loss_name, loss_fn in make_losses().items():
+    for loss_name, loss_fn in make_losses(config).items():
         model = build_model(config)
         ref = copy.deepcopy(model)
         policy, ref, opt = setup(config, model, ref)
-        losses, grads, states, params, zero_rewards = [], [], [], [], None
+        losses, grads, states, params, auxes, zero_rewards = [], [], [], [], [], None
         counter.forward = counter.backward = 0
         for step in range(STEPS):
             for micro in range(GAS):
-                ids, mask, labels = (rank_rows(x, rank, world) for x in batches[step * GAS + micro])
-                out = preference_loss(loss_fn, policy, ids, mask, labels, ref_model=ref)
+                batch = batches[step * GAS + micro]
+                loss, zero, aux = micro_batch_loss(config, loss_fn, policy, ref, batch, rank, world)
                 if zero_rewards is None:
-                    zero_rewards = bool(out.chosen_rewards.eq(0).all() and out.rejected_rewards.eq(0).all())
+                    zero_rewards = zero
                 if config.startswith("zero3"):
-                    policy.backward(out.loss)  # scales by 1/GAS itself
+                    policy.backward(loss)  # scales by 1/GAS itself
                     if micro < GAS - 1:
                         policy.step()  # DeepSpeed counts micro-steps here; it updates only at the boundary
                 else:
-                    (out.loss / GAS).backward()
-                value = out.loss.detach().float().clone()
-                if world > 1:
-                    dist.all_reduce(value)
-                    value /= world
-                losses.append(value)
+                    (loss / GAS).backward()
+                for value, into in ((loss, losses), (aux, auxes)):
+                    if value is None:
+                        continue
+                    value = value.detach().float().clone()
+                    if world > 1:
+                        dist.all_reduce(value)
+                        value /= world
+                    into.append(value)
             grads.append(full_grads(config, policy))
             opt.step()
             if not config.startswith("zero3"):
@@ -284,6 +324,8 @@ def run_config(config: str, rank: int, world: int, counter: GatherCounter) -> di
             "params": params,
             "gathers": (counter.forward, counter.backward),
         }
+        if auxes:
+            result[loss_name].update(aux=torch.stack(auxes), aux_coef=MOE_COEF)
     return result
 
 
