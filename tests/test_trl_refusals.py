@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 trl = pytest.importorskip("trl")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -98,13 +97,15 @@ def dpo_trainer(tmp_path, dataset):
     return make
 
 
-def test_dpo_trainer_refuses_extra_model_inputs(dpo_trainer):
+def test_dpo_trainer_refuses_reserved_model_inputs(dpo_trainer):
+    """Extra batch keys go to the models' forwards (vision inputs: tests/test_trl_vision.py), except
+    the inputs prefloss sets itself, refused by name."""
     trainer = dpo_trainer()
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
-    batch["pixel_values"] = torch.zeros(4, 3, 8, 8)
+    batch["labels"] = batch["input_ids"].clone()
     with pytest.raises(ValueError) as err:
         trainer.compute_loss(trainer.model, batch)
-    _message_names(err, "data_collator", ["pixel_values"])
+    _message_names(err, "data_collator", ["labels"])
 
 
 def _loss(trainer) -> float:

@@ -301,4 +301,53 @@ def tiny_vision_model(family: str, processor: Any, *, hidden_size: int = 32, see
         )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return cls(config).to(torch.float32)
+        model = cls(config).to(torch.float32)
+        if family == "gemma3":  # initialised to zeros, which would leave the vision tower untrained
+            with torch.no_grad():
+                model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.25)
+    return model
+
+
+def tiny_image_preferences(
+    n: int = 8, *, placeholder: str | None = None, seed: int = 0
+) -> list[dict[str, Any]]:
+    """``n`` image preference rows in TRL's format: ``images`` (one small random RGB ``PIL.Image`` each,
+    of varying size), ``prompt``, ``chosen``, ``rejected`` (responses of varying length).
+
+    Args:
+        placeholder: ``None``: conversational rows (messages; the processor's chat template places the
+            image); else plain strings, the prompt starting with this image placeholder (the first
+            entry of `VISION_FAMILIES`' value: ``"<image>"`` for LLaVA).
+        seed: the images' random seed.
+    """
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    colours = ["red", "green", "blue", "white"]
+    rows = []
+    for i in range(n):
+        size = (8 + 4 * (i % 3), 12 + 2 * (i % 4))  # (height, width)
+        image = Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+        question = f"What colour is picture {i}?"
+        chosen = f"It is mostly {colours[i % 4]}" + "." * (i % 3)
+        rejected = "No idea" if i % 2 else f"It is {colours[(i + 1) % 4]}, I think"
+        if placeholder is None:
+            rows.append(
+                {
+                    "images": [image],
+                    "prompt": [{"role": "user", "content": question}],
+                    "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}],
+                }
+            )
+        else:
+            rows.append(
+                {
+                    "images": [image],
+                    "prompt": f"{placeholder}{question} ",
+                    "chosen": chosen,
+                    "rejected": rejected,
+                }
+            )
+    return rows

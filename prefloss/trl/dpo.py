@@ -66,6 +66,17 @@ _TRL_DEFAULTS = {
 }
 # The keys of TRL's text collator's batches; anything else is an extra model input (vision, ...).
 _BATCH_KEYS = {"input_ids", "attention_mask", "completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+# Forward inputs prefloss's hidden-state path sets itself: a batch that carries them is refused.
+_RESERVED_KEYS = {
+    "labels",
+    "shift_labels",
+    "logits_to_keep",
+    "use_cache",
+    "output_hidden_states",
+    "return_dict",
+    "inputs_embeds",
+    "past_key_values",
+}
 
 
 def check_dpo_args(args: Any) -> str:
@@ -267,13 +278,13 @@ class DPOTrainer(LossStateCheckpoints, LossOnlyPrediction, trl.DPOTrainer):
         self._peft_reference: nn.Module | None = None
         self._output_head_check = OutputHeadCheck()
         super().__init__(model, ref_model, args, *pargs, **kwargs)
-        if self._is_vlm or self._is_vision_dataset:
+        if (self._is_vlm or self._is_vision_dataset) and getattr(args, "padding_free", False):
             refuse(
-                "processing_class",
-                type(self.processing_class).__name__,
-                "vision-language models and image datasets pass extra model inputs (pixel values, ...) that "
-                "prefloss's hidden-state path does not forward",
-                "Use trl.DPOTrainer for vision-language models",
+                "padding_free",
+                True,
+                "a vision-language batch's images belong to its rows (pixel_values, image_grid_thw, "
+                "token_type_ids, ...), which packing them into one row would not follow",
+                "Set padding_free=False for vision-language models",
             )
         check_peft_policy(self.model)
         attach_loss(self, self._record_beta_update)
@@ -313,14 +324,17 @@ class DPOTrainer(LossStateCheckpoints, LossOnlyPrediction, trl.DPOTrainer):
 
     def _compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool) -> Any:
         mode = "train" if self.model.training else "eval"
-        extra = sorted(set(inputs) - _BATCH_KEYS)
-        if extra:
+        # As TRL: every other key of the batch (a vision-language model's pixel_values, image_grid_thw,
+        # token_type_ids, ...) goes to the policy's and the reference's forward unchanged.
+        model_inputs = {k: v for k, v in inputs.items() if k not in _BATCH_KEYS}
+        reserved = sorted(set(model_inputs) & _RESERVED_KEYS)
+        if reserved:
             refuse(
                 "data_collator",
-                extra,
-                "the batch has model inputs beyond input_ids/attention_mask (vision or custom inputs), which "
-                "prefloss's hidden-state path does not forward",
-                "Use TRL's text collator (DataCollatorForPreference)",
+                reserved,
+                "prefloss sets these forward inputs itself (it reads the last hidden states with "
+                "use_cache=False and labels shifted from completion_mask)",
+                "Drop them from the collator's batches",
             )
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         labels = shift_completion_labels(ids, inputs["completion_mask"])
@@ -330,7 +344,14 @@ class DPOTrainer(LossStateCheckpoints, LossOnlyPrediction, trl.DPOTrainer):
         else:
             ref_model = self._live_reference()
         # TRL's default bf16=True: accelerate runs the forwards, and so the logits, under autocast
-        self._output_head_check(ids, model, ref_model, mixed_precision=bool(self.accelerator.native_amp))
+        self._output_head_check(
+            ids,
+            model,
+            ref_model,
+            mixed_precision=bool(self.accelerator.native_amp),
+            attention_mask=mask,
+            model_inputs=model_inputs,
+        )
         self.loss_fn.train(self.model.training)
         captured: list[torch.Tensor] = []
         handle = None
@@ -352,6 +373,7 @@ class DPOTrainer(LossStateCheckpoints, LossOnlyPrediction, trl.DPOTrainer):
                 labels,
                 ref_model=ref_model,
                 ref_logps=ref_logps,
+                model_inputs=model_inputs,
                 router_aux_loss_coef=aux_coef,
                 loss_weight=self._loss_weight,
             )
@@ -370,7 +392,7 @@ class DPOTrainer(LossStateCheckpoints, LossOnlyPrediction, trl.DPOTrainer):
                 stacklevel=2,
             )
             with torch.no_grad():
-                outputs = model(input_ids=ids, attention_mask=mask, use_cache=False)
+                outputs = model(input_ids=ids, attention_mask=mask, use_cache=False, **model_inputs)
             return loss, outputs
         return loss
 
