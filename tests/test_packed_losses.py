@@ -324,6 +324,7 @@ BAD_PACKED = {
     "cu-wrong-total": ("total", ValueError, r"must end at the packed token count"),
     "cu-not-from-0": ("start", ValueError, r"must start at 0"),
     "hidden-padded": ("padded-hidden", ValueError, r"`hidden` must be \[1, L, H\] with `cu_seqlens`"),
+    "ref-hidden-padded": ("padded-ref", ValueError, r"`labels` shape must equal `ref_hidden`.shape\[:-1\]"),
     "ref-logps-wrong-count": ("ref_logps", ValueError, r"`ref_logps` must have shape \[2B\] = \[6\]"),
 }
 
@@ -344,6 +345,8 @@ def test_bad_packed_inputs(case):
         cu = torch.cat([cu[:1] + 1, cu[1:]])
     elif how == "padded-hidden":
         hidden = batch.hidden
+    elif how == "padded-ref":
+        kw["ref_hidden"] = batch.ref_hidden
     elif how == "ref_logps":
         kw = dict(ref_logps=torch.zeros(4))
     with pytest.raises(error, match=match):
