@@ -48,7 +48,6 @@ DPO_REFUSED = [
     ("discopop_tau", 0.1, {}),
     ("use_weighting", True, {}),
     ("label_smoothing", 0.1, {}),  # TRL's 'sigmoid' ignores it; prefloss would apply it
-    ("padding_free", True, {}),
     ("activation_offloading", True, {}),
     ("precompute_ref_log_probs", True, {"loss_type": "epsilon_dpo"}),
     ("gamma_beta_ratio", 0.5, {}),  # not a hyperparameter of loss_type 'sigmoid'

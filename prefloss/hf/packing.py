@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from prefloss.fused.segments import cu_seqlens_from_mask, pack_rows
+from prefloss.hf.adapters import AdapterView
 from prefloss.hf.heads import unwrap_model
 from prefloss.hf.model import decoder_hidden_states
 
@@ -43,6 +44,7 @@ __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
     "PackedBatch",
     "check_packed_forward",
+    "check_packing",
     "check_packing_support",
     "pack_batch",
     "unpack_rows",
@@ -279,3 +281,19 @@ def check_packed_forward(
         )
     _CHECKED.add(inner)
     return err
+
+
+def check_packing(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *models: nn.Module | None,
+    model_inputs: dict[str, Any] | None = None,
+) -> None:
+    """`check_packing_support` for each model, then `check_packed_forward` on this batch (once per
+    model). ``None`` models are skipped, and so is a PEFT policy's reference view (`AdapterView`: the
+    policy itself under other adapters, checked as the policy)."""
+    checked = [m for m in models if m is not None and not isinstance(m, AdapterView)]
+    for model in checked:
+        check_packing_support(model, model_inputs)
+    for model in checked:
+        check_packed_forward(model, input_ids, attention_mask)

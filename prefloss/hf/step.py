@@ -14,12 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from prefloss.hf.adapters import AdapterView
 from prefloss.hf.engines import gathered_heads
 from prefloss.hf.heads import check_logit_transforms
 from prefloss.hf.model import decoder_hidden_states, decoder_outputs
 from prefloss.hf.moe import add_router_aux_loss, router_aux_loss, router_logits_kwargs
-from prefloss.hf.packing import check_packed_forward, check_packing_support, pack_batch
+from prefloss.hf.packing import check_packing, pack_batch
 from prefloss.losses.common import LossOutput
 
 __all__ = ["preference_loss"]
@@ -78,13 +77,9 @@ def preference_loss(
     extra = dict(model_inputs or {})
     loss_kwargs: dict[str, Any] = {}
     if padding_free:
-        live_ref = ref_model if ref_logps is None else None
-        # a PEFT policy's reference is the policy under other adapters: checked with the policy
-        models = [m for m in (model, live_ref) if m is not None and not isinstance(m, AdapterView)]
-        for m in models:
-            check_packing_support(m, extra)
-        for m in models:
-            check_packed_forward(m, input_ids, attention_mask)
+        check_packing(
+            input_ids, attention_mask, model, ref_model if ref_logps is None else None, model_inputs=extra
+        )
         packed = pack_batch(input_ids, attention_mask, labels, ignore_index)
         input_ids, attention_mask, labels = packed.input_ids, None, packed.labels
         extra["position_ids"] = packed.position_ids

@@ -53,6 +53,7 @@ from prefloss.hf.engines import gathered_heads
 from prefloss.hf.loss_fields import LossFields, config_field, loss_field, loss_module_kwargs
 from prefloss.hf.model import decoder_hidden_states, unwrap_model
 from prefloss.hf.moe import router_logits_kwargs
+from prefloss.hf.packing import check_packing, unpack_rows
 from prefloss.hf.step import preference_loss
 from prefloss.trl._common import refuse, reward_metrics, shift_completion_labels, vocab_statistics
 
@@ -156,13 +157,6 @@ def check_dpo_args(args: Any) -> str:
             "TRL's 'sigmoid' loss does not use it (only 'robust', 'exo_pair' and 'aot' do), and prefloss "
             "would apply it (conservative DPO), which would change the loss TRL computes",
             "Set label_smoothing=0.0, or use loss_type 'alpha_dpo'/'epsilon_dpo', which apply it",
-        )
-    if args.padding_free:
-        refuse(
-            "padding_free",
-            True,
-            "the fused op takes padded [2B, T] batches (TRL 1.16 also disables it)",
-            "Set padding_free=False",
         )
     if args.activation_offloading:
         refuse(
@@ -277,7 +271,13 @@ class DPOTrainer(LossStateCheckpoints, LossOnlyPrediction, trl.DPOTrainer):
         self._loss_weight = float(args.loss_weights[0]) if args.loss_weights else 1.0
         self._peft_reference: nn.Module | None = None
         self._output_head_check = OutputHeadCheck()
-        super().__init__(model, ref_model, args, *pargs, **kwargs)
+        # TRL 1.16 warns that padding_free is disabled and falls back to padding; prefloss packs itself
+        padding_free, args.padding_free = bool(args.padding_free), False
+        try:
+            super().__init__(model, ref_model, args, *pargs, **kwargs)
+        finally:
+            args.padding_free = padding_free
+        self.padding_free = padding_free
         if (self._is_vlm or self._is_vision_dataset) and getattr(args, "padding_free", False):
             refuse(
                 "padding_free",
@@ -352,6 +352,8 @@ class DPOTrainer(LossStateCheckpoints, LossOnlyPrediction, trl.DPOTrainer):
             attention_mask=mask,
             model_inputs=model_inputs,
         )
+        if self.padding_free:  # before the metrics hook below, which must see only the loss's forwards
+            check_packing(ids, mask, model, ref_model, model_inputs=model_inputs)
         self.loss_fn.train(self.model.training)
         captured: list[torch.Tensor] = []
         handle = None
@@ -376,13 +378,15 @@ class DPOTrainer(LossStateCheckpoints, LossOnlyPrediction, trl.DPOTrainer):
                 model_inputs=model_inputs,
                 router_aux_loss_coef=aux_coef,
                 loss_weight=self._loss_weight,
+                padding_free=self.padding_free,
             )
         finally:
             if handle is not None:
                 handle.remove()
         if captured:  # the first decoder call is the policy's (the reference runs after it)
             with torch.no_grad(), gathered_heads(model) as heads:
-                self._record_vocab_metrics(mode, vocab_statistics(captured[0], heads.policy, labels))
+                hidden = unpack_rows(captured[0], mask) if self.padding_free else captured[0]
+                self._record_vocab_metrics(mode, vocab_statistics(hidden, heads.policy, labels))
         loss = out.loss
         self._record_metrics(mode, out, mask)  # with a MoE's aux_loss, as TRL logs it
         if return_outputs:
