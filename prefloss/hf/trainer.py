@@ -73,6 +73,12 @@ from prefloss.hf.loss_fields import LossFields, loss_module_kwargs
 from prefloss.hf.model import decoder_hidden_states, output_head, unwrap_model
 from prefloss.hf.moe import check_router_aux_loss_coef, router_logits_kwargs, trainer_aux_loss_coef
 from prefloss.hf.step import preference_loss
+from prefloss.hf.vision import (
+    VisionPreferenceCollator,
+    check_image_training,
+    is_image_data,
+    load_image_preferences,
+)
 from prefloss.losses import LOSSES as LOSS_CLASSES
 
 __all__ = [
@@ -87,6 +93,10 @@ __all__ = [
     "loss_name",
     "score_pairs",
 ]
+
+
+# The keys of PreferenceCollator's batches; any other key is a model input (prefloss.hf.vision).
+_TEXT_BATCH_KEYS = {"input_ids", "attention_mask", "shift_labels", "ref_logps"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -375,11 +385,23 @@ class PreferenceTrainer(LossStateCheckpoints, LossOnlyPrediction, Trainer):
                 "model's per-token logits at every step"
             )
 
-        pad_id = processing_class.pad_token_id
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)  # a processor's tokenizer
+        pad_id = tokenizer.pad_token_id
         if pad_id is None:
-            pad_id = processing_class.eos_token_id
+            pad_id = tokenizer.eos_token_id
+        images = is_image_data(train_dataset)  # image preference data: prefloss.hf.vision
+        if images:
+            check_image_training(
+                processing_class,
+                precompute_ref_log_probs=args.precompute_ref_log_probs,
+                padding_free=getattr(args, "padding_free", False),
+            )
         if data_collator is None:
-            data_collator = PreferenceCollator(pad_token_id=pad_id)
+            data_collator = (
+                VisionPreferenceCollator(processing_class, max_length=args.max_length)
+                if images
+                else PreferenceCollator(pad_token_id=pad_id)
+            )
         self._collator = data_collator
 
         def prepare(data: Any) -> Any:
@@ -387,6 +409,8 @@ class PreferenceTrainer(LossStateCheckpoints, LossOnlyPrediction, Trainer):
                 return None
             if isinstance(data, dict):
                 return {k: prepare(v) for k, v in data.items()}
+            if images:  # processed batch by batch by the collator, as TRL does
+                return load_image_preferences(data)
             return tokenize_preferences(
                 load_preferences(data),
                 processing_class,
@@ -505,8 +529,17 @@ class PreferenceTrainer(LossStateCheckpoints, LossOnlyPrediction, Trainer):
     def _loss_output(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
         self.loss_fn.train(model.training)
         ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["shift_labels"]
+        # a vision-language batch's pixel_values, token_type_ids, ...: to both models' forwards
+        model_inputs = {k: v for k, v in inputs.items() if k not in _TEXT_BATCH_KEYS}
         ref_model = self._reference()
-        self._output_head_check(ids, model, ref_model, mixed_precision=bool(self.accelerator.native_amp))
+        self._output_head_check(
+            ids,
+            model,
+            ref_model,
+            mixed_precision=bool(self.accelerator.native_amp),
+            attention_mask=mask,
+            model_inputs=model_inputs,
+        )
         return preference_loss(
             self.loss_fn,
             model,
@@ -516,6 +549,7 @@ class PreferenceTrainer(LossStateCheckpoints, LossOnlyPrediction, Trainer):
             ref_model=ref_model,
             ref_logps=inputs.get("ref_logps"),
             ignore_index=getattr(self._collator, "ignore_index", -100),
+            model_inputs=model_inputs,
             router_aux_loss_coef=self._router_aux_loss_coef,
             padding_free=self.args.padding_free,
         )

@@ -1,0 +1,160 @@
+"""`PreferenceTrainer` on image preference data (`prefloss.hf.vision`), with tiny random LLaVA and
+Gemma 3 models and processors built in code (`prefloss.hf.tiny`).
+
+The collator's batches are the `PreferenceCollator` layout plus the vision inputs, each pair's images
+twice (chosen row, rejected row); their tokens and tensors equal TRL's vision collator's. On such a
+batch the trainer's first loss (DPO; α-DPO) is within `prefloss.testing.loss_error_bounds` of a float64
+loss of the models' own last hidden states (``model(**batch, output_hidden_states=True)``, which runs
+the vision tower) and output heads (`prefloss.reference`); its gradient reaches the vision tower.
+What prefloss cannot do with images is refused by name.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("PIL")
+
+from prefloss import reference  # noqa: E402
+from prefloss.hf import PreferenceConfig, PreferenceTrainer  # noqa: E402
+from prefloss.hf.tiny import (  # noqa: E402
+    VISION_FAMILIES,
+    tiny_image_preferences,
+    tiny_vision_model,
+    tiny_vision_processor,
+)
+from prefloss.hf.vision import VisionPreferenceCollator, is_image_data  # noqa: E402
+from prefloss.testing import loss_error_bounds, plain_logprobs, sequence_error_scale  # noqa: E402
+
+FAMILIES = list(VISION_FAMILIES)
+PAIRS = 2
+
+pytestmark = pytest.mark.usefixtures("quiet_hf")
+
+
+def _rows(family: str, conversational: bool) -> list[dict]:
+    return tiny_image_preferences(3, placeholder=None if conversational else VISION_FAMILIES[family][0])
+
+
+@pytest.mark.parametrize("conversational", [True, False], ids=["messages", "plain"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_collator_layout(family, conversational):
+    processor = tiny_vision_processor(family)
+    rows = _rows(family, conversational)
+    batch = VisionPreferenceCollator(processor)(rows)
+    b = len(rows)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["shift_labels"]
+    assert ids.shape[0] == 2 * b and batch["pixel_values"].shape[0] == 2 * b  # one image a row
+    assert torch.equal(batch["pixel_values"][:b], batch["pixel_values"][b:])  # a pair's image, twice
+    image_id = processor.tokenizer.image_token_id
+    for i in range(2 * b):
+        n = int(mask[i].sum())
+        assert mask[i, :n].all() and not mask[i, n:].any()  # right-padded
+        assert int((ids[i] == image_id).sum()) == 4  # the image's 4 tokens
+        scored = labels[i] != -100
+        assert torch.equal(labels[i, scored], ids[i, 1:][scored[:-1]])  # shifted: t predicts t + 1
+        assert not scored[n - 1 :].any()
+        first = int(scored.nonzero()[0])
+        assert (ids[i, : first + 1] == image_id).sum() == 4  # images in the unscored prompt
+    # the prompts of a pair are the same row prefix; the responses differ
+    for i in range(b):
+        p = int((labels[i] != -100).nonzero()[0]) + 1
+        assert torch.equal(ids[i, :p], ids[i + b, :p])
+    if family == "gemma3":  # image tokens marked 1, everything else 0
+        assert torch.equal(batch["token_type_ids"].bool(), ids == image_id)
+    trl_collator = pytest.importorskip("trl.trainer.dpo_trainer").DataCollatorForVisionPreference
+    theirs = trl_collator(processor)([dict(r) for r in rows])
+    completion = theirs.pop("completion_mask")
+    assert theirs.keys() == batch.keys() - {"shift_labels"}
+    for key, value in theirs.items():
+        assert torch.equal(value, batch[key]), key
+    assert torch.equal(labels[:, :-1], ids[:, 1:].masked_fill(completion[:, 1:] == 0, -100))
+
+
+def test_is_image_data():
+    assert is_image_data(tiny_image_preferences(1))
+    assert is_image_data([{"image": None, "prompt": "", "chosen": "", "rejected": ""}])
+    assert not is_image_data([{"prompt": "", "chosen": "", "rejected": ""}])
+
+
+def _trainer(root, family, tiny_training_args, *, processing_class=None, **config):
+    processor = tiny_vision_processor(family)
+    defaults = tiny_training_args(root, pairs=PAIRS)
+    args = PreferenceConfig(**{**defaults, "loss": "dpo", **config})
+    return PreferenceTrainer(
+        model=tiny_vision_model(family, processor, seed=0),
+        ref_model=tiny_vision_model(family, processor, seed=1),
+        args=args,
+        train_dataset=tiny_image_preferences(4),
+        processing_class=processor if processing_class is None else processing_class,
+    )
+
+
+def _truth(name, trainer, batch, **hp):
+    """Float64 loss and its fp32 bound from the models' own last hidden states and output heads."""
+    inputs = {k: v for k, v in batch.items() if k != "shift_labels"}
+    labels = batch["shift_labels"]
+
+    def hidden(m):
+        with torch.no_grad():
+            return m(**inputs, output_hidden_states=True, use_cache=False).hidden_states[-1]
+
+    model, ref = trainer.model, trainer.ref_model
+    kw = dict(ref_hidden=hidden(ref), ref_weight=ref.get_output_embeddings().weight.detach())
+    weight = model.get_output_embeddings().weight.detach()
+    exact = reference.token_logprobs(hidden(model), weight, labels, **kw)
+    plain = plain_logprobs(hidden(model), weight, labels, **kw)
+    sums = {k: getattr(exact, k).sum(-1) for k in ("policy", "ref")}
+    scales = {k: sequence_error_scale(getattr(plain, k), getattr(exact, k)) for k in ("policy", "ref")}
+    length = (labels != -100).sum(-1)
+    return loss_error_bounds(name, sums, length, scales, dtype=torch.float32, **hp)
+
+
+LOSSES = [("dpo", dict(beta=0.1)), ("alpha_dpo", dict(beta=2.5, gamma_beta_ratio=0.6, alpha=0.2))]
+
+
+@pytest.mark.parametrize(("loss", "hp"), LOSSES, ids=[n for n, _ in LOSSES])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_first_loss_matches_float64(tmp_path, family, loss, hp, tiny_training_args):
+    trainer = _trainer(tmp_path, family, tiny_training_args, loss=loss, **hp)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(PAIRS)])
+    model = trainer.model
+    model.train()
+    value = trainer.compute_loss(model, trainer._prepare_inputs(dict(batch)))
+    value.backward()
+    bounds = _truth(loss, trainer, batch, **hp)
+    assert abs(value.item() - bounds.loss.item()) <= bounds.loss_bound, (value.item(), bounds.loss.item())
+    tower = [p.grad for n, p in model.named_parameters() if "vision_tower" in n and p.grad is not None]
+    assert tower and any(g.abs().sum() > 0 for g in tower)
+
+
+def test_trains_three_steps(tmp_path, tiny_training_args):
+    trainer = _trainer(tmp_path, "gemma3", tiny_training_args)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]  # DPO on the same 4 pairs: the margin grows
+
+
+def test_refusals(tmp_path, tiny_training_args):
+    with pytest.raises(ValueError, match="precompute_ref_log_probs=True is not supported with image"):
+        _trainer(tmp_path, "llava", tiny_training_args, precompute_ref_log_probs=True)
+    tokenizer = tiny_vision_processor("llava").tokenizer
+    with pytest.raises(ValueError, match="needs the model.s processor as processing_class"):
+        _trainer(tmp_path, "llava", tiny_training_args, processing_class=tokenizer)
+    trainer = _trainer(tmp_path, "llava", tiny_training_args, max_length=20)
+    with pytest.raises(ValueError, match=r"row 0: the prompt has \d+ tokens .* max_length=20"):
+        trainer.data_collator([trainer.train_dataset[0]])
+
+
+def test_output_head_check_sees_vision_model(tmp_path, tiny_training_args):
+    """Gemma 3's vision-language forward applies no logit soft-cap (its text-only ``ForCausalLM``
+    does): with ``final_logit_softcapping`` set, prefloss's head would, and the first-step check (run on
+    the batch with its images) refuses the model rather than train on wrong log-probs."""
+    trainer = _trainer(tmp_path, "gemma3", tiny_training_args)
+    for m in (trainer.model, trainer.ref_model):
+        m.config.text_config.final_logit_softcapping = 2.0
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(PAIRS)])
+    with pytest.raises(ValueError, match="Gemma3ForConditionalGeneration.*differ from log_softmax"):
+        trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch))
