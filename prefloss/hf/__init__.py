@@ -22,6 +22,7 @@ from prefloss.hf.heads import LOGIT_TRANSFORMS, OutputHead, output_head, unwrap_
 from prefloss.hf.model import check_output_head, decoder_hidden_states
 from prefloss.hf.step import preference_loss
 from prefloss.hf.trainer import PreferenceConfig, PreferenceTrainer, score_pairs
+from prefloss.hf.vision import VisionPreferenceCollator, load_image_preferences
 
 __all__ = [
     "AdaptersDisabled",
@@ -31,12 +32,14 @@ __all__ = [
     "PreferenceCollator",
     "PreferenceConfig",
     "PreferenceTrainer",
+    "VisionPreferenceCollator",
     "build_loss",
     "check_output_head",
     "decoder_hidden_states",
     "engine_name",
     "gathered_heads",
     "head_access",
+    "load_image_preferences",
     "load_preferences",
     "loss_name",
     "output_head",
