@@ -16,8 +16,8 @@ combinations that change the register footprint, for two kinds of target:
 
 Compilation must run in a process without ``TRITON_INTERPRET`` (otherwise triton's own library
 functions are interpreted and code generation fails), so `compile_report` spawns
-``python -m prefloss.commands.compile_report --worker`` with the variable removed, one process per target,
-and parses the JSON it prints.
+``python -m prefloss.commands.compile_report --worker`` with the variable removed, one process per CPU
+(each compiling its share of the targets), and parses the JSON it prints.
 
 Integer arguments (``V``, row strides) are compiled as divisible by 16, like the JIT specialises them
 for real vocabularies (32000, 128256, 151936, 256000 ...): this is the variant that runs in practice.
@@ -48,9 +48,6 @@ AMD_TARGETS = {
 DEFAULT_TARGETS = (*NVIDIA_TARGETS, *AMD_TARGETS)
 AMD_WAVE_SIZE = 64
 AMD_MAX_WORKGROUP = 1024  # threads
-# The variant with every HAS_* flag set: every line of each kernel, and the most registers (it keeps
-# the most values alive). At every config and both dtypes, it is the subset the tests compile for AMD.
-REPRESENTATIVE_VARIANTS = ("all",)
 DTYPES = ("fp32", "bf16")
 
 
@@ -381,7 +378,6 @@ def _compile_one(spec: _KernelSpec, variant: str, dtype: str, target: int, confi
 def _worker(
     targets: list[int | str],
     kernels: list[str] | None,
-    variants: list[str] | None = None,
     asm_dir: str | None = None,
 ) -> list[CompileResult | AmdCompileResult]:
     import importlib
@@ -398,8 +394,6 @@ def _worker(
         for target in targets:
             amd = isinstance(target, str)
             for variant in spec.variants:
-                if variants and variant not in variants:
-                    continue
                 for dtype in DTYPES:
                     for config in configs:
                         if amd:
@@ -440,7 +434,6 @@ def compile_report(
     targets: tuple[int | str, ...] = DEFAULT_TARGETS,
     *,
     kernels: tuple[str, ...] | None = None,
-    variants: tuple[str, ...] | None = None,
     asm_dir: str | os.PathLike | None = None,
     timeout: float = 600.0,
 ) -> list[CompileResult | AmdCompileResult]:
@@ -450,11 +443,9 @@ def compile_report(
         targets: CUDA compute capabilities (``80``, ``90``) and/or AMD targets (``"gfx942"``,
             ``"gfx90a"``); default all four.
         kernels: restrict to these kernel names (default: all of `prefloss.kernels`).
-        variants: restrict to these ``HAS_*`` flag combinations (default: all), e.g.
-            `REPRESENTATIVE_VARIANTS`.
         asm_dir: an existing directory to write each AMD build's ``amdgcn`` listing into, named
             ``<kernel>-<variant>-<dtype>-<target>-BLOCK_V<b>-w<warps>.amdgcn`` (default: none written).
-        timeout: seconds allowed per target's subprocess.
+        timeout: seconds allowed per worker process.
 
     Returns:
         One result per (kernel, variant, dtype, target, config): `CompileResult` for a CUDA target,
@@ -463,7 +454,7 @@ def compile_report(
         for both.
 
     Raises:
-        ValueError: an unknown target, kernel or variant name.
+        ValueError: an unknown target or kernel name, or a missing ``asm_dir``.
         RuntimeError: the worker process itself failed (its stderr is in the message).
     """
     targets = tuple(targets)
@@ -471,33 +462,34 @@ def compile_report(
     known = {spec.kernel for spec in _SPECS}
     if kernels is not None and not set(kernels) <= known:
         raise ValueError(f"`kernels` must be among {sorted(known)}, got {sorted(set(kernels) - known)}.")
-    known_variants = {v for spec in _SPECS if not kernels or spec.kernel in kernels for v in spec.variants}
-    if variants is not None and (not variants or not set(variants) <= known_variants):
-        raise ValueError(f"`variants` must be among {sorted(known_variants)}, got {variants!r}.")
     if asm_dir is not None and not os.path.isdir(asm_dir):
         raise ValueError(f"`asm_dir` must be an existing directory, got {str(asm_dir)!r}.")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
-    def run_target(target: int | str) -> list[CompileResult | AmdCompileResult]:
-        cmd = [sys.executable, "-m", "prefloss.commands.compile_report", "--worker", "--targets", str(target)]
+    def run_group(group: tuple[int | str, ...]) -> list[CompileResult | AmdCompileResult]:
+        names = ",".join(map(str, group))
+        cmd = [sys.executable, "-m", "prefloss.commands.compile_report", "--worker", "--targets", names]
         if kernels:
             cmd += ["--kernels", ",".join(kernels)]
-        if variants:
-            cmd += ["--variants", ",".join(variants)]
         if asm_dir is not None:
             cmd += ["--asm-dir", os.fspath(asm_dir)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             raise RuntimeError(
-                f"compile worker for {target_name(target)} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+                f"compile worker for {', '.join(map(target_name, group))} exited {proc.returncode}:\n"
+                f"{proc.stderr[-4000:]}"
             )
-        cls = AmdCompileResult if isinstance(target, str) else CompileResult
-        return [cls(**row) for row in json.loads(proc.stdout)]
+        rows = json.loads(proc.stdout)
+        return [(AmdCompileResult if isinstance(r["target"], str) else CompileResult)(**r) for r in rows]
 
-    # One process per target: compilation is single-threaded and the targets are independent.
-    with ThreadPoolExecutor(max_workers=min(len(targets), os.cpu_count() or 1)) as pool:
-        per_target = list(pool.map(run_target, targets))
-    return [r for results in per_target for r in results]
+    # Compilation is single-threaded and the targets are independent: one worker process per CPU,
+    # each compiling every n-th target (starting a process, importing torch and triton, costs more
+    # CPU than compiling all configs of one AMD target).
+    n = min(len(targets), os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        results = [r for rows in pool.map(run_group, [targets[i::n] for i in range(n)]) for r in rows]
+    # in the order of `targets`, each target's builds in the worker's order
+    return sorted(results, key=lambda r: targets.index(r.target))
 
 
 def _columns(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
@@ -578,13 +570,6 @@ def main(argv: list[str] | None = None) -> int:
         + ")",
     )
     parser.add_argument("--kernels", default=None, help="comma-separated kernel names (default: all)")
-    parser.add_argument(
-        "--variants",
-        default=None,
-        help="comma-separated HAS_* variants (default: all; the tests' AMD subset: "
-        + ",".join(REPRESENTATIVE_VARIANTS)
-        + ")",
-    )
     parser.add_argument("--asm-dir", default=None, help="write each AMD build's amdgcn listing here")
     parser.add_argument("--worker", action="store_true", help="compile in this process and print JSON")
     args = parser.parse_args(argv)
@@ -596,17 +581,15 @@ def main(argv: list[str] | None = None) -> int:
             f"among {','.join(AMD_TARGETS)}, got {args.targets!r}"
         )
     kernels = tuple(args.kernels.split(",")) if args.kernels else None
-    variants = tuple(args.variants.split(",")) if args.variants else None
     if args.worker:
         results = _worker(
             list(targets),
             list(kernels) if kernels else None,
-            list(variants) if variants else None,
             args.asm_dir,
         )
         print(json.dumps([asdict(r) for r in results]))
         return 0
-    results = compile_report(targets, kernels=kernels, variants=variants, asm_dir=args.asm_dir)
+    results = compile_report(targets, kernels=kernels, asm_dir=args.asm_dir)
     print(format_table(results))
     return 0 if all(r.ok for r in results) else 1
 
