@@ -1,5 +1,5 @@
 """`PreferenceTrainer` on image preference data (`prefloss.hf.vision`), with tiny random LLaVA and
-Gemma 3 models and processors built in code (`prefloss.hf.tiny`).
+Gemma 3 and Qwen2-VL models and processors built in code (`prefloss.hf.tiny`).
 
 The collator's batches are the `PreferenceCollator` layout plus the vision inputs, each pair's images
 twice (chosen row, rejected row); their tokens and tensors equal TRL's vision collator's. On such a
@@ -28,6 +28,7 @@ from prefloss.hf.vision import VisionPreferenceCollator, is_image_data  # noqa: 
 from prefloss.testing import loss_error_bounds, plain_logprobs, sequence_error_scale  # noqa: E402
 
 FAMILIES = list(VISION_FAMILIES)
+VISION_TOWER = {"llava": "vision_tower", "gemma3": "vision_tower", "qwen2_vl": "visual"}  # its name
 PAIRS = 2
 
 pytestmark = pytest.mark.usefixtures("quiet_hf")
@@ -45,24 +46,37 @@ def test_collator_layout(family, conversational):
     batch = VisionPreferenceCollator(processor)(rows)
     b = len(rows)
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["shift_labels"]
-    assert ids.shape[0] == 2 * b and batch["pixel_values"].shape[0] == 2 * b  # one image a row
-    assert torch.equal(batch["pixel_values"][:b], batch["pixel_values"][b:])  # a pair's image, twice
+    assert ids.shape[0] == 2 * b
+    # one image a row, each pair's twice: [2B, 3, 16, 16]; or Qwen2-VL's patches of the 2B images in
+    # turn ([Σ t·h·w, 3·2·4·4]), one image_grid_thw row (t, h, w) per image, the grid following each
+    # image's aspect ratio, and t·h·w / 4 image tokens (2 × 2 patches merged)
+    pixels = batch["pixel_values"]
+    tokens = torch.full((2 * b,), 4)
+    if family == "qwen2_vl":
+        grid = batch["image_grid_thw"]
+        assert grid.shape == (2 * b, 3) and torch.equal(grid[:b], grid[b:])
+        assert pixels.shape[0] == int(grid.prod(-1).sum()) and len(set(map(tuple, grid.tolist()))) > 1
+        tokens = grid.prod(-1) // 4
+    else:
+        assert pixels.shape[0] == 2 * b
+    assert torch.equal(pixels[: len(pixels) // 2], pixels[len(pixels) // 2 :])
     image_id = processor.tokenizer.image_token_id
     for i in range(2 * b):
         n = int(mask[i].sum())
         assert mask[i, :n].all() and not mask[i, n:].any()  # right-padded
-        assert int((ids[i] == image_id).sum()) == 4  # the image's 4 tokens
+        assert int((ids[i] == image_id).sum()) == tokens[i]  # the image's tokens
         scored = labels[i] != -100
         assert torch.equal(labels[i, scored], ids[i, 1:][scored[:-1]])  # shifted: t predicts t + 1
         assert not scored[n - 1 :].any()
         first = int(scored.nonzero()[0])
-        assert (ids[i, : first + 1] == image_id).sum() == 4  # images in the unscored prompt
+        assert (ids[i, : first + 1] == image_id).sum() == tokens[i]  # images in the unscored prompt
     # the prompts of a pair are the same row prefix; the responses differ
     for i in range(b):
         p = int((labels[i] != -100).nonzero()[0]) + 1
         assert torch.equal(ids[i, :p], ids[i + b, :p])
-    if family == "gemma3":  # image tokens marked 1, everything else 0
-        assert torch.equal(batch["token_type_ids"].bool(), ids == image_id)
+    if family != "llava":  # image tokens marked 1, everything else 0
+        key = "token_type_ids" if family == "gemma3" else "mm_token_type_ids"
+        assert torch.equal(batch[key].bool(), ids == image_id)
     trl_collator = pytest.importorskip("trl.trainer.dpo_trainer").DataCollatorForVisionPreference
     theirs = trl_collator(processor)([dict(r) for r in rows])
     completion = theirs.pop("completion_mask")
@@ -125,7 +139,7 @@ def test_first_loss_matches_float64(tmp_path, family, loss, hp, tiny_training_ar
     value.backward()
     bounds = _truth(loss, trainer, batch, **hp)
     assert abs(value.item() - bounds.loss.item()) <= bounds.loss_bound, (value.item(), bounds.loss.item())
-    tower = [p.grad for n, p in model.named_parameters() if "vision_tower" in n and p.grad is not None]
+    tower = [p.grad for n, p in model.named_parameters() if VISION_TOWER[family] in n and p.grad is not None]
     assert tower and any(g.abs().sum() > 0 for g in tower)
 
 

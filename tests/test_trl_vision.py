@@ -1,10 +1,11 @@
 """`prefloss.trl.DPOTrainer` on vision-language models, against TRL 1.16's own ``DPOTrainer``.
 
-Tiny random LLaVA and Gemma 3 models with processors built in code (`prefloss.hf.tiny`), on an image
-preference dataset (``images``, ``prompt``, ``chosen``, ``rejected``; synthetic 8-16 pixel images):
-TRL collates it with its vision collator (``pixel_values``; Gemma 3 also ``token_type_ids``), and both
-trainers pass those inputs to the policy's and the reference's forward. On one identical batch the
-loss, every metric both log and every gradient agree, and the loss is within its fp32 bound of a float64
+Tiny random LLaVA, Gemma 3 and Qwen2-VL models with processors built in code (`prefloss.hf.tiny`),
+on an image preference dataset (``images``, ``prompt``, ``chosen``, ``rejected``; synthetic 8-16
+pixel images): TRL collates it with its vision collator (``pixel_values``; Gemma 3 also
+``token_type_ids``, Qwen2-VL ``image_grid_thw`` and ``mm_token_type_ids``), and both trainers pass
+those inputs to the policy's and the reference's forward. On one identical batch the loss, every
+metric both log and every gradient agree, and the loss is within its fp32 bound of a float64
 computation from the model's own hidden states (``model(**batch, output_hidden_states=True)``);
 also with a LoRA policy (reference = adapters disabled); 3-step ``train()`` runs log the same values.
 
@@ -32,7 +33,7 @@ from prefloss.testing import loss_error_bounds, plain_logprobs, sequence_error_s
 
 GRAD_RTOL = 1e-5
 PAIRS = 2
-FAMILIES = ["llava", "gemma3"]
+FAMILIES = ["llava", "gemma3", "qwen2_vl"]
 
 pytestmark = pytest.mark.usefixtures("quiet_hf")
 
@@ -128,9 +129,11 @@ def test_vision_dpo_matches_trl(tmp_path, family, tiny_training_args):
     stock, ours = _pair(tmp_path, family, tiny_training_args)
     batch = _assert_same_step(stock, ours, (stock.model, stock.ref_model))
     assert ("token_type_ids" in batch) == (family == "gemma3")
+    assert ("image_grid_thw" in batch) == ("mm_token_type_ids" in batch) == (family == "qwen2_vl")
     # the vision tower trains: its gradient reached the policy through the image tokens
     _, _, grads = _step(ours, batch)
-    assert any("vision_tower" in n and g.abs().sum() > 0 for n, g in grads.items())
+    tower = "visual" if family == "qwen2_vl" else "vision_tower"
+    assert any(tower in n and g.abs().sum() > 0 for n, g in grads.items())
 
 
 def test_vision_dpo_matches_trl_lora(tmp_path, tiny_training_args):

@@ -175,6 +175,15 @@ VISION_FAMILIES: dict[str, tuple[str, dict[str, str]]] = {
         "<start_of_image>",
         {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
     ),
+    "qwen2_vl": (
+        "<|vision_start|><|image_pad|><|vision_end|>",
+        {
+            "vision_start_token": "<|vision_start|>",
+            "vision_end_token": "<|vision_end|>",
+            "image_token": "<|image_pad|>",
+            "video_token": "<|video_pad|>",
+        },
+    ),
 }
 
 
@@ -204,11 +213,15 @@ def tiny_vision_processor(family: str) -> Any:
 
     The byte-level tokenizer with the family's image tokens and a multimodal chat template
     (`vision_chat_template`), and the family's image processor, which resizes every image to
-    `IMAGE_SIZE` squared; each image becomes `IMAGE_TOKENS` image tokens in the text.
+    `IMAGE_SIZE` squared (Qwen2-VL's: to about that many pixels, keeping the aspect ratio); each
+    image becomes `IMAGE_TOKENS` image tokens in the text (Qwen2-VL: a grid of about that many).
 
     Args:
-        family: ``"llava"`` (CLIP image processor; batches carry ``pixel_values``) or ``"gemma3"``
-            (Gemma 3's image processor; ``pixel_values`` and ``token_type_ids``).
+        family: ``"llava"`` (CLIP image processor; batches carry ``pixel_values``), ``"gemma3"``
+            (Gemma 3's image processor; ``pixel_values`` and ``token_type_ids``) or ``"qwen2_vl"``
+            (Qwen2-VL's: ``pixel_values`` as ``[patches, 3·2·4·4]``, the patches of all images in turn,
+            ``image_grid_thw`` and ``mm_token_type_ids``; its processor without the video processor,
+            which needs torchvision).
     """
     _check_family(family)
     placeholder, specials = VISION_FAMILIES[family]
@@ -227,6 +240,17 @@ def tiny_vision_processor(family: str) -> Any:
             num_additional_image_tokens=1,
             chat_template=template,
         )
+    if family == "qwen2_vl":
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        pixels = IMAGE_SIZE * IMAGE_SIZE
+        return _qwen2_vl_image_processor_class()(  # 4 × 4 patches of 4 pixels, merged 2 × 2
+            image_processor=Qwen2VLImageProcessorPil(
+                patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=pixels, max_pixels=pixels
+            ),
+            tokenizer=tokenizer,
+            chat_template=template,
+        )
     from transformers import Gemma3Processor
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
@@ -238,12 +262,28 @@ def tiny_vision_processor(family: str) -> Any:
     )
 
 
+def _qwen2_vl_image_processor_class() -> type:
+    """``Qwen2VLProcessor`` without its video processor (whose classes need torchvision)."""
+    from transformers import Qwen2VLProcessor
+
+    class Qwen2VLImageProcessor(Qwen2VLProcessor):
+        @classmethod
+        def get_attributes(cls) -> list[str]:
+            return ["image_processor", "tokenizer"]
+
+        def __init__(self, image_processor: Any = None, tokenizer: Any = None, **kwargs: Any) -> None:
+            super().__init__(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
+
+    return Qwen2VLImageProcessor
+
+
 def tiny_vision_model(family: str, processor: Any, *, hidden_size: int = 32, seed: int = 0) -> Any:
     """A randomly initialised vision-language model for `tiny_vision_processor`'s processor.
 
     A one-layer vision tower of width 16 over 16×16 images, the family's projector, and a two-layer
-    language model of width ``hidden_size`` (LLaVA: Llama; Gemma 3: Gemma 3's text model) with an
-    untied output head: ``LlavaForConditionalGeneration`` / ``Gemma3ForConditionalGeneration``.
+    language model of width ``hidden_size`` (LLaVA: Llama; Gemma 3, Qwen2-VL: their own text models)
+    with an untied output head: ``LlavaForConditionalGeneration``, ``Gemma3ForConditionalGeneration``,
+    ``Qwen2VLForConditionalGeneration``.
 
     Args:
         family: as `tiny_vision_processor`'s.
@@ -284,6 +324,29 @@ def tiny_vision_model(family: str, processor: Any, *, hidden_size: int = 32, see
             text_config=AutoConfig.for_model("llama", **text),
             image_token_id=tokenizer.image_token_id,
             vision_feature_layer=-1,
+            tie_word_embeddings=False,
+        )
+    elif family == "qwen2_vl":
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+        cls = Qwen2VLForConditionalGeneration
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}  # head_dim / 2
+        config = Qwen2VLConfig(
+            vision_config=dict(
+                depth=1,
+                embed_dim=16,
+                hidden_size=hidden_size,
+                num_heads=2,
+                mlp_ratio=2,
+                patch_size=4,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+            ),
+            text_config=dict(text, rope_parameters=rope),
+            image_token_id=tokenizer.image_token_id,
+            video_token_id=tokenizer.video_token_id,
+            vision_start_token_id=tokenizer.vision_start_token_id,
+            vision_end_token_id=tokenizer.vision_end_token_id,
             tie_word_embeddings=False,
         )
     else:
