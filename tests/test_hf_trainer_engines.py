@@ -10,7 +10,8 @@ Checked here:
   / a ``fully_shard``-ed model), never an unsharded copy;
 * ZeRO-3 and FSDP2 log the same losses and reward accuracies as DDP, and reach the same loss state
   (α-DPO's running statistics, ε-DPO's β), for α-DPO, ε-DPO, DPO, and DPO with precomputed reference
-  log-probs (which equal the live reference's under DDP);
+  log-probs (which equal the live reference's under DDP), and for ε-DPO with ``padding_free=True``
+  (which equals the padded run under DDP);
 * the resumed run starts from the loss state saved at step 2 (not the initial one), runs only steps
   3-4, and ends where the uninterrupted run ended.
 
@@ -36,6 +37,16 @@ def _assert_states_close(got: dict, expected: dict, msg: str) -> None:
         torch.testing.assert_close(
             got[key].double(), value.double(), atol=1e-6, rtol=1e-5, msg=f"{msg}: {key}"
         )
+
+
+def test_padding_free_equals_padded(ddp) -> None:
+    """ε-DPO with ``padding_free=True`` (each rank packs its micro-batch) logs the padded run's losses
+    and accuracies and ends with its β; the engines reproduce DDP's packed run in the test below."""
+    padded, packed = ddp["epsilon_dpo"]["full"], ddp["epsilon_dpo_packed"]["full"]
+    torch.testing.assert_close(packed["loss"], padded["loss"], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(packed["accuracy"], padded["accuracy"])
+    _assert_states_close(packed["state_after_step"][4], padded["state_after_step"][4], "packed β")
+    assert not torch.equal(packed["state_after_step"][4]["beta"], packed["state_at_start"]["beta"])
 
 
 def test_precomputed_reference_equals_the_live_one(ddp) -> None:

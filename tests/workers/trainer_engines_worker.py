@@ -5,9 +5,10 @@
 ENGINE: ``ddp``, ``zero3`` or ``fsdp2``; two gloo processes on CPU. Each run of `RUNS` trains 4
 optimizer steps of 2 micro-batches (2 pairs per rank each, plain SGD, a checkpoint every 2 steps);
 α-DPO and ε-DPO then train again from ``checkpoint-2`` in a new trainer; DPO runs with a live
-reference and with precomputed reference log-probs. Rank 0 saves the logged losses and reward
-accuracies, the loss state at the start and after every step, and what the engine did (the policy's
-head type after training, the reference's type) to ``OUT_DIR/ENGINE.pt``.
+reference and with precomputed reference log-probs; ε-DPO also with ``padding_free=True``. Rank 0
+saves the logged losses and reward accuracies, the loss state at the start and after every step, and
+what the engine did (the policy's head type after training, the reference's type) to
+``OUT_DIR/ENGINE.pt``.
 
 How each engine is reached on CPU (accelerate 1.16):
 * ZeRO-3: ``TrainingArguments(deepspeed=..., use_cpu=True)`` runs real ZeRO-3 over gloo as it is.
@@ -39,6 +40,13 @@ RUNS = {
         "beta": 0.5,
         "epsilon": 0.3,
         "loss_kwargs": {"compare_dtype": None},
+    },
+    "epsilon_dpo_packed": {
+        "loss": "epsilon_dpo",
+        "beta": 0.5,
+        "epsilon": 0.3,
+        "loss_kwargs": {"compare_dtype": None},
+        "padding_free": True,
     },
     "dpo": {"loss": "dpo", "beta": 0.5},
     "dpo_precomputed": {"loss": "dpo", "beta": 0.5, "precompute_ref_log_probs": True},
