@@ -448,3 +448,95 @@ def test_bench_cli_end_to_end(tmp_path):
         "memory_vs_seq_len_batch2_hidden16_vocab203.png",
         "time_vs_seq_len_batch2_hidden16_vocab203.png",
     ]
+
+
+SEARCH_PEAKS = {
+    "affine": lambda t: 10e6 + 3000.0 * t,
+    "fixed-heavy": lambda t: 200e6 + 500.0 * t,
+    "step at 3000": lambda t: 50e6 + (200e6 if t > 3000 else 0) + 1000.0 * t,
+    "oom above 700": lambda t: None if t > 700 else 1.0,
+    "start too big": lambda t: 1e6 * t,
+}
+
+
+@pytest.mark.parametrize("name", list(SEARCH_PEAKS), ids=list(SEARCH_PEAKS))
+def test_max_tokens_search_brackets_the_limit(name):
+    """`max_tokens.search` over T (multiples of 32): the T it reports fits, the T it saw exceed does
+    not, and the two are within the resolution; the true limit, found by scanning every multiple of
+    32, lies between them. An affine peak needs at most 6 probes."""
+    from prefloss.benchmark.max_tokens import QUANTUM, search
+
+    peak_at, budget = SEARCH_PEAKS[name], 256e6
+    found = search(peak_at, budget, resolution=1 / 16)
+    fits = lambda t: peak_at(t) is not None and peak_at(t) <= budget
+    true = max(t for t in range(QUANTUM, 200_000, QUANTUM) if fits(t))
+    assert found.fits <= true < found.exceeds
+    assert found.fits == 0 or fits(found.fits)
+    assert not fits(found.exceeds) and found.exceeds - found.fits <= max(QUANTUM, found.fits / 16)
+    assert [t for t, _ in found.probes] == list(dict.fromkeys(t for t, _ in found.probes))  # none twice
+    if name == "affine":
+        assert len(found.probes) <= 6
+    capped = search(lambda t: 1.0, budget, cap=5000)
+    assert capped.capped and capped.fits == 4992
+    with pytest.raises(ValueError, match="`budget` must be a positive number of bytes, got 0"):
+        search(peak_at, 0)
+
+
+def test_max_tokens_gpu_model_agrees_with_plan_step():
+    """The GPU MODEL's figure (`plan_max_tokens`, extrapolated past ``direct_limit``) on a tiny
+    head: `prefloss plan` itself puts the reported tokens within the budget and 1024 more over it;
+    the budgets leave out the stated model states (18 B per parameter over 8 GPUs; 2 B for LoRA)."""
+    from prefloss.benchmark.max_tokens import model_states_gib, plan_max_tokens
+    from prefloss.commands.plan import plan_step
+
+    tiny = {"name": "tiny", "params": 1e6, "hidden": 16, "vocab": 64}
+    peak = lambda n: plan_step("dpo", tokens=n, hidden=16, vocab=64, dtype="bfloat16").peak_bytes
+    budget_gib = (peak(8192) + 20_000 * 16 * 2) / 1024**3  # about 20k tokens past 8192
+    row = plan_max_tokens("dpo", frozen_head=False, budget_gib=budget_gib, model=tiny, direct_limit=4096)
+    assert row["MODEL"] and row["affine"] and row["method"].startswith("extrapolated")
+    n = row["max_tokens"]
+    assert n % 1024 == 0 and n > 8192
+    assert peak(n) <= budget_gib * 1024**3 < peak(n + 1024)
+    assert model_states_gib(8.03e9, frozen_head=False) == pytest.approx(18 * 8.03e9 / 8 / 1024**3)
+    assert model_states_gib(8.03e9, frozen_head=True) == pytest.approx(2 * 8.03e9 / 1024**3)
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--max-tokens", "--seq-len", "64"], "`--max-tokens` takes no `--seq-len` (T is what it searches)"),
+        (["--max-tokens", "--quick"], "`--max-tokens` takes no `--quick` (it times nothing)"),
+        (["--max-tokens", "--vocab", "64,128"], "`--vocab` takes one value, got [64, 128]"),
+        (["--mem-budget-gib", "1"], "`--mem-budget-gib` goes with `--max-tokens`"),
+        (["--max-tokens", "--cases", "floor"], "`--max-tokens`: the selected cases have no loss step"),
+    ],
+    ids=["seq-len", "quick", "two-vocabs", "budget-alone", "no-loss"],
+)
+def test_max_tokens_refuses_what_it_cannot_use(capsys, argv, fragment):
+    assert main(["bench", "--device", "cpu", *argv]) == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_max_tokens_cli_tiny(tmp_path):
+    """``--max-tokens`` end to end on a tiny head (authors-style DPO, 10 MiB): the largest T
+    reported fits the budget in its own probe, the first T over it does not, within the resolution;
+    the peak there holds at least the policy's full logits and their log-softmax (2·N·V floats);
+    the JSON records the machine, the table and the plot are written."""
+    out = tmp_path / "max.json"
+    cmd = [sys.executable, "-m", "prefloss.commands.cli", "bench", "--max-tokens", "--mem-budget-gib", "0.01"]
+    cmd += ["--batch", "1", "--hidden", "16", "--vocab", "203", "--cases", "authors/dpo", "--no-gpu-model"]
+    cmd += ["--no-progress", "--json", str(out), "--plot", str(tmp_path), "--device", "cpu"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(out.read_text())
+    assert "family" in doc["machine"]["cpu"] or not doc["machine"]["cpu"].startswith(("AMD", "Intel"))
+    (row,) = doc["results"]
+    budget_mib = 0.01 * 1024
+    peaks = {p["seq_len"]: p["peak_mib"] for p in row["probes"]}
+    t, over = row["max_seq_len"], row["first_over_seq_len"]
+    assert row["status"] == "ok" and row["max_tokens"] == 2 * t and t % 32 == 0
+    assert peaks[t] <= budget_mib and (peaks[over] is None or peaks[over] > budget_mib)
+    assert over - t <= max(32, t / 16)
+    assert peaks[t] * 1024**2 >= 2 * (2 * t) * 203 * 4
+    assert "largest tokens per step within 0.01 GiB" in proc.stdout and "authors/dpo" in proc.stdout
+    assert (tmp_path / "max_tokens.png").stat().st_size > 0

@@ -11,6 +11,7 @@ each prefloss step against its floor. See CONTRIBUTING.md ("Benchmarks").
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -107,6 +108,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--timeout", type=positive_float, default=1800.0, help="seconds per case process (default 1800)"
     )
+    p.add_argument(
+        "--max-tokens",
+        action="store_true",
+        help="per case, the largest tokens per step (2B·T) whose forward+backward peak fits "
+        "--mem-budget-gib, by bisection over T at one shape (--batch, --hidden, --vocab, --dtype; "
+        "default B=1 pair, H=64, V=4096, float32), each case in its memory-capped process; "
+        "plus prefloss plan's MODEL of the same figure on an H100 (docs/bench.md)",
+    )
+    p.add_argument(
+        "--mem-budget-gib",
+        type=positive_float,
+        help="--max-tokens: the step's peak memory budget in GiB (default 0.0625)",
+    )
+    p.add_argument(
+        "--no-gpu-model", action="store_true", help="--max-tokens: without prefloss plan's GPU MODEL"
+    )
     p.add_argument("--quick", action="store_true", help=f"small shapes, ~1 minute on 2 CPU cores: {QUICK}")
     p.add_argument("--json", metavar="PATH", help="write the full results as JSON")
     p.add_argument("--plot", metavar="DIR", help="write PNG plots (memory and time vs each swept axis)")
@@ -140,6 +157,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"{case.name}{flags}")
         return 0
     try:
+        _check_max_tokens_args(args)
+        if args.max_tokens:
+            from prefloss.benchmark.max_tokens import DEFAULT_CASES
+
+            args.cases = args.cases or [",".join(DEFAULT_CASES)]
         base = QUICK if args.quick else DEFAULTS
         lists = {
             n: getattr(args, n) or _int_list(n.replace("_", "-"), base[n])
@@ -167,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.seeds is not None:
         return _run_gate(args, cases, lists, device)
+    if args.max_tokens:
+        return _run_max_tokens(args, device)
     if device == "cpu" and not cpu_peak_supported():
         print("prefloss bench: error: CPU peak memory needs Linux /proc/self/clear_refs.", file=sys.stderr)
         return 2
@@ -210,6 +234,99 @@ def run(args: argparse.Namespace) -> int:
             print(f"plot: {path}")
     failed = [r for r in results if r["status"] in ("wrong", "error")]
     return 1 if failed else 0
+
+
+def _check_max_tokens_args(args: argparse.Namespace) -> None:
+    """``--max-tokens`` searches T at one shape: no list, no option of the timed sweep."""
+    if not args.max_tokens:
+        for flag, given in (("--mem-budget-gib", args.mem_budget_gib), ("--no-gpu-model", args.no_gpu_model)):
+            if given:
+                raise ValueError(f"`{flag}` goes with `--max-tokens`.")
+        return
+    refused = {
+        "--seq-len": args.seq_len,
+        "--seeds": args.seeds,
+        "--quick": args.quick,
+        "--repeats": args.repeats,
+        "--floor-parts": args.floor_parts,
+    }
+    for flag, given in refused.items():
+        if given:
+            what = "T is what it searches" if flag == "--seq-len" else "it times nothing"
+            raise ValueError(f"`--max-tokens` takes no `{flag}` ({what}).")
+    for flag in ("batch", "hidden", "vocab"):
+        given = getattr(args, flag)
+        if given and len(given) != 1:
+            raise ValueError(f"`--max-tokens` searches at one shape: `--{flag}` takes one value, got {given}.")
+
+
+def _run_max_tokens(args: argparse.Namespace, device: str) -> int:
+    """``--max-tokens``: per case the largest tokens per step within the budget, then the GPU MODEL."""
+    from prefloss.benchmark import machine, max_tokens
+    from prefloss.benchmark.cases import select_cases
+    from prefloss.benchmark.inputs import Shape
+    from prefloss.benchmark.measure import cpu_peak_supported
+
+    if device == "cpu" and not cpu_peak_supported():
+        print("prefloss bench: error: CPU peak memory needs Linux /proc/self/clear_refs.", file=sys.stderr)
+        return 2
+    patterns = [p.strip() for item in args.cases for p in item.split(",") if p.strip()]
+    has_gpu = device.startswith("cuda")
+    cases = [c for c in select_cases(patterns) if c.loss and (has_gpu or not c.needs_gpu)]
+    if not cases:
+        print("prefloss bench: error: `--max-tokens`: the selected cases have no loss step.", file=sys.stderr)
+        return 2
+    d = max_tokens.DEFAULT_SHAPE
+    base = Shape(
+        batch=(args.batch or [d["batch"]])[0],
+        seq_len=0,
+        hidden=(args.hidden or [d["hidden"]])[0],
+        vocab=(args.vocab or [d["vocab"]])[0],
+        dtype=args.dtype,
+    )
+    budget = args.mem_budget_gib or max_tokens.DEFAULT_BUDGET_GIB
+    t0 = time.perf_counter()
+    results = max_tokens.run(
+        cases,
+        base,
+        budget_gib=budget,
+        seed=args.seed,
+        device=device,
+        mem_limit_gib=args.mem_limit_gib,
+        timeout_s=args.timeout,
+        threads=args.threads,
+        start=max_tokens.DEFAULT_START,
+        cap=max_tokens.DEFAULT_CAP,
+        resolution=max_tokens.DEFAULT_RESOLUTION,
+        progress=not args.no_progress,
+    )
+    searched_s = time.perf_counter() - t0
+    shape = base.to_dict()
+    del shape["seq_len"]
+    document = {
+        "machine": machine.describe(device),
+        "config": {
+            "mode": "max_tokens",
+            "shape": shape,
+            "budget_gib": budget,
+            "cases": [c.name for c in cases],
+            "seed": args.seed,
+            "resolution": max_tokens.DEFAULT_RESOLUTION,
+            "seq_len_quantum": max_tokens.QUANTUM,
+            "mem_limit_gib": args.mem_limit_gib,
+            **({"threads": args.threads} if args.threads else {}),
+        },
+        "memory_method": "the step's own peak as in the timed bench (second of two steps at each T)",
+        "results": results,
+        "search_s": searched_s,
+    }
+    if not args.no_gpu_model:
+        document["gpu_model"] = max_tokens.gpu_model()
+    document["wall_s"] = time.perf_counter() - t0
+    _print_and_save(max_tokens.table(document), document, args.json)
+    if args.plot:
+        print(f"plot: {max_tokens.write_plot(document, os.path.join(args.plot, 'max_tokens.png'))}")
+    return 1 if any(r["status"] == "error" for r in results) else 0
 
 
 def _run_gate(args: argparse.Namespace, cases: list, lists: dict, device: str) -> int:

@@ -282,6 +282,10 @@ def main() -> None:
         try:
             if spec["mode"] == "reference":
                 result = _reference(spec, shape, spec["paths"][i])
+            elif spec["mode"] == "max_tokens":
+                from prefloss.benchmark.max_tokens import run_case
+
+                result = run_case(spec, shape)
             else:
                 result = _case(spec, shape, i)
         except Exception as exc:  # reported to the parent; the next shape still runs
