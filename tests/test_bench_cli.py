@@ -529,7 +529,13 @@ def test_max_tokens_cli_tiny(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     doc = json.loads(out.read_text())
-    assert "family" in doc["machine"]["cpu"] or not doc["machine"]["cpu"].startswith(("AMD", "Intel"))
+    with open("/proc/cpuinfo") as f:  # the CPU's family and model, recorded with the results
+        fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    cpu_id = doc["machine"]["cpu_id"]
+    assert (cpu_id["family"], cpu_id["model"]) == (fields.get("cpu family"), fields.get("model"))
+    if cpu_id["family"]:
+        assert f"(family {cpu_id['family']}, model {cpu_id['model']})" in doc["machine"]["cpu"]
     (row,) = doc["results"]
     budget_mib = 0.01 * 1024
     peaks = {p["seq_len"]: p["peak_mib"] for p in row["probes"]}

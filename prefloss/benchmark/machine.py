@@ -8,16 +8,32 @@ import sys
 from importlib import metadata
 
 
-def _cpu_model() -> str:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of ``/proc/cpuinfo`` (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             info = f.read()
     except OSError:
-        return platform.processor() or platform.machine()
-    fields = {}
+        return {}
+    fields: dict[str, str] = {}
     for line in info.splitlines():
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_family_model() -> dict[str, str | None]:
+    """``{"vendor", "family", "model"}`` of the CPU (x86 ``/proc/cpuinfo``; ``None`` elsewhere):
+    two VMs both sold as "AMD EPYC" can be different machines (family 25 model 1, family 26 model 2),
+    and step/floor ratios differ between them, so every report names which one it ran on."""
+    fields = _cpuinfo()
+    return {"vendor": fields.get("vendor_id"), "family": fields.get("cpu family"), "model": fields.get("model")}
+
+
+def _cpu_model() -> str:
+    fields = _cpuinfo()
+    if not fields:
+        return platform.processor() or platform.machine()
     name = fields.get("model name", platform.machine())
     if "cpu family" in fields:
         name += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
@@ -63,6 +79,7 @@ def describe(device: str) -> dict:
 
     info = {
         "cpu": _cpu_model(),
+        "cpu_id": cpu_family_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "memory_gib": _mem_total_gib(),
