@@ -34,6 +34,16 @@ PAIRS = 2
 pytestmark = pytest.mark.usefixtures("quiet_hf")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: the tiny models' ops are too small to split, and on a loaded 2-core machine
+    two threads made these tests 4x slower (their synchronisation, not their arithmetic)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _rows(family: str, conversational: bool) -> list[dict]:
     return tiny_image_preferences(3, placeholder=None if conversational else VISION_FAMILIES[family][0])
 

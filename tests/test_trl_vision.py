@@ -38,6 +38,16 @@ FAMILIES = ["llava", "gemma3", "qwen2_vl"]
 pytestmark = pytest.mark.usefixtures("quiet_hf")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: the tiny models' ops are too small to split, and on a loaded 2-core machine
+    two threads made these tests 4x slower (their synchronisation, not their arithmetic)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _trainer(cls, config_cls, root, family, tiny_training_args, *, ref=True, peft_config=None, **config):
     processor = tiny_vision_processor(family)
     args = config_cls(**{**tiny_training_args(root / cls.__module__.split(".")[0], pairs=PAIRS), **config})
