@@ -11,6 +11,8 @@ What prefloss cannot do with images is refused by name.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -102,20 +104,32 @@ def test_is_image_data():
     assert not is_image_data([{"prompt": "", "chosen": "", "rejected": ""}])
 
 
-def _trainer(root, family, tiny_training_args, *, processing_class=None, **config):
+def _trainer(
+    root,
+    family,
+    tiny_training_args,
+    *,
+    processing_class=None,
+    ref=True,
+    peft_config=None,
+    eval_dataset=None,
+    **config,
+):
     processor = tiny_vision_processor(family)
     defaults = tiny_training_args(root, pairs=PAIRS)
     args = PreferenceConfig(**{**defaults, "loss": "dpo", **config})
     return PreferenceTrainer(
         model=tiny_vision_model(family, processor, seed=0),
-        ref_model=tiny_vision_model(family, processor, seed=1),
+        ref_model=tiny_vision_model(family, processor, seed=1) if ref else None,
         args=args,
         train_dataset=tiny_image_preferences(4),
+        eval_dataset=eval_dataset,
         processing_class=processor if processing_class is None else processing_class,
+        peft_config=peft_config,
     )
 
 
-def _truth(name, trainer, batch, **hp):
+def _truth(name, model, ref, batch, **hp):
     """Float64 loss and its fp32 bound from the models' own last hidden states and output heads."""
     inputs = {k: v for k, v in batch.items() if k != "shift_labels"}
     labels = batch["shift_labels"]
@@ -124,7 +138,6 @@ def _truth(name, trainer, batch, **hp):
         with torch.no_grad():
             return m(**inputs, output_hidden_states=True, use_cache=False).hidden_states[-1]
 
-    model, ref = trainer.model, trainer.ref_model
     kw = dict(ref_hidden=hidden(ref), ref_weight=ref.get_output_embeddings().weight.detach())
     weight = model.get_output_embeddings().weight.detach()
     exact = reference.token_logprobs(hidden(model), weight, labels, **kw)
@@ -147,18 +160,46 @@ def test_first_loss_matches_float64(tmp_path, family, loss, hp, tiny_training_ar
     model.train()
     value = trainer.compute_loss(model, trainer._prepare_inputs(dict(batch)))
     value.backward()
-    bounds = _truth(loss, trainer, batch, **hp)
+    bounds = _truth(loss, trainer.model, trainer.ref_model, batch, **hp)
     assert abs(value.item() - bounds.loss.item()) <= bounds.loss_bound, (value.item(), bounds.loss.item())
     tower = [p.grad for n, p in model.named_parameters() if VISION_TOWER[family] in n and p.grad is not None]
     assert tower and any(g.abs().sum() > 0 for g in tower)
 
 
-def test_trains_three_steps(tmp_path, tiny_training_args):
-    trainer = _trainer(tmp_path, "gemma3", tiny_training_args)
+def test_trains_three_steps_and_evaluates(tmp_path, tiny_training_args):
+    trainer = _trainer(tmp_path, "gemma3", tiny_training_args, eval_dataset=tiny_image_preferences(2, seed=1))
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]  # DPO on the same 4 pairs: the margin grows
+    metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_loss"]) and "eval_rewards/margins" in metrics
+
+
+def test_lora_policy_first_loss_matches_float64(tmp_path, tiny_training_args):
+    """A LoRA policy is its own reference with its adapters disabled, images passed to both."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    trainer = _trainer(tmp_path, "llava", tiny_training_args, ref=False, peft_config=config)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(PAIRS)])
+    trainer.model.train()
+    value = trainer.compute_loss(trainer.model, trainer._prepare_inputs(dict(batch)))
+
+    class Disabled(torch.nn.Module):  # the float64 truth's reference: the PEFT model, adapters off
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def get_output_embeddings(self):
+            return self.m.get_output_embeddings()
+
+        def forward(self, **kw):
+            with self.m.disable_adapter():
+                return self.m(**kw)
+
+    bounds = _truth("dpo", trainer.model, Disabled(trainer.model), batch, beta=0.1)
+    assert abs(value.item() - bounds.loss.item()) <= bounds.loss_bound, (value.item(), bounds.loss.item())
+    assert abs(value.item() - math.log(2)) > 1e-3  # the adapters moved the policy off its reference
 
 
 def test_refusals(tmp_path, tiny_training_args):

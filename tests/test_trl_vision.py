@@ -146,6 +146,20 @@ def test_vision_dpo_matches_trl(tmp_path, family, tiny_training_args):
     assert any(tower in n and g.abs().sum() > 0 for n, g in grads.items())
 
 
+def test_vision_dpo_vocab_metrics_match_trl(tmp_path, tiny_training_args):
+    """``log_vocab_metrics=True`` reads the policy's hidden states off its language model's forward:
+    TRL's entropy, logits/* and mean_token_accuracy equal stock TRL's on an image batch too."""
+    stock = _trainer(trl.DPOTrainer, trl.DPOConfig, tmp_path, "gemma3", tiny_training_args)
+    ours = _trainer(
+        ptrl.DPOTrainer, ptrl.DPOConfig, tmp_path, "gemma3", tiny_training_args, log_vocab_metrics=True
+    )
+    batch = stock.data_collator([stock.train_dataset[i] for i in range(PAIRS)])
+    _, metrics_t, _ = _step(stock, batch)
+    _, metrics_p, _ = _step(ours, batch)
+    for name in ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy"):
+        assert math.isclose(metrics_p[name], metrics_t[name], rel_tol=1e-5, abs_tol=1e-6), name
+
+
 def test_vision_dpo_matches_trl_lora(tmp_path, tiny_training_args):
     peft = pytest.importorskip("peft")
     # init_lora_weights=False: random B, so the policy differs from its reference (adapters off);
