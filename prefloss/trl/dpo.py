@@ -244,6 +244,11 @@ class DPOTrainer(LossStateCheckpoints, LossOnlyPrediction, trl.DPOTrainer):
     ``loss_weight · loss + router_aux_loss_coef · aux_loss`` and ``aux_loss`` is logged
     (`prefloss.hf.moe`); the reference forms no router logits.
 
+    Vision-language models as in TRL: with a processor and an image dataset, TRL's vision collator
+    builds the batches and every key beyond the text collator's (``pixel_values``, ``image_grid_thw``,
+    ``token_type_ids``, ...) goes unchanged to the policy's and the reference's forward; keys prefloss
+    sets itself (``labels``, ``use_cache``, ...) are refused by name.
+
     Checkpoints also hold the loss state (``prefloss_loss_state.pt``: α-DPO's running statistics,
     ε-DPO's β), restored by ``train(resume_from_checkpoint=...)``.
     """
