@@ -302,7 +302,9 @@ class PreferenceTrainer(LossStateCheckpoints, LossOnlyPrediction, Trainer):
         args: a `PreferenceConfig`.
         train_dataset, eval_dataset: preference data (``datasets.Dataset``, JSONL path or list of dicts
             with ``prompt``/``chosen``/``rejected``), or data already tokenized by `tokenize_preferences`.
-        processing_class: the tokenizer.
+        processing_class: the tokenizer; for image preference data (an ``images`` or ``image``
+            column: a vision-language model), the model's processor (`prefloss.hf.vision`: processed
+            batch by batch as TRL does, the vision inputs passed to both models' forwards).
         loss_fn: a ready prefloss loss module; ``args.loss`` and the hyperparameters in ``args`` are
             then ignored.
         peft_config: a ``peft`` config (e.g. ``LoraConfig``): ``model`` is wrapped with
