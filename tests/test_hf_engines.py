@@ -14,6 +14,10 @@ micro-batches through `prefloss.hf.preference_loss`, under each engine configura
 * a mixture-of-experts model (tiny Mixtral) under ZeRO-3 with DPO and its routers' load-balancing
   loss (`prefloss.hf.moe`), against one process computing each rank's rows in turn (the aux loss is
   per rank; see the worker's docstring): losses, aux losses, gradients and weights;
+* padding-free micro-batches (``preference_loss(padding_free=True)``: each rank packs its rows into
+  one row) under DDP, FSDP2 (root resharded after forward) and ZeRO-3, against one process packing
+  the merged batch, which itself trains as the padded one (equal in float64:
+  tests/test_hf_packing.py; here in fp32 within the rounding α-DPO amplifies);
 
 against one process without any engine on the merged batch: fp32 for the fp32 runs; for the bf16
 runs, the same computation in bf16 (params cast as FSDP2 casts them, or the whole module as DeepSpeed
@@ -43,6 +47,9 @@ MICRO_BATCHES = 4
 # the shared weight available at times, so only the upper bound holds.)
 EXPECTED_GATHERS = {
     "ddp": (0, 0),
+    "ddp-packed": (0, 0),
+    "fsdp2-root-raf-packed": (8, 4),
+    "zero3-packed": (8, 4),
     "fsdp2-root": (4, 0),
     "fsdp2-head-keep": (4, 0),
     **dict.fromkeys(
@@ -64,6 +71,8 @@ def single(tmp_path_factory, run_engine_worker) -> dict:
 
 
 def _baseline(config: str) -> str:
+    if config.endswith("-packed"):
+        return "fp32-packed"
     if "bf16" in config:
         return "bf16-params" if config.startswith("fsdp2") else "bf16-module"
     for variant in ("tied", "lora", "moe"):
@@ -132,6 +141,11 @@ def test_baselines_are_informative(single) -> None:
     assert float(fp32["epsilon_dpo"]["states"][-1]["beta"]) != 0.5, "ε-DPO's β never moved"
     assert float(fp32["alpha_dpo"]["states"][-1]["running_std"]) > 0, "α-DPO's statistics never moved"
     assert fp32["dpo"]["losses"][-1] != fp32["dpo"]["losses"][0], "training did not move the policy"
+    for loss in LOSSES:  # packed == padded in fp32 (exactly so in float64: tests/test_hf_packing.py)
+        packed, padded = single["fp32-packed"][loss], fp32[loss]
+        torch.testing.assert_close(packed["losses"], padded["losses"], rtol=2e-5, atol=2e-6, msg=loss)
+        worst = max(_grad_errors(packed, padded, "grads").values())
+        assert worst <= 1e-4, f"{loss}: packed gradients off the padded ones by {worst:.3g} (rel)"
     for bf16 in ("bf16-params", "bf16-module"):
         assert max(_grad_errors(single[bf16]["dpo"], fp32["dpo"], "grads").values()) > 1e-3
     # The MoE's loss holds its aux loss: policy == reference at the first micro-batch, so DPO's part

@@ -8,7 +8,9 @@ steps of 2 micro-batches (plain SGD), with ``prefloss.hf.preference_loss`` and a
 by ``prefloss.hf.prepare_reference``. Rank r holds pairs ``[rB, (r+1)B)`` of each micro-batch; the
 single process holds all ``2B`` (chosen rows first, then rejected), so the mean of the ranks' losses
 and the reduced gradients equal the single process's. The policy starts equal to the reference, so
-at the first micro-batch every reward must be exactly 0.
+at the first micro-batch every reward must be exactly 0. The ``-packed`` configurations run
+``preference_loss(padding_free=True)`` (each rank packs its own rows; one process packs the merged
+batch).
 
 The ``moe`` configurations train a tiny Mixtral (4 experts, 2 per token) with DPO alone, adding its
 routers' load-balancing loss (``router_aux_loss_coef`` = `MOE_COEF`). That loss is a product of two
@@ -46,8 +48,8 @@ PAIRS_PER_RANK, WORLD, T, GAS, STEPS, LR = 2, 2, 16, 2, 2, 0.5
 CHUNK = 8  # rows per chunk of the fused op: many chunks, so a per-chunk gather would show
 MOE_COEF = 0.5  # the MoE's load-balancing coefficient: large, so that its gradients show
 CONFIGS = {
-    "single": ["fp32", "fp32-tied", "fp32-lora", "bf16-params", "bf16-module", "fp32-moe"],
-    "ddp": ["ddp"],
+    "single": ["fp32", "fp32-tied", "fp32-lora", "bf16-params", "bf16-module", "fp32-moe", "fp32-packed"],
+    "ddp": ["ddp", "ddp-packed"],
     "fsdp2": [
         "fsdp2-root",
         "fsdp2-root-raf",
@@ -57,8 +59,9 @@ CONFIGS = {
         "fsdp2-root-raf-bf16",
         "fsdp2-head-bf16",
         "fsdp2-lora-raf",
+        "fsdp2-root-raf-packed",
     ],
-    "zero3": ["zero3", "zero3-tied", "zero3-bf16", "zero3-lora", "zero3-moe"],
+    "zero3": ["zero3", "zero3-tied", "zero3-bf16", "zero3-lora", "zero3-moe", "zero3-packed"],
 }
 
 
@@ -167,7 +170,7 @@ def setup(config: str, model: torch.nn.Module, ref: torch.nn.Module):
             model=model, optimizer=torch.optim.SGD(trainable(model), lr=LR), config=cfg
         )
         return engine, reference(config, ref, engine), engine
-    if config == "ddp":
+    if config.startswith("ddp"):
         from torch.nn.parallel import DistributedDataParallel
 
         policy = DistributedDataParallel(model)
@@ -270,6 +273,7 @@ def micro_batch_loss(config, loss_fn, policy, ref, batch, rank: int, world: int)
             *(rank_rows(x, r, world) for x in batch),
             ref_model=ref,
             router_aux_loss_coef=coef,
+            padding_free=config.endswith("-packed"),
         )
         for r in ranks
     ]
@@ -353,4 +357,9 @@ if __name__ == "__main__":
     if family == "single":
         main(0, 1, family, out_dir, port)
     else:
-        launch(main, (WORLD, family, out_dir, port), nprocs=WORLD, preload=("deepspeed",) if family == "zero3" else ())
+        launch(
+            main,
+            (WORLD, family, out_dir, port),
+            nprocs=WORLD,
+            preload=("deepspeed",) if family == "zero3" else (),
+        )
