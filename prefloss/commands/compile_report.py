@@ -483,8 +483,8 @@ def compile_report(
         return [(AmdCompileResult if isinstance(r["target"], str) else CompileResult)(**r) for r in rows]
 
     # Compilation is single-threaded and the targets are independent: one worker process per CPU,
-    # each compiling every n-th target (starting a process, importing torch and triton, costs more
-    # CPU than compiling all configs of one AMD target).
+    # each compiling every n-th target (starting a process, importing torch and triton, costs about
+    # as much CPU as compiling all configs of one AMD target).
     n = min(len(targets), os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=n) as pool:
         results = [r for rows in pool.map(run_group, [targets[i::n] for i in range(n)]) for r in rows]
