@@ -48,6 +48,7 @@ AMD_TARGETS = {
 DEFAULT_TARGETS = (*NVIDIA_TARGETS, *AMD_TARGETS)
 AMD_WAVE_SIZE = 64
 AMD_MAX_WORKGROUP = 1024  # threads
+AMD_MAX_WAVES_PER_SIMD = 8
 DTYPES = ("fp32", "bf16")
 
 
@@ -267,8 +268,8 @@ def parse_amdgcn(asm: str) -> dict[str, int]:
 def _lds_occupancy(lds_bytes: int, num_warps: int, lds_per_cu: int) -> int:
     """Waves per SIMD that the LDS allows: workgroups per CU (LDS / workgroup's LDS) · waves / 4 SIMDs."""
     if lds_bytes == 0:
-        return 8
-    return (lds_per_cu // lds_bytes) * num_warps // 4
+        return AMD_MAX_WAVES_PER_SIMD
+    return min(AMD_MAX_WAVES_PER_SIMD, (lds_per_cu // lds_bytes) * num_warps // 4)
 
 
 def _compile_amd(
