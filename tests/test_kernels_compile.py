@@ -164,3 +164,12 @@ def test_one_table_per_vendor_in_the_order_of_the_targets(builds):
     assert [r.target for r in builds[0]] == sorted(
         (r.target for r in builds[0]), key=[80, 90, *AMD_TARGETS].index
     )
+
+
+def test_lds_caps_the_amd_occupancy():
+    """Workgroups per CU that fit its 64 KiB of LDS, times waves per workgroup, over 4 SIMDs; at most 8."""
+    from prefloss.commands.compile_report import _lds_occupancy
+
+    assert _lds_occupancy(32 * 1024, 4, 65536) == 2  # 2 workgroups of 4 waves on 4 SIMDs
+    assert _lds_occupancy(16 * 1024, 8, 65536) == 8  # 4 workgroups of 8 waves: 8 per SIMD
+    assert _lds_occupancy(64, 16, 65536) == 8 and _lds_occupancy(0, 4, 65536) == 8
