@@ -12,7 +12,8 @@ One training micro-batch (B pairs, the `PreferenceCollator` layout, chosen rows 
 
 Steps 1-3 are `prefloss.hf.step.preference_loss`, which gathers the output heads the way the engine
 holds them (DDP, FSDP2, DeepSpeed ZeRO-3: `prefloss.hf.engines`). The reference is prepared by the
-policy's engine before its first use.
+policy's engine before its first use. With ``padding_free=True`` both forwards and the loss run on
+the micro-batch packed into one row (`prefloss.hf.packing`): the same loss, gradients and loss state.
 
 The micro-batch loss is the mean over its pairs; the Trainer divides it by the number of
 micro-batches of the optimizer step and DDP averages over ranks, so a step's gradient is the mean over
