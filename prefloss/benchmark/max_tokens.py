@@ -471,6 +471,8 @@ def write_plot(document: dict, path: str) -> str:
     cfg = document["config"]
     s = cfg["shape"]
     ax.set_xscale("log")
+    ax.set_xlim(min(r["max_tokens"] for r in rows if r["max_tokens"]) / 3 if any(r["max_tokens"] for r in rows)
+                else 1, 4 * max([r["max_tokens"] for r in rows] + [1]))
     ax.invert_yaxis()
     ax.set_xlabel(f"tokens per step (2B·T) within {cfg['budget_gib']:g} GiB of step peak")
     ax.set_title(f"measured: B={s['batch']} pairs, H={s['hidden']}, V={s['vocab']}, {s['dtype']}", fontsize=9)
@@ -484,8 +486,8 @@ def write_plot(document: dict, path: str) -> str:
         first = model["rows"][0]
         ax2.set_xlabel("tokens per step within the budget (MODEL)")
         ax2.set_title(
-            f"MODEL, not measured: prefloss plan, {first['model']} shapes, {first['dtype']}, {first['gpu']}, "
-            f"{model['gpu_memory_gib']:g} GiB minus the model's states",
+            f"MODEL, not measured: prefloss plan, {first['model']} shapes, {first['dtype']}, {first['gpu']},\n"
+            f"{model['gpu_memory_gib']:g} GiB minus the model's states (docs/bench.md)",
             fontsize=8,
         )
         ax2.set_xlim(0, 1.25 * max(r["max_tokens"] for r in model["rows"]))
