@@ -219,6 +219,44 @@ def test_packed_preference_loss_with_precomputed_reference() -> None:
     _assert_grads_close(results[True][1], results[False][1], "dpo ref_logps packed")
 
 
+def test_packed_moe_keeps_its_load_balancing_loss() -> None:
+    """A MoE policy's router aux loss over the packed tokens is the padded one's (transformers averages
+    over the tokens whose attention_mask is 1; packed, every token is real). fp32: the MoE layers'
+    grouped GEMMs take no float64; two fp32 computations of one step differ by a few √K·u (measured on
+    tiny Mixtral 2e-7 on gradients, on tiny Qwen2-MoE 2.4e-6 on the loss and 4.9e-6 on gradients), so
+    1e-5 and 5e-5."""
+    from prefloss.hf.tiny import tiny_moe
+
+    tok = byte_level_tokenizer()
+    policy, ref = (
+        tiny_moe(tok, "mixtral", seed=0),
+        tiny_moe(tok, "mixtral", seed=1).eval().requires_grad_(False),
+    )
+    batch, _ = _batches(tok)
+    results = {}
+    for packed in (False, True):
+        out = preference_loss(
+            prefloss.DPOLoss(beta=0.5),
+            policy,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["shift_labels"],
+            ref_model=ref,
+            router_aux_loss_coef=0.5,
+            padding_free=packed,
+        )
+        out.loss.backward()
+        results[packed] = (out.loss.detach(), out.metrics["aux_loss"].detach(), _grads(policy))
+    (loss, aux, grads), (packed_loss, packed_aux, packed_grads) = results[False], results[True]
+    torch.testing.assert_close(packed_aux, aux, rtol=1e-6, atol=0)
+    torch.testing.assert_close(packed_loss, loss, rtol=1e-5, atol=0)
+    assert packed_grads.keys() == grads.keys() and any("gate" in n for n in grads)
+    worst = max(
+        (float((packed_grads[n] - g).norm() / g.norm().clamp(min=1e-30)), n) for n, g in grads.items()
+    )
+    assert worst[0] <= 5e-5, worst
+
+
 # --- refusals ----------------------------------------------------------------------------------------
 
 
