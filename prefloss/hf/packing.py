@@ -129,9 +129,9 @@ def pack_batch(
             )
     cu_seqlens = cu_seqlens_from_mask(attention_mask)  # checks 0/1 and non-empty rows
     mask = attention_mask.bool()
-    starts = (mask & ~torch.nn.functional.pad(mask[:, :-1], (1, 0), value=False)).sum(1)
-    if bool((starts > 1).any()):
-        row = int((starts > 1).nonzero()[0, 0])
+    runs = (mask & ~torch.nn.functional.pad(mask[:, :-1], (1, 0), value=False)).sum(1)  # runs of 1s
+    if bool((runs > 1).any()):
+        row = int((runs > 1).nonzero()[0, 0])
         raise ValueError(
             f"`attention_mask` row {row} has padding between real tokens ({mask[row].int().tolist()}); "
             "expected one contiguous run of real tokens per row (right or left padding)"
@@ -148,11 +148,13 @@ def pack_batch(
             f"ignore_index={ignore_index}: a packed batch drops that label (shifted labels predict token "
             "t + 1 from position t, so a row's last real position predicts nothing)"
         )
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    positions = torch.cat([torch.arange(n, device=input_ids.device) for n in lengths])[None]
+    cu_seqlens = cu_seqlens.to(input_ids.device)
+    total = int(cu_seqlens[-1])
+    starts = cu_seqlens[:-1].repeat_interleave(cu_seqlens[1:] - cu_seqlens[:-1], output_size=total)
+    positions = (torch.arange(total, device=input_ids.device) - starts)[None]
     packed_labels = pack_rows(labels, mask)
     packed_labels[0, cu_seqlens[1:] - 1] = ignore_index  # already so (checked); kept explicit
-    return PackedBatch(pack_rows(input_ids, mask), positions, packed_labels, cu_seqlens.to(input_ids.device))
+    return PackedBatch(pack_rows(input_ids, mask), positions, packed_labels, cu_seqlens)
 
 
 def _last_real(mask: torch.Tensor) -> torch.Tensor:
