@@ -219,6 +219,36 @@ def test_packed_preference_loss_with_precomputed_reference() -> None:
     _assert_grads_close(results[True][1], results[False][1], "dpo ref_logps packed")
 
 
+def test_packed_lora_policy_with_adapters_disabled_reference() -> None:
+    """A LoRA policy whose reference is itself with adapters disabled (`AdaptersDisabled`): packed ==
+    padded (float64), the loss and the adapters' gradients."""
+    peft = pytest.importorskip("peft")
+    from prefloss.hf.adapters import AdaptersDisabled
+
+    tok, policy, _ = _models()
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    policy = peft.get_peft_model(policy, config)
+    ref = AdaptersDisabled(policy)
+    batch, _ = _batches(tok)
+    results = {}
+    for packed in (False, True):
+        out = preference_loss(
+            prefloss.DPOLoss(beta=0.5),
+            policy,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["shift_labels"],
+            ref_model=ref,
+            padding_free=packed,
+        )
+        out.loss.backward()
+        results[packed] = (out.loss.detach(), _grads(policy))
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=RTOL, atol=0)
+    assert all("lora_" in n for n in results[False][1])
+    _assert_grads_close(results[True][1], results[False][1], "LoRA packed vs padded")
+
+
 def test_packed_moe_keeps_its_load_balancing_loss() -> None:
     """A MoE policy's router aux loss over the packed tokens is the padded one's (transformers averages
     over the tokens whose attention_mask is 1; packed, every token is real). fp32: the MoE layers'
