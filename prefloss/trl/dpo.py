@@ -212,6 +212,13 @@ class DPOConfig(LossFields, trl.DPOConfig):
         "Also log TRL's entropy, logits/chosen, logits/rejected and mean_token_accuracy: one extra "
         "no-grad N·H·V GEMM per step over the response tokens, in chunks of 256 rows.",
     )
+    padding_free: bool = config_field(
+        False,
+        "Pack each micro-batch's sequences into one row without padding (position ids restarting at each "
+        "sequence, no attention mask) for both forwards and the loss: the padded loss and gradients. "
+        "Implemented by prefloss (stock TRL 1.16 turns it off); the time gain needs variable-length "
+        "attention (flash_attention_2/3, flex_attention): sdpa and eager build a dense mask.",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
