@@ -110,3 +110,19 @@ def test_padding_free_training_matches_trl(tmp_path, make_pair) -> None:
         for name in ("loss", "rewards/chosen", "rewards/margins", "logps/rejected"):
             assert math.isclose(p[name], t[name], rel_tol=1e-4, abs_tol=1e-5), (name, t[name], p[name])
         assert p["rewards/accuracies"] == t["rewards/accuracies"]
+
+
+def test_padding_free_with_a_vision_language_model_is_refused(tmp_path, tiny_training_args) -> None:
+    """Image rows' vision inputs belong to their rows: a VLM with ``padding_free`` is refused by name."""
+    from prefloss.hf.tiny import tiny_image_preferences, tiny_vision_model, tiny_vision_processor
+
+    processor = tiny_vision_processor("llava")
+    args = ptrl.DPOConfig(**tiny_training_args(tmp_path, pairs=2), padding_free=True)
+    with pytest.raises(ValueError, match=r"prefloss.trl does not implement padding_free=True: .*vision"):
+        ptrl.DPOTrainer(
+            model=tiny_vision_model("llava", processor, seed=0),
+            ref_model=tiny_vision_model("llava", processor, seed=1),
+            args=args,
+            train_dataset=datasets.Dataset.from_list(tiny_image_preferences(2)),
+            processing_class=processor,
+        )
