@@ -427,3 +427,17 @@ def test_trainer_padding_free_trains_as_padded(tmp_path) -> None:
     )
     err = float((packed_losses[0] - bounds.loss).abs())
     assert err <= bounds.loss_bound, (err, bounds.loss_bound)
+
+
+def test_trainer_refuses_padding_free_with_image_data(tmp_path) -> None:
+    from prefloss.hf.tiny import tiny_image_preferences, tiny_vision_model, tiny_vision_processor
+
+    processor = tiny_vision_processor("llava")
+    args = PreferenceConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], padding_free=True)
+    with pytest.raises(ValueError, match="padding_free=True is not supported with image preference data"):
+        PreferenceTrainer(
+            tiny_vision_model("llava", processor),
+            args=args,
+            train_dataset=tiny_image_preferences(2),
+            processing_class=processor,
+        )
