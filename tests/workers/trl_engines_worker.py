@@ -160,4 +160,6 @@ if __name__ == "__main__":
     if engine == "single":
         main(0, 1, engine, out_dir, port)
     else:
-        launch(main, (2, engine, out_dir, port), preload=PRELOAD + (("deepspeed",) if engine == "zero3" else ()))
+        launch(
+            main, (2, engine, out_dir, port), preload=PRELOAD + (("deepspeed",) if engine == "zero3" else ())
+        )
