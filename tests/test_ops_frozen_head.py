@@ -279,3 +279,37 @@ def test_every_token_ignored(monkeypatch):
     out = prefloss.fused_logprobs(hidden, weight, torch.full((2, 4), -100), backend="torch")
     out.policy.sum().backward()
     assert torch.equal(hidden.grad, torch.zeros_like(hidden))
+
+
+@pytest.mark.parametrize("hip", [None, "6.4"], ids=["cuda", "rocm"])
+def test_out_dtype_gemm_refused_only_falls_back_on_rocm(hip, monkeypatch):
+    """The backward's 16-bit GEMM into fp32 (``addmm(out_dtype=...)``): when a GPU build refuses it,
+    a ROCm build upcasts the operands instead (once refused, never tried again) and a CUDA build
+    raises. Traced on meta tensors, where the non-CPU branch runs."""
+    from prefloss.fused import triton_backend
+
+    real_addmm, calls = torch.addmm, []
+
+    def refusing_addmm(*args, **kwargs):
+        calls.append(kwargs.get("out_dtype"))
+        if "out_dtype" in kwargs:
+            raise RuntimeError("_addmm_out_dtype: not supported for ROCm")
+        return real_addmm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "addmm", refusing_addmm)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    monkeypatch.setitem(triton_backend._OUT_DTYPE_GEMM, "ok", True)
+    acc = torch.empty(4, 8, device="meta")
+    a, b = (
+        torch.empty(4, 16, dtype=torch.bfloat16, device="meta"),
+        torch.empty(16, 8, dtype=torch.bfloat16, device="meta"),
+    )
+    if hip is None:
+        with pytest.raises(RuntimeError, match="not supported"):
+            triton_backend._addmm_fp32_(acc, a, b)
+        return
+    triton_backend._addmm_fp32_(acc, a, b)
+    triton_backend._addmm_fp32_(acc, a, b)
+    assert calls == [torch.float32]  # tried once, then the upcast path
+    assert triton_backend._OUT_DTYPE_GEMM["ok"] is False
+    assert acc.shape == (4, 8) and acc.dtype == torch.float32

@@ -161,8 +161,8 @@ ROCM_UNVERIFIED = (
     "the backward's 16-bit GEMMs into fp32 (torch.addmm(..., out_dtype=torch.float32)): PyTorch's "
     "source routes them to hipBLASLt or rocBLAS and refuses them ('not supported for ROCm') only "
     "when the CK BLAS backend is preferred; a refusal was also reported on torch 2.9 / ROCm 7.0. "
-    "prefloss has no fallback there (the step would raise); the model assumes the GEMM runs as one "
-    "16-bit GEMM at the 16-bit peak, as on CUDA",
+    "where it is refused the step falls back to fp32 copies of the operands (same numbers, fp32 "
+    "rate); the model assumes one 16-bit GEMM at the 16-bit peak, as on CUDA",
     "fp32-operand GEMMs at the FP32 matrix peak (hipBLASLt/rocBLAS; PyTorch's allow_tf32=False)",
     "the peaks themselves: the fraction of them real GEMMs and row kernels reach on these GPUs",
 )

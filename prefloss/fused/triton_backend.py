@@ -103,19 +103,31 @@ def forward(x: HeadInputs, opts, acc_dtype, jacobian: bool = False):
 BWD_BLOCK_ELEMENTS = 1 << 25
 
 
+# Whether ``addmm(..., out_dtype=fp32)`` with 16-bit operands runs on this process's GPU; set to False
+# the first time a ROCm build refuses it (its CK BLAS backend does; hipBLASLt and rocBLAS do not).
+_OUT_DTYPE_GEMM = {"ok": True}
+
+
 def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b``, ``acc`` fp32 (or float64), ``a``/``b`` in the input dtype.
 
     CUDA (and meta): one GEMM with 16-bit operands accumulating in fp32 (``out_dtype``), no upcast
-    copy. CPU (Triton's interpreter; ``out_dtype`` does not exist there): the same numbers by
-    upcasting the operands, since a product of two bf16/fp16 values is exact in fp32.
+    copy. CPU (Triton's interpreter; ``out_dtype`` does not exist there), and a ROCm build that
+    refuses ``out_dtype``: the same numbers by upcasting the operands, since a product of two
+    bf16/fp16 values is exact in fp32 (one fp32 copy of ``a`` and ``b`` more, a slower GEMM).
     """
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif a.device.type == "cpu":
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
-    else:
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        return
+    if a.device.type != "cpu" and _OUT_DTYPE_GEMM["ok"]:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except RuntimeError:
+            if torch.version.hip is None:  # CUDA supports it: a real error
+                raise
+            _OUT_DTYPE_GEMM["ok"] = False
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def _grad_w_tile_(out: torch.Tensor, d: torch.Tensor, h: torch.Tensor, accumulate: bool) -> None:
