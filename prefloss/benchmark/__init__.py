@@ -1,11 +1,13 @@
 """``prefloss bench``: memory and speed of prefloss against the alternatives, on your shapes.
 
 Every case (prefloss's losses, the authors-style full-logits implementation, Liger-Kernel's
-chunked losses, the matmul floor) runs on identical inputs, each in a fresh process. Before
+chunked losses, TRL's chunked head, PyTorch's ``F.linear_cross_entropy``, the matmul floor) runs on
+identical inputs, each in a fresh process. Before
 anything is timed, the case's loss and gradients are checked against the float64 reference
 (`prefloss.reference`); a case that disagrees is reported WRONG and not timed. ``--seeds`` runs
 that check alone over several input seeds (`prefloss.benchmark.gate`); ``--floor-parts`` splits
-each prefloss step against its floor. See CONTRIBUTING.md ("Benchmarks").
+each prefloss step against its floor; ``--max-tokens`` finds, per case, the most tokens per step
+within a memory budget (`prefloss.benchmark.max_tokens`). See CONTRIBUTING.md ("Benchmarks").
 """
 
 from __future__ import annotations
@@ -257,7 +259,9 @@ def _check_max_tokens_args(args: argparse.Namespace) -> None:
     for flag in ("batch", "hidden", "vocab"):
         given = getattr(args, flag)
         if given and len(given) != 1:
-            raise ValueError(f"`--max-tokens` searches at one shape: `--{flag}` takes one value, got {given}.")
+            raise ValueError(
+                f"`--max-tokens` searches at one shape: `--{flag}` takes one value, got {given}."
+            )
 
 
 def _run_max_tokens(args: argparse.Namespace, device: str) -> int:

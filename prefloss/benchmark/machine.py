@@ -27,7 +27,11 @@ def cpu_family_model() -> dict[str, str | None]:
     two VMs both sold as "AMD EPYC" can be different machines (family 25 model 1, family 26 model 2),
     and step/floor ratios differ between them, so every report names which one it ran on."""
     fields = _cpuinfo()
-    return {"vendor": fields.get("vendor_id"), "family": fields.get("cpu family"), "model": fields.get("model")}
+    return {
+        "vendor": fields.get("vendor_id"),
+        "family": fields.get("cpu family"),
+        "model": fields.get("model"),
+    }
 
 
 def _cpu_model() -> str:

@@ -6,8 +6,9 @@ within the budget; the figure reported is the step's tokens ``2B·T``. A probe a
 forward+backward steps on fresh inputs of that shape and takes the second one's peak
 (`prefloss.benchmark.measure.run_measured`: the step's own peak, gradients included, the inputs
 not), as the timed bench does after its warm-up: the first step at a shape may also hold one-time
-costs (torch.compile's, on CPU host memory; on a GPU not device memory). A probe that raises an out-of-memory error (the probe's own cap, `probe_cap_bytes`,
-stops it before the machine runs short) does not fit.
+costs (torch.compile's, on CPU host memory; on a GPU not device memory). A probe that raises an
+out-of-memory error (the probe's own cap, `probe_cap_bytes`, stops it before the machine runs
+short) does not fit.
 
 `search` is the bisection, independent of what is measured: two small probes (``T0`` and ``2·T0``)
 give an affine estimate ``peak ≈ a + b·T`` and the ``T*`` where it meets the budget; the next two
@@ -197,7 +198,7 @@ def case_peak(case, base, t: int, *, seed: int, device: str, budget: float) -> f
             return None
         raise
     finally:
-        del x, step
+        x = step = None  # the inputs and the step's graph go before the next probe
         gc.collect()
         if device == "cpu":
             resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
@@ -249,9 +250,21 @@ DEFAULT_CASES = (
 )  # one DPO per method (every method has it), and ε-DPO where it exists; --cases picks others
 
 
-def run(cases: list, base, *, budget_gib: float, seed: int, device: str, mem_limit_gib: float | None,
-        timeout_s: float, threads: int | None, start: int, cap: int, resolution: float,
-        progress: bool = True) -> list[dict]:
+def run(
+    cases: list,
+    base,
+    *,
+    budget_gib: float,
+    seed: int,
+    device: str,
+    mem_limit_gib: float | None,
+    timeout_s: float,
+    threads: int | None,
+    start: int,
+    cap: int,
+    resolution: float,
+    progress: bool = True,
+) -> list[dict]:
     """One fresh process per case (`prefloss.benchmark.worker`, mode ``max_tokens``), each running
     `search` over ``T`` at the shape ``base``; one record per case, in order."""
     import tempfile
@@ -302,9 +315,17 @@ def model_states_gib(params: float, frozen_head: bool, zero3_gpus: int = ZERO3_G
     return (2 * params if frozen_head else 18 * params / zero3_gpus) / GIB
 
 
-def plan_max_tokens(loss: str, *, frozen_head: bool, budget_gib: float, model: dict = LLAMA3_8B,
-                    dtype: str = "bfloat16", gpu: str = "h100", direct_limit: int = 1 << 17,
-                    resolution: float = DEFAULT_RESOLUTION) -> dict:
+def plan_max_tokens(
+    loss: str,
+    *,
+    frozen_head: bool,
+    budget_gib: float,
+    model: dict = LLAMA3_8B,
+    dtype: str = "bfloat16",
+    gpu: str = "h100",
+    direct_limit: int = 1 << 17,
+    resolution: float = DEFAULT_RESOLUTION,
+) -> dict:
     """A MODEL: the most tokens per step whose modelled peak (`prefloss.commands.plan.plan_step`:
     live device memory beyond the inputs, gradients included) stays within ``budget_gib``.
 
@@ -322,8 +343,15 @@ def plan_max_tokens(loss: str, *, frozen_head: bool, budget_gib: float, model: d
 
     def plan_peak(tokens: int) -> float:
         return float(
-            plan_step(loss, tokens=tokens, hidden=model["hidden"], vocab=model["vocab"], dtype=dtype,
-                      gpu=gpu, frozen_head=frozen_head).peak_bytes
+            plan_step(
+                loss,
+                tokens=tokens,
+                hidden=model["hidden"],
+                vocab=model["vocab"],
+                dtype=dtype,
+                gpu=gpu,
+                frozen_head=frozen_head,
+            ).peak_bytes
         )
 
     half, three_q, full = (plan_peak(n) for n in (direct_limit // 2, 3 * direct_limit // 4, direct_limit))
@@ -336,8 +364,9 @@ def plan_max_tokens(loss: str, *, frozen_head: bool, budget_gib: float, model: d
         method = f"extrapolated linearly past {direct_limit} tokens"
         probes = [(direct_limit // 2, half), (3 * direct_limit // 4, three_q), (direct_limit, full)]
     else:
-        found = search(plan_peak, budget, quantum=quantum, start=8 * quantum, cap=direct_limit,
-                       resolution=resolution)
+        found = search(
+            plan_peak, budget, quantum=quantum, start=8 * quantum, cap=direct_limit, resolution=resolution
+        )
         tokens, method, probes = found.fits, "plan_step probed directly", found.probes
     return {
         "MODEL": True,
@@ -357,8 +386,12 @@ def plan_max_tokens(loss: str, *, frozen_head: bool, budget_gib: float, model: d
     }
 
 
-def gpu_model(losses=("epsilon_dpo", "alpha_dpo", "dpo", "simpo"), frozen=("epsilon_dpo", "dpo"),
-              gpu_memory_gib: float = GPU_MEMORY_GIB, **kwargs) -> dict:
+def gpu_model(
+    losses=("epsilon_dpo", "alpha_dpo", "dpo", "simpo"),
+    frozen=("epsilon_dpo", "dpo"),
+    gpu_memory_gib: float = GPU_MEMORY_GIB,
+    **kwargs,
+) -> dict:
     """`plan_max_tokens` for each loss with a trainable head (ZeRO-3 budget) and each of ``frozen``
     with a frozen head (LoRA budget), with the budgets stated: ``gpu_memory_gib`` minus
     `model_states_gib`. A MODEL (no GPU measured)."""
@@ -369,8 +402,9 @@ def gpu_model(losses=("epsilon_dpo", "alpha_dpo", "dpo", "simpo"), frozen=("epsi
         for loss in names:
             rows.append(
                 {
-                    **plan_max_tokens(loss, frozen_head=frozen_head, budget_gib=gpu_memory_gib - states,
-                                      **kwargs),
+                    **plan_max_tokens(
+                        loss, frozen_head=frozen_head, budget_gib=gpu_memory_gib - states, **kwargs
+                    ),
                     "model_states_gib": states,
                 }
             )
@@ -466,19 +500,30 @@ def write_plot(document: dict, path: str) -> str:
     names = [r["case"] for r in rows]
     ax.barh(names, [r["max_tokens"] for r in rows], color=[COLORS.get(r["method"], "C7") for r in rows])
     for i, r in enumerate(rows):
-        ax.text(r["max_tokens"], i, f" {r['max_tokens']:,}" + (" (cap)" if r["capped"] else ""), va="center",
-                fontsize=7)
+        ax.text(
+            r["max_tokens"],
+            i,
+            f" {r['max_tokens']:,}" + (" (cap)" if r["capped"] else ""),
+            va="center",
+            fontsize=7,
+        )
     cfg = document["config"]
     s = cfg["shape"]
     ax.set_xscale("log")
-    ax.set_xlim(min(r["max_tokens"] for r in rows if r["max_tokens"]) / 3 if any(r["max_tokens"] for r in rows)
-                else 1, 4 * max([r["max_tokens"] for r in rows] + [1]))
+    ax.set_xlim(
+        min(r["max_tokens"] for r in rows if r["max_tokens"]) / 3
+        if any(r["max_tokens"] for r in rows)
+        else 1,
+        4 * max([r["max_tokens"] for r in rows] + [1]),
+    )
     ax.invert_yaxis()
     ax.set_xlabel(f"tokens per step (2B·T) within {cfg['budget_gib']:g} GiB of step peak")
     ax.set_title(f"measured: B={s['batch']} pairs, H={s['hidden']}, V={s['vocab']}, {s['dtype']}", fontsize=9)
     if model:
         ax2 = axes[0][1]
-        labels = [f"{r['loss']} ({'frozen' if r['frozen_head'] else 'trainable'} head)" for r in model["rows"]]
+        labels = [
+            f"{r['loss']} ({'frozen' if r['frozen_head'] else 'trainable'} head)" for r in model["rows"]
+        ]
         ax2.barh(labels, [r["max_tokens"] for r in model["rows"]], color="C3", hatch="//", alpha=0.6)
         for i, r in enumerate(model["rows"]):
             ax2.text(r["max_tokens"], i, f" {r['max_tokens'] / 1e6:.2f} M", va="center", fontsize=7)
@@ -486,13 +531,15 @@ def write_plot(document: dict, path: str) -> str:
         first = model["rows"][0]
         ax2.set_xlabel("tokens per step within the budget (MODEL)")
         ax2.set_title(
-            f"MODEL, not measured: prefloss plan, {first['model']} shapes, {first['dtype']}, {first['gpu']},\n"
+            f"MODEL, not measured: prefloss plan, {first['model']} shapes, {first['dtype']}, "
+            f"{first['gpu']},\n"
             f"{model['gpu_memory_gib']:g} GiB minus the model's states (docs/bench.md)",
             fontsize=8,
         )
         ax2.set_xlim(0, 1.25 * max(r["max_tokens"] for r in model["rows"]))
-    fig.suptitle(plot_title("max tokens per step within a memory budget", document["machine"], 2 * panels),
-                 fontsize=8)
+    fig.suptitle(
+        plot_title("max tokens per step within a memory budget", document["machine"], 2 * panels), fontsize=8
+    )
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
