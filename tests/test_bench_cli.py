@@ -1,6 +1,8 @@
 """`prefloss bench` end to end on tiny shapes, and its correctness gate: the float64 pieces, prefloss
 passing it over seeds, injected errors failing it; ``--seeds`` (the gate alone over seeds) and
-``--floor-parts`` (each prefloss step split against its floor)."""
+``--floor-parts`` (each prefloss step split against its floor); the ``torch-lce`` cases (PyTorch's
+``F.linear_cross_entropy``) under the same gate; ``--max-tokens`` (its search, its GPU MODEL, a tiny
+run end to end)."""
 
 from __future__ import annotations
 
