@@ -79,22 +79,34 @@ def tiny_llama(
         tie_word_embeddings: share the input embedding with the LM head.
         seed: initialisation seed (the same seed gives the same weights).
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(
+    return _causal_lm(
         "llama",
-        vocab_size=len(tokenizer),
+        tokenizer,
+        seed,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_heads,
         max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+
+
+def _causal_lm(model_type: str, tokenizer: Any, seed: int, **settings: Any) -> Any:
+    """A randomly initialised fp32 ``AutoModelForCausalLM`` of ``model_type`` built offline from its
+    config (``settings``), with ``tokenizer``'s vocabulary size and bos/eos/pad ids; the same ``seed``
+    gives the same weights, and the global RNG is left as it was."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=tie_word_embeddings,
+        **settings,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -134,16 +146,14 @@ def tiny_moe(
             (`prefloss.hf.moe`).
         seed: initialisation seed (the same seed gives the same weights).
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     if family not in MOE_FAMILIES:
         raise ValueError(f"family must be one of {sorted(MOE_FAMILIES)}, got {family!r}")
     sizes = {"E": num_experts, "I": intermediate_size}
     experts = {k: sizes.get(v, v) if isinstance(v, str) else v for k, v in MOE_FAMILIES[family].items()}
-    config = AutoConfig.for_model(
+    return _causal_lm(
         family,
-        vocab_size=len(tokenizer),
+        tokenizer,
+        seed,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
@@ -154,15 +164,9 @@ def tiny_moe(
         num_experts_per_tok=top_k,
         output_router_logits=output_router_logits,
         router_aux_loss_coef=router_aux_loss_coef,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
         **experts,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------------------------------
