@@ -29,13 +29,14 @@ def worst_part(check: dict) -> tuple[str | None, float | None]:
 
 
 def _check_case(case: Case, shape: Shape, seed: int, device: str, truth) -> dict:
-    from prefloss.benchmark.worker import _is_oom, check_step
+    from prefloss.benchmark.protocol import is_oom
+    from prefloss.benchmark.worker import check_step
 
     try:
         x = make_inputs(shape, seed=seed, device=device)
         check = check_step(case, case.build(x), x, truth)
     except Exception as exc:  # reported; the other cases and seeds still run
-        status = "oom" if _is_oom(exc) else "error"
+        status = "oom" if is_oom(exc) else "error"
         out = {"status": status, "error": f"{type(exc).__name__}: {exc}"[:2000]}
         if status == "error":
             out["traceback"] = traceback.format_exc()[-4000:]

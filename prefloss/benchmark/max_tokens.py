@@ -170,7 +170,7 @@ def case_peak(case, base, t: int, *, seed: int, device: str, budget: float) -> f
 
     from prefloss.benchmark.inputs import make_inputs
     from prefloss.benchmark.measure import _proc_status_kib, run_measured
-    from prefloss.benchmark.worker import _is_oom
+    from prefloss.benchmark.protocol import is_oom
 
     shape = dataclasses.replace(base, seq_len=t)
     rows, size = shape.rows, torch.tensor([], dtype=shape.torch_dtype).element_size()
@@ -194,7 +194,7 @@ def case_peak(case, base, t: int, *, seed: int, device: str, budget: float) -> f
         run_measured(step, dev, zero_grads)  # warm-up: one-time costs (torch.compile) stay out
         return run_measured(step, dev, zero_grads).peak_bytes
     except Exception as exc:
-        if _is_oom(exc):
+        if is_oom(exc):
             return None
         raise
     finally:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from prefloss.benchmark.cases import Case
 from prefloss.benchmark.inputs import Shape, counted_tokens
 from prefloss.benchmark.measure import MALLOC_ENV
-from prefloss.benchmark.worker import RESULT_MARK
+from prefloss.benchmark.protocol import RESULT_MARK
 
 WORKER = "from prefloss.benchmark.worker import main; main()"
 

@@ -18,7 +18,7 @@ import sys
 import time
 import traceback
 
-RESULT_MARK = "@@PREFLOSS-BENCH-RESULT@@ "
+from prefloss.benchmark.protocol import RESULT_MARK, is_oom
 
 
 def _limit_memory(gib: float | None) -> None:
@@ -30,10 +30,6 @@ def _limit_memory(gib: float | None) -> None:
     now = _proc_status_kib("VmData") * 1024
     limit = now + int(gib * 1024**3)
     resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, MemoryError) or "can't allocate memory" in str(exc) or "out of memory" in str(exc)
 
 
 def _reference(spec: dict, shape_dict: dict, path: str) -> dict:
@@ -289,7 +285,7 @@ def main() -> None:
             else:
                 result = _case(spec, shape, i)
         except Exception as exc:  # reported to the parent; the next shape still runs
-            status = "oom" if _is_oom(exc) else "error"
+            status = "oom" if is_oom(exc) else "error"
             result = {"status": status, "error": f"{type(exc).__name__}: {exc}"[:2000]}
             if status == "error":
                 result["traceback"] = traceback.format_exc()[-4000:]
