@@ -24,7 +24,31 @@ import torch
 
 from prefloss.hf.data import REFERENCE_COLUMNS, TOKENIZED_COLUMNS
 
-__all__ = ["PreferenceCollator"]
+__all__ = ["PreferenceCollator", "pad_rows"]
+
+
+def pad_rows(
+    rows: Sequence[Sequence[int]],
+    prompt_lengths: Sequence[int],
+    length: int,
+    pad_token_id: int,
+    ignore_index: int,
+) -> dict[str, torch.Tensor]:
+    """Right-pad ``N`` token rows ``[prompt | response]`` to ``length``: ``input_ids``,
+    ``attention_mask`` and ``shift_labels``, each ``[N, length]`` int64 (the layout of the module
+    docstring: ``shift_labels[i, t] = rows[i][t + 1]`` for the response tokens, ``ignore_index``
+    elsewhere)."""
+    n = len(rows)
+    input_ids = torch.full((n, length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, length), dtype=torch.long)
+    shift_labels = torch.full((n, length), ignore_index, dtype=torch.long)
+    for i, (row, p) in enumerate(zip(rows, prompt_lengths, strict=True)):
+        ids = torch.tensor(row, dtype=torch.long)
+        input_ids[i, : len(row)] = ids
+        attention_mask[i, : len(row)] = 1
+        # Position t predicts token t + 1: response tokens row[p:] are predicted from p - 1 ...
+        shift_labels[i, p - 1 : len(row) - 1] = ids[p:]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "shift_labels": shift_labels}
 
 
 @dataclass
@@ -61,17 +85,7 @@ class PreferenceCollator:
         length = max(len(r) for r in rows)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        n = len(rows)
-        input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((n, length), dtype=torch.long)
-        shift_labels = torch.full((n, length), self.ignore_index, dtype=torch.long)
-        for i, (row, p) in enumerate(zip(rows, prompt_lengths, strict=True)):
-            ids = torch.tensor(row, dtype=torch.long)
-            input_ids[i, : len(row)] = ids
-            attention_mask[i, : len(row)] = 1
-            # Position t predicts token t + 1: response tokens row[p:] are predicted from p - 1 ...
-            shift_labels[i, p - 1 : len(row) - 1] = ids[p:]
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "shift_labels": shift_labels}
+        batch = pad_rows(rows, prompt_lengths, length, self.pad_token_id, self.ignore_index)
         has_ref = [all(c in f and f[c] is not None for c in REFERENCE_COLUMNS) for f in features]
         if any(has_ref):
             if not all(has_ref):

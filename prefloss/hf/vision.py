@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from prefloss.hf.collator import pad_rows
 from prefloss.hf.data import REQUIRED_COLUMNS, PreferenceDataError
 
 __all__ = [
@@ -197,16 +198,8 @@ class VisionPreferenceCollator:
         length = max(len(r) for r in rows)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         n = len(rows)
-        input_ids = torch.full((n, length), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((n, length), dtype=torch.long)
-        shift_labels = torch.full((n, length), self.ignore_index, dtype=torch.long)
-        for i, (row, p) in enumerate(zip(rows, prompt_lengths, strict=True)):
-            ids = torch.tensor(row, dtype=torch.long)
-            input_ids[i, : len(row)] = ids
-            attention_mask[i, : len(row)] = 1
-            shift_labels[i, p - 1 : len(row) - 1] = ids[p:]  # position t predicts token t + 1
         batch = dict(processed)
-        batch.update(input_ids=input_ids, attention_mask=attention_mask, shift_labels=shift_labels)
+        batch.update(pad_rows(rows, prompt_lengths, length, pad_id, self.ignore_index))
         for key in per_token:
             values = torch.zeros((n, length), dtype=processed[key].dtype)
             for i, row in enumerate(types[key]):
