@@ -234,10 +234,11 @@ def tiny_vision_processor(family: str) -> Any:
     size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     if family == "llava":
         from transformers import LlavaProcessor
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
         return LlavaProcessor(  # (16 / 8)² patch features, CLIP's class token dropped ("default")
-            image_processor=CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size=size),
+            image_processor=_pil_image_processor("clip", "CLIP")(
+                size={"shortest_edge": IMAGE_SIZE}, crop_size=size
+            ),
             tokenizer=tokenizer,
             patch_size=IMAGE_SIZE // 2,
             vision_feature_select_strategy="default",
@@ -245,25 +246,35 @@ def tiny_vision_processor(family: str) -> Any:
             chat_template=template,
         )
     if family == "qwen2_vl":
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
         pixels = IMAGE_SIZE * IMAGE_SIZE
         return _qwen2_vl_image_processor_class()(  # 4 × 4 patches of 4 pixels, merged 2 × 2
-            image_processor=Qwen2VLImageProcessorPil(
+            image_processor=_pil_image_processor("qwen2_vl", "Qwen2VL")(
                 patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=pixels, max_pixels=pixels
             ),
             tokenizer=tokenizer,
             chat_template=template,
         )
     from transformers import Gemma3Processor
-    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
     return Gemma3Processor(  # (16 / 4)² patches pooled to 2 × 2 tokens
-        image_processor=Gemma3ImageProcessorPil(size=size),
+        image_processor=_pil_image_processor("gemma3", "Gemma3")(size=size),
         tokenizer=tokenizer,
         image_seq_length=IMAGE_TOKENS,
         chat_template=template,
     )
+
+
+def _pil_image_processor(model: str, prefix: str) -> type:
+    """The PIL/NumPy image processor class of ``model`` (no torchvision needed): newer transformers'
+    ``<Prefix>ImageProcessorPil`` (5.25), or the plain ``<Prefix>ImageProcessor`` of older ones (5.3)."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"transformers.models.{model}.image_processing_pil_{model}")
+        return getattr(module, f"{prefix}ImageProcessorPil")
+    except ModuleNotFoundError:
+        module = importlib.import_module(f"transformers.models.{model}.image_processing_{model}")
+        return getattr(module, f"{prefix}ImageProcessor")
 
 
 def _qwen2_vl_image_processor_class() -> type:
