@@ -272,27 +272,44 @@ def _lds_occupancy(lds_bytes: int, num_warps: int, lds_per_cu: int) -> int:
     return min(AMD_MAX_WAVES_PER_SIMD, (lds_per_cu // lds_bytes) * num_warps // 4)
 
 
-def _compile_amd(
-    spec: _KernelSpec, variant: str, dtype: str, target: str, config, asm_dir: str | None = None
-) -> AmdCompileResult:
-    import importlib
-    import time
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    module = importlib.import_module(spec.module)
-    fn = _jit_function(getattr(module, spec.kernel))
-    block_v = config.kwargs["BLOCK_V"]
-    base = {
+def _describe(spec: _KernelSpec, variant: str, dtype: str, target: int | str, config) -> dict:
+    """The fields that name one build in a report row."""
+    return {
         "kernel": spec.kernel,
         "variant": variant,
         "dtype": dtype,
         "target": target,
-        "block_v": block_v,
+        "block_v": config.kwargs["BLOCK_V"],
         "num_warps": config.num_warps,
     }
+
+
+def _build(spec: _KernelSpec, variant: str, dtype: str, config, gpu_target):
+    """``triton.compile`` of one kernel variant at one autotune config for ``gpu_target`` (a Triton
+    ``GPUTarget``), without a GPU."""
+    import importlib
+
+    import triton
+    from triton.compiler import ASTSource
+
+    fn = _jit_function(getattr(importlib.import_module(spec.module), spec.kernel))
+    block_v = config.kwargs["BLOCK_V"]
+    signature, constexprs, attrs = _signature(fn, spec, dtype, spec.variants[variant], block_v)
+    return triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+        target=gpu_target,
+        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+    )
+
+
+def _compile_amd(
+    spec: _KernelSpec, variant: str, dtype: str, target: str, config, asm_dir: str | None = None
+) -> AmdCompileResult:
+    import time
+
+    from triton.backends.compiler import GPUTarget
+
+    base = _describe(spec, variant, dtype, target, config)
     start = time.perf_counter()
     try:
         if config.num_warps * AMD_WAVE_SIZE > AMD_MAX_WORKGROUP:
@@ -300,14 +317,10 @@ def _compile_amd(
                 f"{config.num_warps} waves of {AMD_WAVE_SIZE} lanes = {config.num_warps * AMD_WAVE_SIZE} "
                 f"threads, over the {AMD_MAX_WORKGROUP}-thread workgroup limit of {target}"
             )
-        signature, constexprs, attrs = _signature(fn, spec, dtype, spec.variants[variant], block_v)
-        compiled = triton.compile(
-            ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-            target=GPUTarget("hip", target, AMD_WAVE_SIZE),
-            options={"num_warps": config.num_warps, "num_stages": config.num_stages},
-        )
+        compiled = _build(spec, variant, dtype, config, GPUTarget("hip", target, AMD_WAVE_SIZE))
         if asm_dir is not None:
-            name = f"{spec.kernel}-{variant}-{dtype}-{target}-BLOCK_V{block_v}-w{config.num_warps}.amdgcn"
+            block_v, warps = base["block_v"], config.num_warps
+            name = f"{spec.kernel}-{variant}-{dtype}-{target}-BLOCK_V{block_v}-w{warps}.amdgcn"
             with open(os.path.join(asm_dir, name), "w") as f:
                 f.write(compiled.asm["amdgcn"])
         usage = parse_amdgcn(compiled.asm["amdgcn"])
@@ -337,32 +350,14 @@ def _compile_amd(
 
 
 def _compile_one(spec: _KernelSpec, variant: str, dtype: str, target: int, config) -> CompileResult:
-    import importlib
     import time
 
-    import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    module = importlib.import_module(spec.module)
-    fn = _jit_function(getattr(module, spec.kernel))
-    block_v = config.kwargs["BLOCK_V"]
-    base = {
-        "kernel": spec.kernel,
-        "variant": variant,
-        "dtype": dtype,
-        "target": target,
-        "block_v": block_v,
-        "num_warps": config.num_warps,
-    }
+    base = _describe(spec, variant, dtype, target, config)
     start = time.perf_counter()
     try:
-        signature, constexprs, attrs = _signature(fn, spec, dtype, spec.variants[variant], block_v)
-        compiled = triton.compile(
-            ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-            target=GPUTarget("cuda", target, 32),
-            options={"num_warps": config.num_warps, "num_stages": config.num_stages},
-        )
+        compiled = _build(spec, variant, dtype, config, GPUTarget("cuda", target, 32))
         registers, spills, static_shared = _resource_usage(compiled.asm["cubin"])
     except Exception as exc:  # reported per variant: one broken kernel must not hide the others
         message = f"{type(exc).__name__}: {exc}"
