@@ -126,7 +126,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-gpu-model", action="store_true", help="--max-tokens: without prefloss plan's GPU MODEL"
     )
-    p.add_argument("--quick", action="store_true", help=f"small shapes, ~1 minute on 2 CPU cores: {QUICK}")
+    p.add_argument("--quick", action="store_true", help=f"small shapes, ~3 minutes on 2 CPU cores: {QUICK}")
     p.add_argument("--json", metavar="PATH", help="write the full results as JSON")
     p.add_argument("--plot", metavar="DIR", help="write PNG plots (memory and time vs each swept axis)")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
