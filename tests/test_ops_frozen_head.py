@@ -235,7 +235,7 @@ EXPECTED_UNITS = {
 @pytest.mark.parametrize("backend", BACKENDS, ids=BACKENDS)
 def test_gemm_work_per_path(backend, head, monkeypatch, make_logprob_inputs):
     monkeypatch.setenv("PREFLOSS_COMPILE", "never")
-    case = Case(rows=4, T=40, H=16, V=200, chunk_size=16, bias=True, ref=True, epsilon=0.1)
+    case = Case(rows=2, T=24, H=16, V=100, chunk_size=16, bias=True, ref=True, epsilon=0.1)
     hidden, weight, labels, bias, ref_hidden, ref_weight = make_logprob_inputs(case, torch.float32)
     need_h, need_w, need_b, grad_on = HEADS[head]
     hidden.requires_grad_(need_h), weight.requires_grad_(need_w), bias.requires_grad_(need_b)
