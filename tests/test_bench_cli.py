@@ -484,6 +484,45 @@ def test_max_tokens_search_brackets_the_limit(name):
         search(peak_at, 0)
 
 
+# Step peaks (MiB) that `prefloss bench --max-tokens` measured at its default shape on 2026-12-07
+# (docs/history/bench-max-tokens-2026-12-07.md), T: MiB. A chunked case's buffers fill up to
+# T ~ 2000, then fade against ∂hidden's slope (flat, even falling, then affine).
+MEASURED_PEAKS = {
+    "prefloss-torch/dpo": "256:10.4 512:20.8 1632:49.0 2304:49.3 18432:34.5 77184:59.5 83424:62.9 "
+    "85536:64.1 94752:68.9 147456:97.2",
+    "prefloss-torch-frozen/dpo": "256:10.6 512:21.4 1568:50.0 2144:50.3 17152:41.1 47360:55.4 64192:63.1 "
+    "65824:63.9 69824:66.1 137216:128.5",
+    "torch-lce/dpo": "256:1.2 512:1.3 4096:3.9 32768:26.5 58880:48.6 65280:52.1 67584:69.5 82400:77.4",
+}
+
+
+@pytest.mark.parametrize("name", list(MEASURED_PEAKS), ids=list(MEASURED_PEAKS))
+def test_max_tokens_search_aims_near_the_limit_on_measured_peaks(name):
+    """On the measured peak curves (linear between the measured points, 64 MiB budget), the search
+    brackets the limit, never probes more than 1.15x past it and probes at most 4x the limit's T
+    in all (a probe's cost grows with T): the earlier rule, growing up to 8x on a line bent by chunk
+    buffers, probed 1.7–2.1x past the limit and 4.7–6.2x in all."""
+    from prefloss.benchmark.max_tokens import QUANTUM, search
+
+    points = [(0, 0.0)] + [
+        (int(t), float(m)) for t, m in (p.split(":") for p in MEASURED_PEAKS[name].split())
+    ]
+    segments = list(zip(points, points[1:], strict=False))
+
+    def peak_at(t):  # the segment holding t; past the last point, the last segment extended
+        (t0, p0), (t1, p1) = next((s for s in segments if t <= s[1][0]), segments[-1])
+        return (p0 + (p1 - p0) * (t - t0) / (t1 - t0)) * 2**20
+
+    budget = 64 * 2**20
+    found = search(peak_at, budget)
+    true = max(t for t in range(QUANTUM, 200_000, QUANTUM) if peak_at(t) <= budget)
+    probed = [t for t, _ in found.probes]
+    assert found.fits <= true < found.exceeds and found.exceeds - found.fits <= found.fits / 16
+    assert max(probed) <= 1.15 * true, probed
+    assert sum(probed) <= 4 * true, probed
+    assert len(probed) <= 12, probed
+
+
 def test_max_tokens_gpu_model_agrees_with_plan_step():
     """The GPU MODEL's figure (`plan_max_tokens`, extrapolated past ``direct_limit``) on a tiny
     head: `prefloss plan` itself puts the reported tokens within the budget and 1024 more over it;
