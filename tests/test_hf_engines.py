@@ -1,7 +1,10 @@
 """DDP, FSDP2 and DeepSpeed ZeRO-3 on 2 CPU processes (gloo) == one unsharded process, merged batch.
 
-`tests/workers/engines_worker.py` trains α-DPO, ε-DPO and DPO for 2 optimizer steps of 2
-micro-batches through `prefloss.hf.preference_loss`, under each engine configuration:
+`tests/workers/engines_worker.py` trains for 2 optimizer steps of 2 micro-batches through
+`prefloss.hf.preference_loss`, under each engine configuration below: the plain fp32 configuration
+of each engine (DDP, FSDP2 with the head in the root unit, ZeRO-3) with α-DPO, ε-DPO and DPO, each
+variant with one of them, rotated so that each loss meets several variants (the worker's
+``CONFIGS``):
 
 * DDP;
 * FSDP2: the head in the root unit (root ``reshard_after_forward`` False, the default, or True), the
@@ -19,16 +22,17 @@ micro-batches through `prefloss.hf.preference_loss`, under each engine configura
   the merged batch, which itself trains as the padded one (equal in float64:
   tests/test_hf_packing.py; here in fp32 within the rounding α-DPO amplifies);
 
-against one process without any engine on the merged batch: fp32 for the fp32 runs; for the bf16
+against one process without any engine on the merged batch, which trains only the losses compared
+with it: fp32 for the fp32 runs; for the bf16
 runs, the same computation in bf16 (params cast as FSDP2 casts them, or the whole module as DeepSpeed
 does). fp32 runs must agree to float round-off; bf16 runs must be as close to the fp32 baseline as the
 one-process bf16 computation is (bf16 rounding of per-rank gradients is allowed, nothing more).
 
 Also checked: the policy starts equal to the reference (prepared by the engine, in the policy's
 compute dtype), so the first micro-batch's DPO/ε-DPO rewards are exactly 0 and α-DPO's statistics
-stay exactly 0 after the first step; prefloss gathers a sharded head at most twice per forward
-(policy and reference, never per chunk: the loss runs 8-row chunks) and at most once per backward,
-and does gather where the engine resharded it.
+stay exactly 0 after the first step (every configuration, whichever loss it trains); prefloss gathers
+a sharded head at most twice per forward (policy and reference, never per chunk: the loss runs 8-row
+chunks) and at most once per backward, and does gather where the engine resharded it.
 """
 
 from __future__ import annotations
@@ -138,16 +142,21 @@ def _check_bf16(config: str, loss: str, run: dict, base: dict, fp32: dict) -> No
 def test_baselines_are_informative(single) -> None:
     """The comparisons below can fail: the states move, bf16 is measurably not fp32."""
     fp32 = single["fp32"]
+    assert set(fp32) == set(LOSSES), fp32.keys()
     assert float(fp32["epsilon_dpo"]["states"][-1]["beta"]) != 0.5, "ε-DPO's β never moved"
     assert float(fp32["alpha_dpo"]["states"][-1]["running_std"]) > 0, "α-DPO's statistics never moved"
     assert fp32["dpo"]["losses"][-1] != fp32["dpo"]["losses"][0], "training did not move the policy"
-    for loss in LOSSES:  # packed == padded in fp32 (exactly so in float64: tests/test_hf_packing.py)
-        packed, padded = single["fp32-packed"][loss], fp32[loss]
+    packed_losses = single["fp32-packed"]
+    assert packed_losses, "no packed baseline"
+    for loss, packed in packed_losses.items():  # packed == padded in fp32 (float64: test_hf_packing.py)
+        padded = fp32[loss]
         torch.testing.assert_close(packed["losses"], padded["losses"], rtol=2e-5, atol=2e-6, msg=loss)
         worst = max(_grad_errors(packed, padded, "grads").values())
         assert worst <= 1e-4, f"{loss}: packed gradients off the padded ones by {worst:.3g} (rel)"
     for bf16 in ("bf16-params", "bf16-module"):
-        assert max(_grad_errors(single[bf16]["dpo"], fp32["dpo"], "grads").values()) > 1e-3
+        assert single[bf16], f"no {bf16} baseline"
+        for loss, run in single[bf16].items():
+            assert max(_grad_errors(run, fp32[loss], "grads").values()) > 1e-3, f"{bf16}/{loss} is fp32"
     # The MoE's loss holds its aux loss: policy == reference at the first micro-batch, so DPO's part
     # is exactly log 2; and the routers moved the aux loss.
     moe = single["fp32-moe"]["dpo"]
@@ -160,9 +169,16 @@ def test_baselines_are_informative(single) -> None:
 @pytest.mark.parametrize("family", ["ddp", "fsdp2", "zero3"], ids=["ddp", "fsdp2", "zero3"])
 def test_two_ranks_match_one_process(family, single, tmp_path, run_engine_worker) -> None:
     results = run_engine_worker("engines_worker.py", family, tmp_path)
+    plain = {"ddp": "ddp", "fsdp2": "fsdp2-root", "zero3": "zero3"}[family]
+    missing = {c for c in EXPECTED_GATHERS if c.split("-")[0] == family} - results.keys()
+    assert not missing, f"configurations not run: {sorted(missing)}"
+    assert set(results[plain]) == set(LOSSES), f"{plain} trains {sorted(results[plain])}"
     for config, per_loss in results.items():
-        for loss in per_loss:  # all of LOSSES, DPO alone for the MoE
-            run, base = per_loss[loss], single[_baseline(config)][loss]
+        assert per_loss, f"{config} trains no loss"
+        for loss in per_loss:  # all of LOSSES in the plain configuration, one in each variant
+            baseline = single[_baseline(config)]
+            assert loss in baseline, f"{config}/{loss}: the baseline {_baseline(config)} has no {loss}"
+            run, base = per_loss[loss], baseline[loss]
             if "bf16" in config:
                 _check_bf16(config, loss, run, base, single["fp32"][loss])
             else:

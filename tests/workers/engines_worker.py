@@ -3,16 +3,21 @@
     python engines_worker.py FAMILY OUT_DIR PORT
 
 FAMILY: ``single`` (one process, no engine: the baselines), ``ddp``, ``fsdp2`` or ``zero3`` (two
-gloo processes). Each configuration of the family trains α-DPO, ε-DPO and DPO for 2 optimizer
-steps of 2 micro-batches (plain SGD), with ``prefloss.hf.preference_loss`` and a reference prepared
-by ``prefloss.hf.prepare_reference``. Rank r holds pairs ``[rB, (r+1)B)`` of each micro-batch; the
-single process holds all ``2B`` (chosen rows first, then rejected), so the mean of the ranks' losses
-and the reduced gradients equal the single process's. The policy starts equal to the reference, so
+gloo processes). Each configuration of the family trains the losses `CONFIGS` gives it for 2
+optimizer steps of 2 micro-batches (plain SGD), with ``prefloss.hf.preference_loss`` and a reference
+prepared by ``prefloss.hf.prepare_reference``. Per engine, the plain fp32 configuration trains all
+three losses (α-DPO's all-reduced running statistics, ε-DPO's per-pair β, DPO); each variant that
+changes how the engine holds the parameters (head unit, resharding, tied embeddings, bf16, LoRA,
+packed rows) trains one of them, the losses rotated over the variants so that each loss meets
+several; the single process trains only the losses its configurations are compared on. Rank r
+holds pairs ``[rB, (r+1)B)`` of each micro-batch; the single process holds all ``2B`` (chosen rows
+first, then rejected), so the mean of the ranks' losses and the reduced gradients equal the single
+process's. The policy starts equal to the reference, so
 at the first micro-batch every reward must be exactly 0. The ``-packed`` configurations run
 ``preference_loss(padding_free=True)`` (each rank packs its own rows; one process packs the merged
 batch).
 
-The ``moe`` configurations train a tiny Mixtral (4 experts, 2 per token) with DPO alone, adding its
+The ``moe`` configurations train a tiny Mixtral (4 experts, 2 per token) with DPO, adding its
 routers' load-balancing loss (``router_aux_loss_coef`` = `MOE_COEF`). That loss is a product of two
 token means, so it is computed per rank on the rank's rows (as every DDP/ZeRO-3 run of a MoE does):
 the single process computes each rank's rows in turn (`micro_batch_loss`) and takes the mean, which
@@ -47,34 +52,52 @@ from prefloss.hf.tiny import byte_level_tokenizer, tiny_llama, tiny_moe  # noqa:
 PAIRS_PER_RANK, WORLD, T, GAS, STEPS, LR = 2, 2, 16, 2, 2, 0.5
 CHUNK = 8  # rows per chunk of the fused op: many chunks, so a per-chunk gather would show
 MOE_COEF = 0.5  # the MoE's load-balancing coefficient: large, so that its gradients show
+ALL = ("alpha_dpo", "epsilon_dpo", "dpo")
+# configuration -> the losses it trains (module docstring). A variant's loss must be among its
+# baseline's (tests/test_hf_engines.py: _baseline); bf16 ones are also compared with "fp32".
 CONFIGS = {
-    "single": ["fp32", "fp32-tied", "fp32-lora", "bf16-params", "bf16-module", "fp32-moe", "fp32-packed"],
-    "ddp": ["ddp", "ddp-packed"],
-    "fsdp2": [
-        "fsdp2-root",
-        "fsdp2-root-raf",
-        "fsdp2-head",
-        "fsdp2-head-keep",
-        "fsdp2-tied-raf",
-        "fsdp2-root-raf-bf16",
-        "fsdp2-head-bf16",
-        "fsdp2-lora-raf",
-        "fsdp2-root-raf-packed",
-    ],
-    "zero3": ["zero3", "zero3-tied", "zero3-bf16", "zero3-lora", "zero3-moe", "zero3-packed"],
+    "single": {
+        "fp32": ALL,
+        "fp32-tied": ("epsilon_dpo", "dpo"),
+        "fp32-lora": ("alpha_dpo",),
+        "bf16-params": ("alpha_dpo", "dpo"),
+        "bf16-module": ("epsilon_dpo",),
+        "fp32-moe": ("dpo",),
+        "fp32-packed": ("alpha_dpo", "epsilon_dpo"),
+    },
+    "ddp": {"ddp": ALL, "ddp-packed": ("alpha_dpo",)},
+    "fsdp2": {
+        "fsdp2-root": ALL,
+        "fsdp2-root-raf": ("epsilon_dpo",),
+        "fsdp2-head": ("dpo",),
+        "fsdp2-head-keep": ("alpha_dpo",),
+        "fsdp2-tied-raf": ("epsilon_dpo",),
+        "fsdp2-root-raf-bf16": ("alpha_dpo",),
+        "fsdp2-head-bf16": ("dpo",),
+        "fsdp2-lora-raf": ("alpha_dpo",),
+        "fsdp2-root-raf-packed": ("epsilon_dpo",),
+    },
+    "zero3": {
+        "zero3": ALL,
+        "zero3-tied": ("dpo",),
+        "zero3-bf16": ("epsilon_dpo",),
+        "zero3-lora": ("alpha_dpo",),
+        "zero3-moe": ("dpo",),
+        "zero3-packed": ("epsilon_dpo",),
+    },
 }
 
 
-def make_losses(config: str) -> dict[str, torch.nn.Module]:
-    """The losses ``config`` trains: DPO alone for the MoE (module docstring), else all three."""
-    dpo = {"dpo": prefloss.DPOLoss(beta=0.5, chunk_size=CHUNK)}
-    if "moe" in config:
-        return dpo
-    return {
-        "alpha_dpo": prefloss.AlphaDPOLoss(chunk_size=CHUNK),
-        "epsilon_dpo": prefloss.EpsilonDPOLoss(beta=0.5, epsilon=0.3, compare_dtype=None, chunk_size=CHUNK),
-        **dpo,
+def make_losses(config: str, family: str) -> dict[str, torch.nn.Module]:
+    """The losses ``config`` of ``family`` trains (`CONFIGS`), fresh."""
+    build = {
+        "alpha_dpo": lambda: prefloss.AlphaDPOLoss(chunk_size=CHUNK),
+        "epsilon_dpo": lambda: prefloss.EpsilonDPOLoss(
+            beta=0.5, epsilon=0.3, compare_dtype=None, chunk_size=CHUNK
+        ),
+        "dpo": lambda: prefloss.DPOLoss(beta=0.5, chunk_size=CHUNK),
     }
+    return {name: build[name]() for name in CONFIGS[family][config]}
 
 
 def make_batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -283,10 +306,10 @@ def micro_batch_loss(config, loss_fn, policy, ref, batch, rank: int, world: int)
     return loss, zero, aux
 
 
-def run_config(config: str, rank: int, world: int, counter: GatherCounter) -> dict:
+def run_config(config: str, family: str, rank: int, world: int, counter: GatherCounter) -> dict:
     batches = make_batches()
     result = {}
-    for loss_name, loss_fn in make_losses(config).items():
+    for loss_name, loss_fn in make_losses(config, family).items():
         model = build_model(config)
         ref = copy.deepcopy(model)
         policy, ref, opt = setup(config, model, ref)
@@ -344,7 +367,7 @@ def main(rank: int, world: int, family: str, out_dir: str, port: int) -> None:
         else:
             dist.init_process_group("gloo", rank=rank, world_size=world)
     counter = GatherCounter()
-    results = {config: run_config(config, rank, world, counter) for config in CONFIGS[family]}
+    results = {config: run_config(config, family, rank, world, counter) for config in CONFIGS[family]}
     if rank == 0:
         torch.save(results, os.path.join(out_dir, f"{family}.pt"))
     if world > 1:
