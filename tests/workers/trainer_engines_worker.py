@@ -2,9 +2,10 @@
 
     python trainer_engines_worker.py ENGINE OUT_DIR PORT
 
-ENGINE: ``ddp``, ``zero3`` or ``fsdp2``; two gloo processes on CPU. Each run of `RUNS` trains 4
-optimizer steps of 2 micro-batches (2 pairs per rank each, plain SGD, a checkpoint every 2 steps);
-α-DPO and ε-DPO then train again from ``checkpoint-2`` in a new trainer; DPO runs with a live
+ENGINE: ``ddp``, ``zero3`` or ``fsdp2``; two gloo processes on CPU. Each run of `RUNS` trains
+`STEPS` optimizer steps of 2 micro-batches (2 pairs per rank each, plain SGD); α-DPO and ε-DPO
+(`RESUMED`) train `RESUMED_STEPS`, save one checkpoint, at step `CHECKPOINT` (`CheckpointAt`), and
+then train again from it in a new trainer, which runs the last step only; DPO runs with a live
 reference and with precomputed reference log-probs; ε-DPO also with ``padding_free=True``. Rank 0
 saves the logged losses and reward accuracies, the loss state at the start and after every step, and
 what the engine did (the policy's head type after training, the reference's type) to
@@ -52,8 +53,10 @@ RUNS = {
     "dpo_precomputed": {"loss": "dpo", "beta": 0.5, "precompute_ref_log_probs": True},
 }
 RESUMED = ("alpha_dpo", "epsilon_dpo")
-PAIRS, GAS, STEPS = 2, 2, 4
-# engine settings of the checkpoints the runs save (every 2 steps) and resume from, on top of
+# Steps 1-2 move the loss state (α-DPO's statistics stay 0 after step 1: the policy starts equal to
+# the reference), so the checkpoint is at step 2 and the resumed runs need one step after it.
+PAIRS, GAS, STEPS, CHECKPOINT, RESUMED_STEPS = 2, 2, 2, 2, 3
+# engine settings of the checkpoint the resumed runs save and resume from, on top of
 # worker_setup.engine_arguments
 ZERO3_CHECKPOINTS = {"stage3_gather_16bit_weights_on_model_save": True}
 FSDP2_CHECKPOINTS = {"state_dict_type": "SHARDED_STATE_DICT"}
@@ -83,6 +86,17 @@ class StateLog(TrainerCallback):
         self.after_step[state.global_step] = snapshot(self.trainer.loss_fn)
 
 
+class CheckpointAt(TrainerCallback):
+    """Saves at step ``step`` only: the Trainer would also save at the last step, which no run
+    resumes from (runs after the Trainer's own flow callback, so it has the last word)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_save = state.global_step == self.step
+
+
 def snapshot(module) -> dict:
     return {k: v.detach().clone().cpu() for k, v in module.state_dict().items()}
 
@@ -101,9 +115,10 @@ def train(engine: str, run: str, out_dir: str, resume: str | None) -> dict:
     rows = [json.loads(line) for line in open(synthetic_preferences_path("train"))][:32]
     tok = byte_level_tokenizer()
     model = tiny_llama(tok, hidden_size=32, intermediate_size=64, num_heads=2, seed=0)  # before the args
+    resumes = run in RESUMED
     args = PreferenceConfig(
         output_dir=out_dir,
-        max_steps=STEPS,
+        max_steps=RESUMED_STEPS if resumes else STEPS,
         gradient_accumulation_steps=GAS,
         per_device_train_batch_size=PAIRS,
         learning_rate=0.1,
@@ -112,8 +127,8 @@ def train(engine: str, run: str, out_dir: str, resume: str | None) -> dict:
         use_cpu=True,
         ddp_backend="gloo",
         max_length=48,
-        save_strategy="steps",
-        save_steps=2,
+        save_strategy="steps" if resumes else "no",
+        save_steps=CHECKPOINT,
         logging_steps=1,
         disable_tqdm=True,
         train_sampling_strategy="sequential",
@@ -124,6 +139,8 @@ def train(engine: str, run: str, out_dir: str, resume: str | None) -> dict:
     trainer = PreferenceTrainer(model, args=args, train_dataset=rows, processing_class=tok)
     states = StateLog(trainer)
     trainer.add_callback(states)
+    if resumes:
+        trainer.add_callback(CheckpointAt(CHECKPOINT))
     if engine == "fsdp2":
         force_fsdp_on_cpu(trainer, args)
     trainer.train(resume_from_checkpoint=resume)
@@ -153,7 +170,8 @@ def main(rank: int, engine: str, out_dir: str, port: int) -> None:
         run_dir = os.path.join(out_dir, run)
         results[run] = {"full": train(engine, run, run_dir, None)}
         if run in RESUMED:
-            results[run]["resumed"] = train(engine, run, run_dir, os.path.join(run_dir, "checkpoint-2"))
+            checkpoint = os.path.join(run_dir, f"checkpoint-{CHECKPOINT}")
+            results[run]["resumed"] = train(engine, run, run_dir, checkpoint)
     if rank == 0:
         torch.save(results, os.path.join(out_dir, f"{engine}.pt"))
 
