@@ -1,8 +1,9 @@
 """The launch recipes of README "Distributed training": ``accelerate launch`` with the shipped configs.
 
 * ZeRO-3 (configs/accelerate/zero3.yaml + ds_zero3.json), 2 processes on CPU, exactly the README
-  command from the repository root, shortened to 20 steps: the held-out accuracy rises as in the
-  single-process run, and the run says it was DeepSpeed ZeRO-3 with 2 processes.
+  command from the repository root, shortened to 10 steps (one evaluation and one checkpoint, both at
+  the end): the held-out accuracy rises as in the single-process run (measured: 0.555 -> 0.86), and
+  the run says it was DeepSpeed ZeRO-3 with 2 processes.
 * FSDP2 (configs/accelerate/fsdp2.yaml) on CPU: accelerate would run it as DDP, unsharded;
   `PreferenceTrainer` refuses with an error that names the engine and the fix instead.
 """
@@ -36,7 +37,7 @@ def launch_env(subprocess_env) -> dict[str, str]:
 @pytest.mark.slow
 def test_zero3_launch_recipe_learns_on_two_cpu_processes(tmp_path, launch_env) -> None:
     proc = _accelerate(
-        launch_env, "zero3.yaml", tmp_path, "--max-steps", "20", "--eval-steps", "10", "--save-steps", "10"
+        launch_env, "zero3.yaml", tmp_path, "--max-steps", "10", "--eval-steps", "10", "--save-steps", "10"
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
