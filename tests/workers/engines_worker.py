@@ -23,11 +23,12 @@ token means, so it is computed per rank on the rank's rows (as every DDP/ZeRO-3 
 the single process computes each rank's rows in turn (`micro_batch_loss`) and takes the mean, which
 with DPO's per-pair mean equals the 2 ranks exactly.
 
-Saved (rank 0, ``OUT_DIR/FAMILY.pt``): per configuration and loss, the 4 micro-batch losses (mean
-over ranks), whether the first micro-batch's rewards were all exactly 0, the full (gathered)
-gradients at both optimizer steps, the loss state after each step, how often prefloss gathered
-a sharded head in forward and in backward, and for the MoE the micro-batches' aux losses (mean over
-ranks) and their coefficient. Run with cwd outside the repository, so its top-level
+The single family's configurations are shared out over 2 processes, each computing its own alone
+(`main_single`). Saved (rank 0, ``OUT_DIR/FAMILY.pt``): per configuration and loss, the 4
+micro-batch losses (mean over ranks), whether the first micro-batch's rewards were all exactly 0,
+the full (gathered) gradients at both optimizer steps, the loss state after each step, how often
+prefloss gathered a sharded head in forward and in backward, and for the MoE the micro-batches' aux
+losses (mean over ranks) and their coefficient. Run with cwd outside the repository, so its top-level
 ``kernels/`` folder is never on ``sys.path``.
 """
 
@@ -375,10 +376,25 @@ def main(rank: int, world: int, family: str, out_dir: str, port: int) -> None:
         dist.destroy_process_group()
 
 
+def main_single(part: int, parts: int, out_dir: str) -> None:
+    """Part ``part`` of ``parts`` of the one-process baselines: every ``parts``-th configuration, each
+    computed by this process alone (no process group), so that the baselines use both cores."""
+    torch.set_num_threads(1)
+    counter = GatherCounter()
+    configs = list(CONFIGS["single"])[part::parts]
+    results = {config: run_config(config, "single", 0, 1, counter) for config in configs}
+    torch.save(results, os.path.join(out_dir, f"single-{part}.pt"))
+
+
 if __name__ == "__main__":
     family, out_dir, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
     if family == "single":
-        main(0, 1, family, out_dir, port)
+        launch(main_single, (WORLD, out_dir), nprocs=WORLD)
+        results = {}
+        for part in range(WORLD):
+            results.update(torch.load(os.path.join(out_dir, f"single-{part}.pt"), weights_only=False))
+        assert results.keys() == CONFIGS["single"].keys(), results.keys()
+        torch.save(results, os.path.join(out_dir, "single.pt"))
     else:
         launch(
             main,
