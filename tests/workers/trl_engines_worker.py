@@ -10,6 +10,7 @@ each), plain SGD, the pairs in their order. Accelerate hands rank r the r-th mic
 step, so one step sees the same pairs in every configuration. Rank 0 saves the logged per-step
 values, the loss state after training and what the engine did (the policy's and the reference's head
 types and shapes, the reference's wrapper type, the number of processes) to ``OUT_DIR/ENGINE.pt``.
+The ``single`` runs are shared out over 2 processes, each training its runs alone (`main_single`).
 
 The reference is TRL's: the ``ref_model`` given is prepared by ``trl.DPOTrainer.__init__`` with
 TRL's own ``prepare_deepspeed`` (ZeRO-3: a ``DeepSpeedEngine`` with TRL's inference config) or
@@ -155,10 +156,25 @@ def main(rank: int, world: int, engine: str, out_dir: str, port: int) -> None:
 # imported by the launcher before it forks the ranks, which then share them (worker_setup.launch)
 PRELOAD = ("datasets", "transformers.trainer", "prefloss.trl")
 
+
+def main_single(part: int, parts: int, out_dir: str) -> None:
+    """Part ``part`` of ``parts`` of the one-process baseline: every ``parts``-th run of `RUNS`, trained
+    by this process alone, so that the baseline uses both cores."""
+    torch.set_num_threads(1)
+    runs = list(RUNS)[part::parts]
+    results = {run: train("single", 1, run, os.path.join(out_dir, run)) for run in runs}
+    torch.save(results, os.path.join(out_dir, f"single-{part}.pt"))
+
+
 if __name__ == "__main__":
     engine, out_dir, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
     if engine == "single":
-        main(0, 1, engine, out_dir, port)
+        launch(main_single, (2, out_dir), preload=PRELOAD)
+        results = {}
+        for part in range(2):
+            results.update(torch.load(os.path.join(out_dir, f"single-{part}.pt"), weights_only=False))
+        assert results.keys() == RUNS.keys(), results.keys()
+        torch.save(results, os.path.join(out_dir, "single.pt"))
     else:
         launch(
             main, (2, engine, out_dir, port), preload=PRELOAD + (("deepspeed",) if engine == "zero3" else ())
