@@ -7,7 +7,8 @@ With 2 ranks of B pairs per micro-batch, accelerate gives rank r the batches r, 
 micro-batch of the 2 ranks together holds exactly the pairs of the single process's micro-batch
 of 2B pairs. The loss, the synchronised gradients at the first optimizer step, the loss state
 (α-DPO's running statistics, ε-DPO's β; exact fp32 comparisons, so that β moves at step 1) and
-the final weights must agree.
+the final weights must agree. The one-process run trains its two losses in two forked processes,
+each alone (both cores).
 """
 
 from __future__ import annotations
@@ -42,13 +43,17 @@ class GradSnapshot(TrainerCallback):
             self.grads = {n: p.grad.detach().clone() for n, p in params if p.grad is not None}
 
 
-def run(world_size, out_dir):
+EPS = {"epsilon": 0.3, "beta": 0.5, "loss_kwargs": {"compare_dtype": None}}
+LOSSES = {"alpha_dpo": {}, "epsilon_dpo": EPS}
+
+
+def run(world_size, out_dir, losses=tuple(LOSSES), name=None):
     torch.manual_seed(0)
     rows = [json.loads(line) for line in open(synthetic_preferences_path("train"))][:16]
     result = {}
     ddp = {"ddp_backend": "gloo"} if world_size > 1 else {}
-    eps = {"epsilon": 0.3, "beta": 0.5, "loss_kwargs": {"compare_dtype": None}}
-    for loss, extra in (("alpha_dpo", {}), ("epsilon_dpo", eps)):
+    for loss in losses:
+        extra = LOSSES[loss]
         tok = byte_level_tokenizer()
         model = tiny_llama(tok, hidden_size=32, intermediate_size=64, num_heads=2, seed=0)
         args = PreferenceConfig(
@@ -72,7 +77,13 @@ def run(world_size, out_dir):
             "params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
         }
     if int(os.environ.get("RANK", "0")) == 0:
-        torch.save(result, os.path.join(out_dir, f"world{world_size}.pt"))
+        torch.save(result, os.path.join(out_dir, name or f"world{world_size}.pt"))
+
+
+def single_worker(part, parts, out_dir):
+    # one process alone, no process group: this part's losses of the one-process run
+    torch.set_num_threads(1)
+    run(1, out_dir, tuple(LOSSES)[part::parts], f"world1-{part}.pt")
 
 
 def ddp_worker(rank, world_size, out_dir, port):
@@ -84,8 +95,10 @@ def ddp_worker(rank, world_size, out_dir, port):
 
 if __name__ == "__main__":
     world_size, out_dir, port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-    if world_size == 1:
-        run(1, out_dir)
+    if world_size == 1:  # the two losses in two forked processes, each alone: both cores
+        torch.multiprocessing.start_processes(single_worker, args=(2, out_dir), nprocs=2, start_method="fork")
+        parts = [torch.load(os.path.join(out_dir, f"world1-{i}.pt"), weights_only=False) for i in range(2)]
+        torch.save({**parts[0], **parts[1]}, os.path.join(out_dir, "world1.pt"))
     else:
         # fork: the children inherit the imports above instead of importing them again
         torch.multiprocessing.start_processes(
