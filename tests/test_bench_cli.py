@@ -1,8 +1,10 @@
-"""`prefloss bench` end to end on tiny shapes, and its correctness gate: the float64 pieces, prefloss
-passing it over seeds, injected errors failing it; ``--seeds`` (the gate alone over seeds) and
-``--floor-parts`` (each prefloss step split against its floor); the ``torch-lce`` cases (PyTorch's
-``F.linear_cross_entropy``) under the same gate; ``--max-tokens`` (its search, its GPU MODEL, a tiny
-run end to end)."""
+"""`prefloss bench` on tiny shapes: every registered case through the runner in this process (the
+gate passed, well-formed timed rows), a few cases end to end through the CLI in fresh processes
+(JSON, table, plots, exit status, ``--floor-parts``); its correctness gate: the float64 pieces,
+prefloss passing it over seeds, injected errors failing it; ``--seeds`` (the gate alone over seeds);
+the ``torch-lce`` cases (PyTorch's ``F.linear_cross_entropy``) under the same gate;
+``--max-tokens`` (its search, on synthetic and on measured peak curves, its GPU MODEL, a tiny run
+end to end)."""
 
 from __future__ import annotations
 
@@ -351,39 +353,6 @@ def test_seeds_runs_the_gate_over_seeds(tmp_path, capsys):
     assert "FAILED 2 of 2 seeds" in text and "2 of 4 checks (case x shape x seed) passed" in text
 
 
-def test_floor_parts_splits_the_step_against_its_floor(tmp_path):
-    """``--floor-parts --threads 1``: each prefloss case also gets its CPU-time ratios to the floor
-    (alternating pairs) and its step split into GEMMs, tile arithmetic and the rest, in a second table."""
-    out = tmp_path / "bench.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "prefloss.commands.cli",
-        "bench",
-        "--seq-len",
-        "24",
-        "--batch",
-        "2",
-        "--hidden",
-        "16",
-    ]
-    cmd += ["--vocab", "203", "--repeats", "2", "--no-progress", "--json", str(out), "--device", "cpu"]
-    cmd += ["--cases", "prefloss-torch/dpo", "--floor-parts", "--threads", "1"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    doc = json.loads(out.read_text())
-    assert doc["config"]["threads"] == 1 and doc["config"]["floor_parts"] is True
-    rows = {r["case"]: r for r in doc["results"]}
-    assert set(rows) == {"prefloss-torch/dpo", "floor"} and "floor_parts" not in rows["floor"]
-    pairs, split = rows["prefloss-torch/dpo"]["interleaved_floor"], rows["prefloss-torch/dpo"]["floor_parts"]
-    assert len(pairs["cpu_ratios"]) == 2 and pairs["cpu_ratio_median"] > 0 and pairs["cpu_min_ratio"] > 0
-    assert split["threads"] == 1 and len(split["pairs"]) == 2
-    assert set(split["parts_to_floor"]) == {"gemm", "tile_arithmetic", "other"}
-    assert split["parts_to_floor"]["gemm"] > 0 and split["step_to_floor"] > 0
-    assert "step against its floor, by part (--floor-parts):" in proc.stdout
-    assert "torch threads: 1." in proc.stdout
-
-
 def test_explicit_only_cases_need_their_name():
     assert "selftest/wrong_dpo" not in [c.name for c in select_cases(None)]
     assert "selftest/wrong_dpo" not in [c.name for c in select_cases(["*"])]
@@ -400,8 +369,76 @@ def test_plot_title_keeps_every_version():
     assert max(len(line) for line in title.splitlines()) <= 160
 
 
+def _assert_well_formed(r: dict, repeats: int) -> None:
+    """A bench row: the self-test case wrong and not timed, Triton skipped without a GPU, every
+    other case checked (passed) and timed, with its ratios."""
+    if r["method"] == "selftest":
+        assert r["status"] == "wrong", r
+        assert not r["check"]["passed"] and "time_s" not in r and "peak_mib" not in r
+        assert not r["check"]["loss"]["passed"] and not r["check"]["policy tokens"]["passed"]
+        return
+    if r["method"] == "prefloss-triton" and not torch.cuda.is_available():
+        assert r["status"] == "skipped" and "no GPU" in r["error"], r
+        return
+    assert r["status"] == "ok", r
+    assert r["check"]["passed"], r["check"]
+    if r["loss"] is not None:
+        assert {"loss", "grad_hidden"} <= set(r["check"]), r["check"]
+    assert r["time_s"]["median"] > 0 and r["time_s"]["n"] == repeats
+    assert r["peak_mib"]["max"] >= 0 and len(r["peak_mib"]["samples"]) == repeats
+    if r["method"].startswith("prefloss"):  # timed alternately with the floor in-process
+        pairs = r["interleaved_floor"]
+        assert len(pairs["ratios"]) == repeats and pairs["floor_s"]["median"] > 0
+        assert r["ratios"]["time_to_floor"] == pairs["ratio_median"]
+        assert r["ratios"]["time_to_floor_method"] == "interleaved"
+        assert r["tile_arithmetic"] in ("eager", "compiled")
+    elif r["method"] != "floor":
+        assert r["ratios"]["time_to_floor_method"] == "separate"
+    if r["method"] != "floor":
+        assert r["ratios"]["time_to_floor"] > 0
+        assert r["ratios"]["time_to_best_other"] > 0
+        assert "memory_to_best_other" in r["ratios"]
+
+
+def test_every_case_passes_the_gate_and_is_timed():
+    """Every registered case (the explicit-only self-test too) through the bench's own runner in
+    this process (`runner.run(in_process=True)`: the float64 reference once, then each case's
+    worker function) at one tiny shape: each passes the gate and yields a well-formed timed row
+    with its ratios; the self-test case is reported WRONG and not timed; Triton is skipped without
+    a GPU. This is what catches a broken peer or prefloss case; the CLI test below runs a few of
+    them end to end in their own processes."""
+    from prefloss.benchmark.runner import Config, run
+
+    cases = list(CASES.values())
+    assert [c.name for c in cases if c.explicit_only] == ["selftest/wrong_dpo"]
+    shape = Shape(batch=2, seq_len=24, hidden=16, vocab=203)
+    config = Config(cases, [shape], repeats=2, seed=0, device="cpu", mem_limit_gib=None, timeout_s=60)
+    rows = run(config, progress=False, in_process=True)
+    assert [r["case"] for r in rows] == list(CASES)
+    for r in rows:
+        _assert_well_formed(r, repeats=2)
+
+
+# One case of each kind: the floor, prefloss-torch, the frozen-head case whose name is the longest
+# (the table's column), the authors' code, a peer, the self-test and a Triton case (skipped on CPU);
+# the CLI adds the frozen case's floor, floor-frozen.
+CLI_CASES = (
+    "floor",
+    "prefloss-torch/dpo",
+    "prefloss-torch-frozen/epsilon_dpo",
+    "authors/epsilon_dpo",
+    "liger/dpo",
+    "selftest/wrong_dpo",
+    "prefloss-triton/dpo",
+)
+
+
 def test_bench_cli_end_to_end(tmp_path):
-    """Every default case is checked and timed; the deliberately wrong case is reported, not timed.
+    """The CLI end to end, a few cases of each kind (`CLI_CASES`), each in its own fresh process,
+    at the two shapes the plots need, with ``--floor-parts --threads 1``: the JSON, the table, the
+    plots; exit status 1 for the deliberately wrong case (reported, not timed); Triton skipped on
+    CPU; each prefloss case also gets its CPU-time ratios to the floor (alternating pairs) and its
+    step split into GEMMs, tile arithmetic and the rest, in a second table.
 
     Runs in a subprocess with cwd=tmp_path, so the repository's top-level ``kernels/`` folder is
     never importable as a bare ``kernels``.
@@ -409,41 +446,38 @@ def test_bench_cli_end_to_end(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "prefloss.commands.cli", "bench", "--seq-len", "24,40", "--batch", "2"]
     cmd += ["--hidden", "16", "--vocab", "203", "--repeats", "2", "--no-progress", "--json", str(out)]
-    cmd += ["--plot", str(tmp_path / "plots"), "--cases", "*", "--cases", "selftest/wrong_dpo"]
+    cmd += ["--plot", str(tmp_path / "plots"), "--cases", ",".join(CLI_CASES), "--device", "cpu"]
+    cmd += ["--floor-parts", "--threads", "1"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr  # 1: the self-test case is wrong
     doc = json.loads(out.read_text())
     assert doc["machine"]["versions"]["torch"] == torch.__version__
     assert doc["machine"]["cpu"]
+    assert doc["config"]["threads"] == 1 and doc["config"]["floor_parts"] is True
+    assert doc["config"]["cases"] == [*CLI_CASES, "floor-frozen"]
     rows = doc["results"]
-    assert {r["shape"]["seq_len"] for r in rows} == {24, 40}
+    assert [(r["shape"]["seq_len"], r["case"]) for r in rows] == [
+        (t, c) for t in (24, 40) for c in doc["config"]["cases"]
+    ]
     for r in rows:
-        if r["method"] == "selftest":
-            assert r["status"] == "wrong", r
-            assert not r["check"]["passed"] and "time_s" not in r and "peak_mib" not in r
-        elif r["method"] == "prefloss-triton" and not torch.cuda.is_available():
-            assert r["status"] == "skipped" and "no GPU" in r["error"]
+        _assert_well_formed(r, repeats=2)
+        if r["method"] == "prefloss-torch":
+            assert r["tile_arithmetic"] == "eager"  # 40 rows x 203 columns: far below the threshold
+            pairs, split = r["interleaved_floor"], r["floor_parts"]
+            assert (
+                len(pairs["cpu_ratios"]) == 2 and pairs["cpu_ratio_median"] > 0 and pairs["cpu_min_ratio"] > 0
+            )
+            assert split["threads"] == 1 and len(split["pairs"]) == 2
+            assert set(split["parts_to_floor"]) == {"gemm", "tile_arithmetic", "other"}
+            assert split["parts_to_floor"]["gemm"] > 0 and split["step_to_floor"] > 0
         else:
-            assert r["status"] == "ok", r
-            assert r["check"]["passed"], r["check"]
-            assert r["time_s"]["median"] > 0 and r["time_s"]["n"] == 2
-            assert r["peak_mib"]["max"] >= 0 and len(r["peak_mib"]["samples"]) == 2
-            if r["method"].startswith("prefloss"):  # timed alternately with the floor in-process
-                pairs = r["interleaved_floor"]
-                assert len(pairs["ratios"]) == 2 and pairs["floor_s"]["median"] > 0
-                assert r["ratios"]["time_to_floor"] == pairs["ratio_median"]
-                assert r["ratios"]["time_to_floor_method"] == "interleaved"
-                assert r["tile_arithmetic"] == "eager"  # 40 rows x 203 columns: far below the threshold
-            elif r["method"] != "floor":
-                assert r["ratios"]["time_to_floor_method"] == "separate"
-            if r["method"] != "floor":
-                assert r["ratios"]["time_to_floor"] > 0
-                assert r["ratios"]["time_to_best_other"] > 0
-                assert "memory_to_best_other" in r["ratios"]
+            assert "floor_parts" not in r
     assert "WRONG (not timed)" in proc.stdout
+    assert "step against its floor, by part (--floor-parts):" in proc.stdout
+    assert "torch threads: 1." in proc.stdout
     lines = proc.stdout.splitlines()
     status_column = next(line for line in lines if line.startswith("case ")).index("status")
-    for name in ("prefloss-torch/epsilon_dpo", "prefloss-torch-frozen/epsilon_dpo"):  # the longest name
+    for name in ("prefloss-torch/dpo", "prefloss-torch-frozen/epsilon_dpo"):  # the longest name
         row = next(line for line in lines if line.startswith(name + " "))
         assert row[status_column:].startswith("ok, eager"), row
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [

@@ -86,9 +86,27 @@ def _row(case: Case, shape: Shape) -> dict:
     }
 
 
-def run(config: Config, progress: bool = True) -> list[dict]:
-    """Float64 reference over all shapes (one process), then one fresh process per case."""
+def _run_here(spec: dict, scratch: str, timeout_s: float, on_result) -> list[dict]:
+    """`_spawn` without the process: every shape of ``spec`` in this one (no memory cap, no timeout)."""
+    from prefloss.benchmark.worker import run_shape
+
+    results = []
+    for i, shape in enumerate(spec["shapes"]):
+        results.append(run_shape(spec, i, shape))
+        on_result()
+    return results
+
+
+def run(config: Config, progress: bool = True, *, in_process: bool = False) -> list[dict]:
+    """Float64 reference over all shapes (one process), then one fresh process per case.
+
+    ``in_process=True`` runs the reference and every case in this process instead, one after
+    another, with the same records and ratios: a quick check that every case passes the gate and
+    yields well-formed rows (the tests'), not a measurement (a case's peak and time then depend on
+    what ran before it in the process, and ``mem_limit_gib`` and ``timeout_s`` are not applied)."""
     from tqdm import tqdm
+
+    spawn = _run_here if in_process else _spawn
 
     has_gpu = config.device.startswith("cuda")
     runnable = [c for c in config.cases if has_gpu or not c.needs_gpu]
@@ -118,7 +136,7 @@ def run(config: Config, progress: bool = True) -> list[dict]:
             bar.set_description("float64 reference")
             paths = [os.path.join(scratch, f"expected-{i}.pt") for i in range(n_shapes)]
             spec = {**common, "mode": "reference", "losses": losses, "paths": paths}
-            ref_results = _spawn(spec, scratch, config.timeout_s, lambda: bar.update(1))
+            ref_results = spawn(spec, scratch, config.timeout_s, lambda: bar.update(1))
             expected = [r.get("path") if r["status"] == "ok" else None for r in ref_results]
         for case in config.cases:
             if case.needs_gpu and not has_gpu:
@@ -139,7 +157,7 @@ def run(config: Config, progress: bool = True) -> list[dict]:
                 by_case[case.name] = [{"status": "error", "error": f"no float64 reference: {why}"}] * n_shapes
                 bar.update(n_shapes)
                 continue
-            by_case[case.name] = _spawn(spec, scratch, config.timeout_s, lambda: bar.update(1))
+            by_case[case.name] = spawn(spec, scratch, config.timeout_s, lambda: bar.update(1))
     bar.close()
     results = []
     for i, shape in enumerate(config.shapes):

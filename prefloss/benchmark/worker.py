@@ -275,23 +275,32 @@ def main() -> None:
     except (OSError, ValueError) as exc:
         print(f"warning: memory cap not set: {exc}", file=sys.stderr)
     for i, shape in enumerate(spec["shapes"]):
-        try:
-            if spec["mode"] == "reference":
-                result = _reference(spec, shape, spec["paths"][i])
-            elif spec["mode"] == "max_tokens":
-                from prefloss.benchmark.max_tokens import run_case
-
-                result = run_case(spec, shape)
-            else:
-                result = _case(spec, shape, i)
-        except Exception as exc:  # reported to the parent; the next shape still runs
-            status = "oom" if is_oom(exc) else "error"
-            result = {"status": status, "error": f"{type(exc).__name__}: {exc}"[:2000]}
-            if status == "error":
-                result["traceback"] = traceback.format_exc()[-4000:]
-        gc.collect()
-        result["prefloss_source_sha256"] = _digest()
+        result = run_shape(spec, i, shape)
         print(RESULT_MARK + json.dumps({"index": i, **result}), flush=True)
+
+
+def run_shape(spec: dict, i: int, shape: dict) -> dict:
+    """The spec's ``i``-th shape (``shape``, a `Shape` as a dict) in this process: the float64
+    reference, a case's check and timing, or a ``--max-tokens`` search, by ``spec["mode"]``. Returns
+    the result record; an exception becomes a record with status ``error`` (``oom`` when out of
+    memory), so the next shape still runs."""
+    try:
+        if spec["mode"] == "reference":
+            result = _reference(spec, shape, spec["paths"][i])
+        elif spec["mode"] == "max_tokens":
+            from prefloss.benchmark.max_tokens import run_case
+
+            result = run_case(spec, shape)
+        else:
+            result = _case(spec, shape, i)
+    except Exception as exc:  # reported to the parent; the next shape still runs
+        status = "oom" if is_oom(exc) else "error"
+        result = {"status": status, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+        if status == "error":
+            result["traceback"] = traceback.format_exc()[-4000:]
+    gc.collect()
+    result["prefloss_source_sha256"] = _digest()
+    return result
 
 
 if __name__ == "__main__":
