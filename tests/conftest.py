@@ -43,10 +43,10 @@ def _subprocess_env(**settings: str) -> dict[str, str]:
     return env
 
 
-def _run_engine_worker(script: str, mode: str, out_dir: Path) -> dict:
-    """Run ``tests/workers/<script> MODE OUT_DIR PORT`` (2 gloo processes on CPU) with ``cwd=out_dir``, so
-    the repository's ``kernels/`` folder is never on ``sys.path``, and load the ``OUT_DIR/MODE.pt`` it
-    saves."""
+def _run_engine_worker(script: str, mode: str, out_dir: Path, *args: str) -> dict:
+    """Run ``tests/workers/<script> MODE OUT_DIR PORT [ARGS]`` (2 gloo processes on CPU) with
+    ``cwd=out_dir``, so the repository's ``kernels/`` folder is never on ``sys.path``, and load the
+    ``OUT_DIR/MODE.pt`` it saves (without it, return ``{}``: combined_worker.py saves per job)."""
     env = _subprocess_env(
         OMP_NUM_THREADS="1",
         HF_HUB_OFFLINE="1",
@@ -56,21 +56,54 @@ def _run_engine_worker(script: str, mode: str, out_dir: Path) -> dict:
     )
     worker = Path(__file__).parent / "workers" / script
     proc = subprocess.run(
-        [sys.executable, str(worker), mode, str(out_dir), str(_free_port())],
+        [sys.executable, str(worker), mode, str(out_dir), str(_free_port()), *args],
         cwd=out_dir,
         env=env,
         capture_output=True,
         text=True,
         timeout=900,
     )
-    assert proc.returncode == 0, f"{script} {mode} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return torch.load(out_dir / f"{mode}.pt", weights_only=False)
+    assert proc.returncode == 0, (
+        f"{script} {mode} {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
+    saved = out_dir / f"{mode}.pt"
+    return torch.load(saved, weights_only=False) if saved.exists() else {}
 
 
 @pytest.fixture(scope="session")
 def run_engine_worker():
     """`_run_engine_worker`, for the 2-process workers of the engine tests."""
     return _run_engine_worker
+
+
+# The engine workers' jobs (tests/workers/combined_worker.py): the test file that reads each, and the
+# engines it runs under.
+ENGINE_JOBS = {
+    "engines": ("test_hf_engines.py", ("single", "ddp", "fsdp2", "zero3")),
+    "trainer": ("test_hf_trainer_engines.py", ("ddp", "fsdp2", "zero3")),
+    "trl": ("test_trl_engines.py", ("single", "fsdp2", "zero3")),
+}
+
+
+@pytest.fixture(scope="session")
+def engine_results(request, tmp_path_factory):
+    """``engine_results(job, engine)``: what job ``job`` of tests/workers/combined_worker.py saved
+    under ``engine``. One launch per engine and session runs every job whose test file has a test
+    in the session (`ENGINE_JOBS`), so that the engine tests pay each engine's process start,
+    imports and process group once; ``pytest tests/test_hf_engines.py`` runs its own job alone."""
+    files = {Path(str(item.fspath)).name for item in request.session.items}
+    launched: dict[str, dict[str, dict]] = {}
+
+    def results(job: str, engine: str) -> dict:
+        if engine not in launched:
+            jobs = [j for j, (file, engines) in ENGINE_JOBS.items() if file in files and engine in engines]
+            jobs = jobs if job in jobs else [*jobs, job]
+            out = tmp_path_factory.mktemp(f"engine-{engine}")
+            _run_engine_worker("combined_worker.py", engine, out, ",".join(jobs))
+            launched[engine] = {j: torch.load(out / j / f"{engine}.pt", weights_only=False) for j in jobs}
+        return launched[engine][job]
+
+    return results
 
 
 @pytest.fixture(scope="session")

@@ -70,8 +70,8 @@ EXPECTED_GATHERS = {
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory, run_engine_worker) -> dict:
-    return run_engine_worker("engines_worker.py", "single", tmp_path_factory.mktemp("single"))
+def single(engine_results) -> dict:
+    return engine_results("engines", "single")
 
 
 def _baseline(config: str) -> str:
@@ -167,8 +167,8 @@ def test_baselines_are_informative(single) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["ddp", "fsdp2", "zero3"], ids=["ddp", "fsdp2", "zero3"])
-def test_two_ranks_match_one_process(family, single, tmp_path, run_engine_worker) -> None:
-    results = run_engine_worker("engines_worker.py", family, tmp_path)
+def test_two_ranks_match_one_process(family, single, engine_results) -> None:
+    results = engine_results("engines", family)
     plain = {"ddp": "ddp", "fsdp2": "fsdp2-root", "zero3": "zero3"}[family]
     missing = {c for c in EXPECTED_GATHERS if c.split("-")[0] == family} - results.keys()
     assert not missing, f"configurations not run: {sorted(missing)}"

@@ -30,8 +30,8 @@ RESUMED = ("alpha_dpo", "epsilon_dpo")  # trained 3 steps with a checkpoint at s
 
 
 @pytest.fixture(scope="module")
-def ddp(tmp_path_factory, run_engine_worker) -> dict:
-    return run_engine_worker("trainer_engines_worker.py", "ddp", tmp_path_factory.mktemp("ddp"))
+def ddp(engine_results) -> dict:
+    return engine_results("trainer", "ddp")
 
 
 def _assert_states_close(got: dict, expected: dict, msg: str) -> None:
@@ -65,8 +65,8 @@ def test_precomputed_reference_equals_the_live_one(ddp) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["zero3", "fsdp2"], ids=["zero3", "fsdp2"])
-def test_trainer_under_engine_matches_ddp_and_resumes(engine, ddp, tmp_path, run_engine_worker) -> None:
-    results = run_engine_worker("trainer_engines_worker.py", engine, tmp_path)
+def test_trainer_under_engine_matches_ddp_and_resumes(engine, ddp, engine_results) -> None:
+    results = engine_results("trainer", engine)
     assert results.keys() == ddp.keys()
     for run, runs in results.items():
         full, base = runs["full"], ddp[run]["full"]

@@ -46,8 +46,8 @@ RTOL = ATOL = 2e-5
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory, run_engine_worker) -> dict:
-    return run_engine_worker("trl_engines_worker.py", "single", tmp_path_factory.mktemp("trl-single"))
+def single(engine_results) -> dict:
+    return engine_results("trl", "single")
 
 
 def test_single_process_baseline_trains(single) -> None:
@@ -66,8 +66,8 @@ def test_single_process_baseline_trains(single) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["zero3", "fsdp2"], ids=["zero3", "fsdp2"])
-def test_dpo_trainer_under_engine_matches_one_process(engine, single, tmp_path, run_engine_worker) -> None:
-    results = run_engine_worker("trl_engines_worker.py", engine, tmp_path)
+def test_dpo_trainer_under_engine_matches_one_process(engine, single, engine_results) -> None:
+    results = engine_results("trl", engine)
     assert results.keys() == single.keys()
     for run, got in results.items():
         base = single[run]

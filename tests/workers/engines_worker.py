@@ -358,8 +358,10 @@ def run_config(config: str, family: str, rank: int, world: int, counter: GatherC
 
 
 def main(rank: int, world: int, family: str, out_dir: str, port: int) -> None:
+    """Rank ``rank`` of ``world`` trains `CONFIGS` ``[family]``; joins the process group a job before
+    it in this process set up (combined_worker.py), else sets it up; leaves it for the jobs after."""
     torch.set_num_threads(1)
-    if world > 1:
+    if not dist.is_initialized():
         os.environ.update(distributed_env(rank, world, port))
         if family == "zero3":
             import deepspeed
@@ -371,9 +373,7 @@ def main(rank: int, world: int, family: str, out_dir: str, port: int) -> None:
     results = {config: run_config(config, family, rank, world, counter) for config in CONFIGS[family]}
     if rank == 0:
         torch.save(results, os.path.join(out_dir, f"{family}.pt"))
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    dist.barrier()
 
 
 def main_single(part: int, parts: int, out_dir: str) -> None:
@@ -386,19 +386,24 @@ def main_single(part: int, parts: int, out_dir: str) -> None:
     torch.save(results, os.path.join(out_dir, f"single-{part}.pt"))
 
 
+def merge_single(out_dir: str, parts: int = WORLD) -> None:
+    """``OUT_DIR/single.pt`` from the ``parts`` files `main_single` saved."""
+    results = {}
+    for part in range(parts):
+        results.update(torch.load(os.path.join(out_dir, f"single-{part}.pt"), weights_only=False))
+    assert results.keys() == CONFIGS["single"].keys(), results.keys()
+    torch.save(results, os.path.join(out_dir, "single.pt"))
+
+
+def preload(family: str) -> tuple[str, ...]:
+    """Modules the launcher imports before it forks the ranks (`worker_setup.launch`)."""
+    return ("deepspeed",) if family == "zero3" else ()
+
+
 if __name__ == "__main__":
     family, out_dir, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
     if family == "single":
         launch(main_single, (WORLD, out_dir), nprocs=WORLD)
-        results = {}
-        for part in range(WORLD):
-            results.update(torch.load(os.path.join(out_dir, f"single-{part}.pt"), weights_only=False))
-        assert results.keys() == CONFIGS["single"].keys(), results.keys()
-        torch.save(results, os.path.join(out_dir, "single.pt"))
+        merge_single(out_dir)
     else:
-        launch(
-            main,
-            (WORLD, family, out_dir, port),
-            nprocs=WORLD,
-            preload=("deepspeed",) if family == "zero3" else (),
-        )
+        launch(main, (WORLD, family, out_dir, port), nprocs=WORLD, preload=preload(family))

@@ -162,8 +162,11 @@ def train(engine: str, run: str, out_dir: str, resume: str | None) -> dict:
     }
 
 
-def main(rank: int, engine: str, out_dir: str, port: int) -> None:
-    os.environ.update(distributed_env(rank, 2, port))
+def main(rank: int, world: int, engine: str, out_dir: str, port: int) -> None:
+    """Rank ``rank`` of ``world`` (2) trains `RUNS` under ``engine``; the Trainer joins the process
+    group a job before it in this process set up (combined_worker.py), else sets one up."""
+    assert world == 2, world
+    os.environ.update(distributed_env(rank, world, port))
     torch.set_num_threads(1)
     results = {}
     for run in RUNS:
@@ -176,9 +179,13 @@ def main(rank: int, engine: str, out_dir: str, port: int) -> None:
         torch.save(results, os.path.join(out_dir, f"{engine}.pt"))
 
 
-# imported by the launcher before it forks the ranks, which then share them (worker_setup.launch)
-PRELOAD = ("transformers.trainer", "accelerate", "prefloss.hf")
+def preload(engine: str) -> tuple[str, ...]:
+    """Modules the launcher imports before it forks the ranks, which then share them
+    (`worker_setup.launch`)."""
+    shared = ("transformers.trainer", "accelerate", "prefloss.hf")
+    return shared + (("deepspeed",) if engine == "zero3" else ())
+
 
 if __name__ == "__main__":
     engine, out_dir, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    launch(main, (engine, out_dir, port), preload=PRELOAD + (("deepspeed",) if engine == "zero3" else ()))
+    launch(main, (2, engine, out_dir, port), preload=preload(engine))

@@ -153,10 +153,6 @@ def main(rank: int, world: int, engine: str, out_dir: str, port: int) -> None:
         torch.save(results, os.path.join(out_dir, f"{engine}.pt"))
 
 
-# imported by the launcher before it forks the ranks, which then share them (worker_setup.launch)
-PRELOAD = ("datasets", "transformers.trainer", "prefloss.trl")
-
-
 def main_single(part: int, parts: int, out_dir: str) -> None:
     """Part ``part`` of ``parts`` of the one-process baseline: every ``parts``-th run of `RUNS`, trained
     by this process alone, so that the baseline uses both cores."""
@@ -166,16 +162,26 @@ def main_single(part: int, parts: int, out_dir: str) -> None:
     torch.save(results, os.path.join(out_dir, f"single-{part}.pt"))
 
 
+def merge_single(out_dir: str, parts: int = 2) -> None:
+    """``OUT_DIR/single.pt`` from the ``parts`` files `main_single` saved."""
+    results = {}
+    for part in range(parts):
+        results.update(torch.load(os.path.join(out_dir, f"single-{part}.pt"), weights_only=False))
+    assert results.keys() == RUNS.keys(), results.keys()
+    torch.save(results, os.path.join(out_dir, "single.pt"))
+
+
+def preload(engine: str) -> tuple[str, ...]:
+    """Modules the launcher imports before it forks the ranks, which then share them
+    (`worker_setup.launch`)."""
+    shared = ("datasets", "transformers.trainer", "prefloss.trl")
+    return shared + (("deepspeed",) if engine == "zero3" else ())
+
+
 if __name__ == "__main__":
     engine, out_dir, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
     if engine == "single":
-        launch(main_single, (2, out_dir), preload=PRELOAD)
-        results = {}
-        for part in range(2):
-            results.update(torch.load(os.path.join(out_dir, f"single-{part}.pt"), weights_only=False))
-        assert results.keys() == RUNS.keys(), results.keys()
-        torch.save(results, os.path.join(out_dir, "single.pt"))
+        launch(main_single, (2, out_dir), preload=preload(engine))
+        merge_single(out_dir)
     else:
-        launch(
-            main, (2, engine, out_dir, port), preload=PRELOAD + (("deepspeed",) if engine == "zero3" else ())
-        )
+        launch(main, (2, engine, out_dir, port), preload=preload(engine))
