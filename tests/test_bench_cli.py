@@ -76,9 +76,12 @@ def test_oracle_and_authors_match_reference(name):
     torch.testing.assert_close(gw, ref_gw, rtol=1e-9, atol=1e-14)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_torch_thread():
-    """torch runs on one thread inside the test, and on as many as before after it."""
+    """Every test here runs torch on one thread, and on as many as before after it: the shapes are
+    tiny, and on a loaded 2-core machine a 2-thread barrier per tiny GEMM costs more than the GEMM
+    (three seeds of the prefloss gate: 9.8 s on 2 threads, 1.5 s on one, measured under load). The
+    CLI tests pass ``--threads 1`` to their processes for the same reason."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -135,11 +138,9 @@ def test_gate_passes_trl_dpo_over_seeds(shape):
 
 
 @pytest.mark.parametrize("shape", list(GATE_SHAPES.values()), ids=list(GATE_SHAPES))
-def test_gate_passes_torch_linear_cross_entropy_over_seeds(shape, one_torch_thread):
+def test_gate_passes_torch_linear_cross_entropy_over_seeds(shape):
     """``torch-lce/<loss>``: DPO, SimPO and α-DPO on torch's ``F.linear_cross_entropy`` (default
-    options) pass the same gate as prefloss, seeds 0–4; a wrong loss name is refused. (One torch
-    thread: the op's row chunks are a few rows here, and a 2-thread barrier per tiny GEMM costs
-    more than the GEMM on a loaded machine.)"""
+    options) pass the same gate as prefloss, seeds 0–4; a wrong loss name is refused."""
     from prefloss.benchmark.torch_lce_case import LOSSES as LCE_LOSSES
     from prefloss.benchmark.torch_lce_case import torch_lce_step
 
@@ -600,7 +601,7 @@ def test_max_tokens_cli_tiny(tmp_path):
     out = tmp_path / "max.json"
     cmd = [sys.executable, "-m", "prefloss.commands.cli", "bench", "--max-tokens", "--mem-budget-gib", "0.01"]
     cmd += ["--batch", "1", "--hidden", "16", "--vocab", "203", "--cases", "authors/dpo", "--no-gpu-model"]
-    cmd += ["--no-progress", "--json", str(out), "--plot", str(tmp_path), "--device", "cpu"]
+    cmd += ["--no-progress", "--json", str(out), "--plot", str(tmp_path), "--device", "cpu", "--threads", "1"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     doc = json.loads(out.read_text())
