@@ -82,6 +82,7 @@ ENGINE_JOBS = {
     "engines": ("test_hf_engines.py", ("single", "ddp", "fsdp2", "zero3")),
     "trainer": ("test_hf_trainer_engines.py", ("ddp", "fsdp2", "zero3")),
     "trl": ("test_trl_engines.py", ("single", "fsdp2", "zero3")),
+    "distributed": ("test_hf_distributed.py", ("single", "ddp")),
 }
 
 

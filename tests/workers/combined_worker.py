@@ -4,10 +4,11 @@ imports and the process group are paid once instead of once per worker.
     python combined_worker.py ENGINE OUT_DIR PORT JOB[,JOB...]
 
 JOB: ``engines`` (engines_worker.py), ``trainer`` (trainer_engines_worker.py), ``trl``
-(trl_engines_worker.py), in `JOBS` order. ENGINE: ``single`` (each job's one-process baseline, its
-share of the work in each of 2 forked processes: the workers' ``main_single``), or ``ddp``,
-``fsdp2``, ``zero3`` (2 gloo ranks: each rank runs every job's ``main`` in turn; the first job sets
-up the process group, the later ones, and the Trainers, join it). Each job writes what its worker
+(trl_engines_worker.py), ``distributed`` (distributed_worker.py), in `JOBS` order. ENGINE:
+``single`` (each job's one-process baseline, its share of the work in each of 2 forked processes:
+the workers' ``main_single``), or ``ddp``, ``fsdp2``, ``zero3`` (2 gloo ranks: each rank runs every
+job's ``main`` in turn; the first job sets up the process group, the later ones, and the Trainers,
+join it). Each job writes what its worker
 writes alone to ``OUT_DIR/JOB/``. Run from ``tests/workers/`` (its folder is on ``sys.path``) with
 cwd outside the repository (`run_engine_worker` in tests/conftest.py).
 """
@@ -24,8 +25,13 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 import torch.distributed as dist  # noqa: E402
 from worker_setup import launch  # noqa: E402
 
-JOBS = {"engines": "engines_worker", "trainer": "trainer_engines_worker", "trl": "trl_engines_worker"}
-SINGLE = ("engines", "trl")  # the jobs with a one-process baseline
+JOBS = {
+    "engines": "engines_worker",
+    "trainer": "trainer_engines_worker",
+    "trl": "trl_engines_worker",
+    "distributed": "distributed_worker",
+}
+SINGLE = ("engines", "trl", "distributed")  # the jobs with a one-process baseline
 WORLD = 2
 
 
