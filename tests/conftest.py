@@ -6,7 +6,8 @@ which is why it is set here, at collection, and why prefloss imports its kernels
 
 ``tests/`` is not a package (``--import-mode=importlib``): test files cannot import each other, so
 what they share comes as fixtures from here. ``tests/workers/`` holds the scripts the engine tests run
-as separate processes (`run_engine_worker`); pytest never collects them (`collect_ignore`).
+as separate processes (`run_engine_worker`; one launch per engine for all of them: `engine_results`);
+pytest never collects them (`collect_ignore`).
 """
 
 import json

@@ -2,9 +2,10 @@
 settings.
 
 The workers run as scripts (``python tests/workers/<worker>.py ...``, see ``run_engine_worker`` in
-conftest.py), so ``tests/workers/`` is on their ``sys.path`` and they import this module by its name. Not
-a test file: pytest does not collect ``tests/workers/`` (``collect_ignore`` in conftest.py), and test files
-do not import it.
+conftest.py; the tests run them as jobs of one launch per engine, ``combined_worker.py``), so
+``tests/workers/`` is on their ``sys.path`` and they import this module by its name. Not a test
+file: pytest does not collect ``tests/workers/`` (``collect_ignore`` in conftest.py), and test
+files do not import it.
 """
 
 from __future__ import annotations
