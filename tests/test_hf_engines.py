@@ -1,32 +1,33 @@
 """DDP, FSDP2 and DeepSpeed ZeRO-3 on 2 CPU processes (gloo) == one unsharded process, merged batch.
 
 `tests/workers/engines_worker.py` trains for 2 optimizer steps of 2 micro-batches through
-`prefloss.hf.preference_loss`, under each engine configuration below: the plain fp32 configuration
-of each engine (DDP, FSDP2 with the head in the root unit, ZeRO-3) with α-DPO, ε-DPO and DPO, each
-variant with one of them, rotated so that each loss meets several variants (the worker's
-``CONFIGS``):
+`prefloss.hf.preference_loss` under each configuration below (the worker's ``CONFIGS``). The plain
+fp32 configuration of each engine trains α-DPO (α: running statistics all-reduced over ranks), ε-DPO
+(ε: per-pair β steps) and DPO; each variant, which changes how the engine holds the parameters,
+trains one loss, rotated so that each loss meets several variants:
 
-* DDP;
-* FSDP2: the head in the root unit (root ``reshard_after_forward`` False, the default, or True), the
-  head in its own unit (resharded after forward or kept), tied embeddings, bf16
-  ``MixedPrecisionPolicy`` (fp32 reduction);
-* DeepSpeed ZeRO-3: fp32, tied embeddings, bf16;
-* LoRA (PEFT, adapters on q/v, the head trained through ``modules_to_save``) under FSDP2 and ZeRO-3,
-  the reference being the same model with adapters disabled (`prefloss.hf.AdaptersDisabled`);
+* DDP: ``ddp`` (all three); ``ddp-packed`` (α);
+* FSDP2: the head in the root unit, root kept after forward (``fsdp2-root``, all three) or
+  resharded (``-root-raf``, ε); the head in its own unit, resharded after forward (``-head``, DPO)
+  or kept (``-head-keep``, α); tied embeddings (``-tied-raf``, ε); bf16 ``MixedPrecisionPolicy``
+  with fp32 reduction (``-root-raf-bf16``, α; ``-head-bf16``, DPO); LoRA (``-lora-raf``, α);
+  packed rows (``-root-raf-packed``, ε);
+* DeepSpeed ZeRO-3: ``zero3`` (all three); tied embeddings (``-tied``, DPO); bf16 (``-bf16``, ε);
+  LoRA (``-lora``, α); a mixture-of-experts model (``-moe``, DPO); packed rows (``-packed``, ε).
 
-* a mixture-of-experts model (tiny Mixtral) under ZeRO-3 with DPO and its routers' load-balancing
-  loss (`prefloss.hf.moe`), against one process computing each rank's rows in turn (the aux loss is
-  per rank; see the worker's docstring): losses, aux losses, gradients and weights;
-* padding-free micro-batches (``preference_loss(padding_free=True)``: each rank packs its rows into
-  one row) under DDP, FSDP2 (root resharded after forward) and ZeRO-3, against one process packing
-  the merged batch, which itself trains as the padded one (equal in float64:
-  tests/test_hf_packing.py; here in fp32 within the rounding α-DPO amplifies);
+LoRA: PEFT adapters on q/v, the head trained through ``modules_to_save``, the reference being the
+same model with adapters disabled (`prefloss.hf.AdaptersDisabled`). MoE: a tiny Mixtral with its
+routers' load-balancing loss (`prefloss.hf.moe`), against one process computing each rank's rows in
+turn (the aux loss is per rank; see the worker's docstring): losses, aux losses, gradients and
+weights. Packed: ``preference_loss(padding_free=True)``, each rank packing its rows into one row,
+against one process packing the merged batch, which itself trains as the padded one (equal in
+float64: tests/test_hf_packing.py; here in fp32 within the rounding α-DPO amplifies).
 
-against one process without any engine on the merged batch, which trains only the losses compared
-with it: fp32 for the fp32 runs; for the bf16
-runs, the same computation in bf16 (params cast as FSDP2 casts them, or the whole module as DeepSpeed
-does). fp32 runs must agree to float round-off; bf16 runs must be as close to the fp32 baseline as the
-one-process bf16 computation is (bf16 rounding of per-rank gradients is allowed, nothing more).
+Each is compared with one process without any engine on the merged batch, which trains only the
+losses compared with it: fp32 for the fp32 runs; for the bf16 runs, the same computation in bf16
+(params cast as FSDP2 casts them, or the whole module as DeepSpeed does). fp32 runs must agree to
+float round-off; bf16 runs must be as close to the fp32 baseline as the one-process bf16
+computation is (bf16 rounding of per-rank gradients is allowed, nothing more).
 
 Also checked: the policy starts equal to the reference (prepared by the engine, in the policy's
 compute dtype), so the first micro-batch's DPO/ε-DPO rewards are exactly 0 and α-DPO's statistics
