@@ -500,7 +500,7 @@ SEARCH_PEAKS = {
 def test_max_tokens_search_brackets_the_limit(name):
     """`max_tokens.search` over T (multiples of 32): the T it reports fits, the T it saw exceed does
     not, and the two are within the resolution; the true limit, found by scanning every multiple of
-    32, lies between them. An affine peak needs at most 6 probes."""
+    32, lies between them. An affine peak is probed at most 1.05x past its limit and 4x its T in all."""
     from prefloss.benchmark.max_tokens import QUANTUM, search
 
     peak_at, budget = SEARCH_PEAKS[name], 256e6
@@ -512,7 +512,8 @@ def test_max_tokens_search_brackets_the_limit(name):
     assert not fits(found.exceeds) and found.exceeds - found.fits <= max(QUANTUM, found.fits / 16)
     assert [t for t, _ in found.probes] == list(dict.fromkeys(t for t, _ in found.probes))  # none twice
     if name == "affine":
-        assert len(found.probes) <= 6
+        assert max(t for t, _ in found.probes) <= 1.05 * true
+        assert sum(t for t, _ in found.probes) <= 4 * true
     capped = search(lambda t: 1.0, budget, cap=5000)
     assert capped.capped and capped.fits == 4992
     with pytest.raises(ValueError, match="`budget` must be a positive number of bytes, got 0"):
@@ -534,9 +535,9 @@ MEASURED_PEAKS = {
 @pytest.mark.parametrize("name", list(MEASURED_PEAKS), ids=list(MEASURED_PEAKS))
 def test_max_tokens_search_aims_near_the_limit_on_measured_peaks(name):
     """On the measured peak curves (linear between the measured points, 64 MiB budget), the search
-    brackets the limit, never probes more than 1.15x past it and probes at most 4x the limit's T
+    brackets the limit, never probes more than 1.15x past it and probes at most 4.5x the limit's T
     in all (a probe's cost grows with T): the earlier rule, growing up to 8x on a line bent by chunk
-    buffers, probed 1.7–2.1x past the limit and 4.7–6.2x in all."""
+    buffers, probed 1.2–2.1x past the limit and 4.7–6.2x in all."""
     from prefloss.benchmark.max_tokens import QUANTUM, search
 
     points = [(0, 0.0)] + [
@@ -554,7 +555,7 @@ def test_max_tokens_search_aims_near_the_limit_on_measured_peaks(name):
     probed = [t for t, _ in found.probes]
     assert found.fits <= true < found.exceeds and found.exceeds - found.fits <= found.fits / 16
     assert max(probed) <= 1.15 * true, probed
-    assert sum(probed) <= 4 * true, probed
+    assert sum(probed) <= 4.5 * true, probed
     assert len(probed) <= 12, probed
 
 

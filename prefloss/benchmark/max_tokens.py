@@ -14,14 +14,14 @@ short) does not fit.
 then, while every probe fits, the next aims at the ``T*`` where the line ``peak ≈ a + b·T`` through
 the two largest fitting probes meets the budget: just below it first (``T*·(1 − 0.4·r)``: a probe
 that fits costs less than one past the limit), then just past it (``T*·(1 + 0.4·r)``), each at most
-`GROWTH` (2) times the largest fit, or `TRUSTED_GROWTH` (16) times once the line through the two
-before predicted the latest fit's peak within 5 % (a chunked case's buffers bend the line at small
-``T``: an early estimate aimed 8 times past the largest fit probed 1.8 times past the limit, the
-costliest probe of a search). When the peak is not affine there (a chunk boundary, a cap on chunk
-rows), plain bisection of the bracket (``lo`` fits, ``hi`` does not), each probe placed by
-interpolating the two measured peaks within the bracket's middle half, until
-``hi − lo ≤ max(QUANTUM, r·lo)``. The same search runs over `prefloss.commands.plan`'s MODEL of the
-CUDA step (`plan_max_tokens`).
+`GROWTH` (2) times the largest fit. A chunked case's buffers bend the line at small ``T``, or
+flatten it (buffers that shrink as ∂hidden grows): aimed up to 8 times past the largest fit, the
+search probed 1.7–2 times past the limit, its costliest probe; trusting a line that had predicted
+the last peak within 5 % (16 times) did the same on a flat stretch. When the peak is not affine
+there (a chunk boundary, a cap on chunk rows), plain bisection of the bracket (``lo`` fits, ``hi``
+does not), each probe placed by interpolating the two measured peaks within the bracket's middle
+half, until ``hi − lo ≤ max(QUANTUM, r·lo)``. The same search runs over
+`prefloss.commands.plan`'s MODEL of the CUDA step (`plan_max_tokens`).
 
 Each case runs in its own fresh process (`prefloss.benchmark.worker`, mode ``max_tokens``), as
 the timed bench does, under the process cap ``--mem-limit-gib``.
@@ -43,10 +43,7 @@ DEFAULT_BUDGET_GIB = 0.0625
 DEFAULT_RESOLUTION = 1 / 16
 DEFAULT_START = 256  # the first probe's T
 DEFAULT_CAP = 1 << 20  # the largest T probed; a case fitting there is reported as ">= cap"
-# While nothing exceeds the budget, a probe's T is at most GROWTH times the largest T seen to fit, or
-# TRUSTED_GROWTH times once the peak has been seen to follow a line (`search`).
-GROWTH = 2
-TRUSTED_GROWTH = 16
+GROWTH = 2  # while nothing exceeds the budget, a probe's T is at most this times the largest fit
 MIB = 1024 * 1024
 
 
@@ -126,36 +123,25 @@ def search(
         (t0, p0), (t1, p1) = pair
         return t0 + (budget - p0) * (t1 - t0) / (p1 - p0)
 
-    def line_predicted_last() -> bool:
-        """Whether the line through the two fitting probes below the largest one predicts its
-        peak within 5 %."""
-        pts = fitted()
-        if len(pts) < 3 or pts[-2][0] == pts[-3][0]:
-            return False
-        (t0, p0), (t1, p1), (t2, p2) = pts[-3:]
-        return abs(p0 + (p1 - p0) * (t2 - t0) / (t1 - t0) - p2) <= 0.05 * abs(p2)
-
     def done() -> bool:
         return hi is not None and hi - lo <= max(quantum, resolution * lo)
 
     start = min(cap, max(quantum, start // quantum * quantum))
     if probe(start) and start < cap:
         probe(2 * start)
-    # Grow until there is a bracket. The line through the two largest fitting probes estimates T*;
-    # a probe goes at most `GROWTH` times past the largest fit, or `TRUSTED_GROWTH` times once that
-    # line's predecessor predicted the latest fit's peak within 5 % (an affine peak: aim at T* at
-    # once; a chunked case's buffers bend the line at small T). Aim just below T* first (a probe
-    # that fits costs less than one past the limit, and the line through it is the better one), then
-    # just past it once the bracket would be within the resolution.
+    # Grow until there is a bracket: aim where the line through the two largest fitting probes meets
+    # the budget (T*), at most `GROWTH` times the largest fit (a chunked case's buffers bend or
+    # flatten that line at small T, and it aims far past the limit). Aim just below T* first (a probe
+    # that fits costs less than one past the limit, and the line through it is the better one),
+    # then just past it once the bracket would be within the resolution.
     while hi is None and lo < cap:
         target = affine_target()
-        growth = TRUSTED_GROWTH if line_predicted_last() else GROWTH
         if target is None:  # a flat or falling peak (a chunked case's buffers): no estimate
             t = GROWTH * lo
         elif lo >= target * (1 - 0.6 * resolution):
-            t = min(growth * lo, target * (1 + 0.4 * resolution))
+            t = min(GROWTH * lo, target * (1 + 0.4 * resolution))
         else:
-            t = min(growth * lo, target * (1 - 0.4 * resolution))
+            t = min(GROWTH * lo, target * (1 - 0.4 * resolution))
         before = lo
         probe(max(lo + quantum, math.ceil(t / quantum) * quantum))
         if hi is None and lo == before:
