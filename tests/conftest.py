@@ -95,13 +95,20 @@ def engine_results(request, tmp_path_factory):
     imports and process group once; ``pytest tests/test_hf_engines.py`` runs its own job alone."""
     files = {Path(str(item.fspath)).name for item in request.session.items}
     launched: dict[str, dict[str, dict]] = {}
+    failed: dict[str, str] = {}  # a failed launch fails every test that needs it, without rerunning
 
     def results(job: str, engine: str) -> dict:
+        if engine in failed:
+            pytest.fail(f"the {engine} launch failed (see the first test that needed it):\n{failed[engine]}")
         if engine not in launched:
             jobs = [j for j, (file, engines) in ENGINE_JOBS.items() if file in files and engine in engines]
             jobs = jobs if job in jobs else [*jobs, job]
             out = tmp_path_factory.mktemp(f"engine-{engine}")
-            _run_engine_worker("combined_worker.py", engine, out, ",".join(jobs))
+            try:
+                _run_engine_worker("combined_worker.py", engine, out, ",".join(jobs))
+            except AssertionError as error:
+                failed[engine] = str(error)[-2000:]
+                raise
             launched[engine] = {j: torch.load(out / j / f"{engine}.pt", weights_only=False) for j in jobs}
         return launched[engine][job]
 
