@@ -585,9 +585,10 @@ def test_max_tokens_gpu_model_agrees_with_plan_step():
         (["--max-tokens", "--quick"], "`--max-tokens` takes no `--quick` (it times nothing)"),
         (["--max-tokens", "--vocab", "64,128"], "`--vocab` takes one value, got [64, 128]"),
         (["--mem-budget-gib", "1"], "`--mem-budget-gib` goes with `--max-tokens`"),
+        (["--jobs", "2"], "`--jobs` goes with `--max-tokens`"),
         (["--max-tokens", "--cases", "floor"], "`--max-tokens`: the selected cases have no loss step"),
     ],
-    ids=["seq-len", "quick", "two-vocabs", "budget-alone", "no-loss"],
+    ids=["seq-len", "quick", "two-vocabs", "budget-alone", "jobs-alone", "no-loss"],
 )
 def test_max_tokens_refuses_what_it_cannot_use(capsys, argv, fragment):
     assert main(["bench", "--device", "cpu", *argv]) == 2
@@ -595,14 +596,16 @@ def test_max_tokens_refuses_what_it_cannot_use(capsys, argv, fragment):
 
 
 def test_max_tokens_cli_tiny(tmp_path):
-    """``--max-tokens`` end to end on a tiny head (authors-style DPO, 10 MiB): the largest T
-    reported fits the budget in its own probe, the first T over it does not, within the resolution;
-    the peak there holds at least the policy's full logits and their log-softmax (2·N·V floats);
-    the JSON records the machine, the table and the plot are written."""
+    """``--max-tokens`` end to end on a tiny head (authors-style ε-DPO and DPO, 10 MiB, two case
+    processes at once): the largest T reported fits the budget in its own probe, the first T over
+    it does not, within the resolution; the peak there holds at least the policy's full logits and
+    their log-softmax (2·N·V floats); the rows come in the order asked; the JSON records the
+    machine, the table and the plot are written."""
     out = tmp_path / "max.json"
     cmd = [sys.executable, "-m", "prefloss.commands.cli", "bench", "--max-tokens", "--mem-budget-gib", "0.01"]
-    cmd += ["--batch", "1", "--hidden", "16", "--vocab", "203", "--cases", "authors/dpo", "--no-gpu-model"]
+    cmd += ["--batch", "1", "--hidden", "16", "--vocab", "203", "--cases", "authors/epsilon_dpo,authors/dpo"]
     cmd += ["--no-progress", "--json", str(out), "--plot", str(tmp_path), "--device", "cpu", "--threads", "1"]
+    cmd += ["--no-gpu-model", "--jobs", "2"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     doc = json.loads(out.read_text())
@@ -613,13 +616,16 @@ def test_max_tokens_cli_tiny(tmp_path):
     assert (cpu_id["family"], cpu_id["model"]) == (fields.get("cpu family"), fields.get("model"))
     if cpu_id["family"]:
         assert f"(family {cpu_id['family']}, model {cpu_id['model']})" in doc["machine"]["cpu"]
-    (row,) = doc["results"]
+    assert [r["case"] for r in doc["results"]] == ["authors/epsilon_dpo", "authors/dpo"]
     budget_mib = 0.01 * 1024
-    peaks = {p["seq_len"]: p["peak_mib"] for p in row["probes"]}
-    t, over = row["max_seq_len"], row["first_over_seq_len"]
-    assert row["status"] == "ok" and row["max_tokens"] == 2 * t and t % 32 == 0
-    assert peaks[t] <= budget_mib and (peaks[over] is None or peaks[over] > budget_mib)
-    assert over - t <= max(32, t / 16)
-    assert peaks[t] * 1024**2 >= 2 * (2 * t) * 203 * 4
+    for row in doc["results"]:
+        peaks = {p["seq_len"]: p["peak_mib"] for p in row["probes"]}
+        t, over = row["max_seq_len"], row["first_over_seq_len"]
+        assert row["status"] == "ok" and row["max_tokens"] == 2 * t and t % 32 == 0, row
+        assert peaks[t] <= budget_mib and (peaks[over] is None or peaks[over] > budget_mib)
+        assert over - t <= max(32, t / 16)
+        assert peaks[t] * 1024**2 >= 2 * (2 * t) * 203 * 4
+    eps, dpo = doc["results"]
+    assert eps["max_seq_len"] < dpo["max_seq_len"]  # ε-DPO also forms the two logit mixtures
     assert "largest tokens per step within 0.01 GiB" in proc.stdout and "authors/dpo" in proc.stdout
     assert (tmp_path / "max_tokens.png").stat().st_size > 0

@@ -126,6 +126,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-gpu-model", action="store_true", help="--max-tokens: without prefloss plan's GPU MODEL"
     )
+    p.add_argument(
+        "--jobs",
+        type=positive_int,
+        help="--max-tokens: case processes searching at once (default: one per CPU core on CPU, each "
+        "with cores/jobs torch threads unless --threads; 1 on a GPU). Each process measures its own "
+        "peak, so running several at once changes the time taken, not the figures",
+    )
     p.add_argument("--quick", action="store_true", help=f"small shapes, ~3 minutes on 2 CPU cores: {QUICK}")
     p.add_argument("--json", metavar="PATH", help="write the full results as JSON")
     p.add_argument("--plot", metavar="DIR", help="write PNG plots (memory and time vs each swept axis)")
@@ -241,7 +248,12 @@ def run(args: argparse.Namespace) -> int:
 def _check_max_tokens_args(args: argparse.Namespace) -> None:
     """``--max-tokens`` searches T at one shape: no list, no option of the timed sweep."""
     if not args.max_tokens:
-        for flag, given in (("--mem-budget-gib", args.mem_budget_gib), ("--no-gpu-model", args.no_gpu_model)):
+        given_flags = (
+            ("--mem-budget-gib", args.mem_budget_gib),
+            ("--no-gpu-model", args.no_gpu_model),
+            ("--jobs", args.jobs),
+        )
+        for flag, given in given_flags:
             if given:
                 raise ValueError(f"`{flag}` goes with `--max-tokens`.")
         return
@@ -299,6 +311,7 @@ def _run_max_tokens(args: argparse.Namespace, device: str) -> int:
         mem_limit_gib=args.mem_limit_gib,
         timeout_s=args.timeout,
         threads=args.threads,
+        jobs=args.jobs,
         start=max_tokens.DEFAULT_START,
         cap=max_tokens.DEFAULT_CAP,
         resolution=max_tokens.DEFAULT_RESOLUTION,

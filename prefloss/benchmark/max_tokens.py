@@ -278,16 +278,31 @@ def run(
     start: int,
     cap: int,
     resolution: float,
+    jobs: int | None = None,
     progress: bool = True,
 ) -> list[dict]:
     """One fresh process per case (`prefloss.benchmark.worker`, mode ``max_tokens``), each running
-    `search` over ``T`` at the shape ``base``; one record per case, in order."""
+    `search` over ``T`` at the shape ``base``; one record per case, in the order of ``cases``.
+
+    ``jobs`` processes run at once (default: one per available CPU core on CPU, 1 on a GPU, whose
+    memory the processes would share); on CPU each then runs ``cores // jobs`` torch threads unless
+    ``threads`` says otherwise. A probe's peak is its own process's (`run_measured`), so the
+    figures do not depend on ``jobs``; each case's seconds do. The cases that reach the largest T
+    start first (`_costliest_first`), so that the processes finish close together.
+    """
+    import os
     import tempfile
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
 
     from prefloss.benchmark.runner import _spawn
 
+    cores = len(os.sched_getaffinity(0))
+    jobs = min(jobs or (cores if device == "cpu" else 1), len(cases))
+    if threads is None and device == "cpu" and jobs > 1:
+        threads = max(1, cores // jobs)
     common = {
         "mode": "max_tokens",
         "shapes": [base.to_dict()],
@@ -300,15 +315,37 @@ def run(
         "cap": cap,
         "resolution": resolution,
     }
-    records = []
     bar = tqdm(total=len(cases), disable=not progress, unit="case", dynamic_ncols=True)
+    bar.set_description(f"{jobs} at once" if jobs > 1 else "searching")
+
+    lock = threading.Lock()
+
+    def done() -> None:
+        with lock:
+            bar.update(1)
+
+    def one(case) -> dict:
+        (result,) = _spawn({**common, "case": case.name}, scratch, timeout_s, done)
+        return {"case": case.name, "method": case.method, "loss": case.loss, **result}
+
     with tempfile.TemporaryDirectory(prefix="prefloss-max-tokens-") as scratch:
-        for case in cases:
-            bar.set_description(case.name)
-            (result,) = _spawn({**common, "case": case.name}, scratch, timeout_s, lambda: bar.update(1))
-            records.append({"case": case.name, "method": case.method, "loss": case.loss, **result})
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = {case.name: pool.submit(one, case) for case in _costliest_first(cases)}
+            records = [futures[case.name].result() for case in cases]
     bar.close()
     return records
+
+
+# Methods whose step memory grows by ~H bytes per token rather than ~V: their search reaches T of
+# 10^4-10^5 and takes minutes; the full-logits methods' takes seconds.
+_CHUNKED_METHODS = ("torch-lce", "prefloss-torch", "prefloss-torch-frozen", "prefloss-triton")
+
+
+def _costliest_first(cases: list) -> list:
+    """``cases`` with the chunked methods first (torch-lce, whose small chunks make it the slowest
+    per token, ahead of prefloss), the rest in their order: the longest searches start first."""
+    rank = {m: i for i, m in enumerate(_CHUNKED_METHODS)}
+    return sorted(cases, key=lambda c: rank.get(c.method, len(rank)))
 
 
 # The GPU MODEL: `prefloss plan`'s modelled peak of the CUDA step against a stated budget.
