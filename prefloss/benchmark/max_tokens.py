@@ -297,7 +297,7 @@ def run(
 
     from tqdm import tqdm
 
-    from prefloss.benchmark.runner import _spawn
+    from prefloss.benchmark.spawn import spawn_worker
 
     cores = len(os.sched_getaffinity(0))
     jobs = min(jobs or (cores if device == "cpu" else 1), len(cases))
@@ -325,7 +325,7 @@ def run(
             bar.update(1)
 
     def one(case) -> dict:
-        (result,) = _spawn({**common, "case": case.name}, scratch, timeout_s, done)
+        (result,) = spawn_worker({**common, "case": case.name}, scratch, timeout_s, done)
         return {"case": case.name, "method": case.method, "loss": case.loss, **result}
 
     with tempfile.TemporaryDirectory(prefix="prefloss-max-tokens-") as scratch:

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import itertools
-import json
 import os
-import subprocess
 import sys
 import tempfile
-import threading
 from dataclasses import dataclass
 
 from prefloss.benchmark.cases import Case
 from prefloss.benchmark.inputs import Shape, counted_tokens
-from prefloss.benchmark.measure import MALLOC_ENV
-from prefloss.benchmark.protocol import RESULT_MARK
-
-WORKER = "from prefloss.benchmark.worker import main; main()"
+from prefloss.benchmark.spawn import spawn_worker
 
 
 @dataclass
@@ -39,41 +33,6 @@ def shape_grid(batches, seq_lens, hiddens, vocabs, dtype) -> list[Shape]:
     ]
 
 
-def _spawn(spec: dict, scratch: str, timeout_s: float, on_result) -> list[dict]:
-    """Runs one worker process over ``spec["shapes"]``; calls ``on_result`` as each shape finishes."""
-    env = dict(os.environ, **MALLOC_ENV)
-    env.pop("TRITON_INTERPRET", None)  # Triton cases run only on real GPUs
-    n = len(spec["shapes"])
-    cmd = [sys.executable, "-c", WORKER, json.dumps(spec)]
-    results: list[dict | None] = [None] * n
-    with tempfile.TemporaryFile(mode="w+") as err:
-        proc = subprocess.Popen(cmd, cwd=scratch, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
-        timer = threading.Timer(timeout_s * n, proc.kill)
-        timer.start()
-        try:
-            for line in proc.stdout:
-                if line.startswith(RESULT_MARK):
-                    res = json.loads(line[len(RESULT_MARK) :])
-                    results[res.pop("index")] = res
-                    on_result()
-            proc.wait()
-        finally:
-            timer.cancel()
-        err.seek(0)
-        stderr = err.read().strip()[-1500:]
-    if any(r is None for r in results):
-        if proc.returncode is not None and proc.returncode < 0:
-            limit = timeout_s * n
-            why = f"worker killed by signal {-proc.returncode} (timeout of {limit:.0f} s, or out of memory)"
-        else:
-            why = f"worker exit code {proc.returncode}"
-        for i, r in enumerate(results):
-            if r is None:
-                results[i] = {"status": "error", "error": f"{why}: {stderr}"}
-                on_result()
-    return results
-
-
 def _row(case: Case, shape: Shape) -> dict:
     return {
         "shape": shape.to_dict(),
@@ -87,7 +46,7 @@ def _row(case: Case, shape: Shape) -> dict:
 
 
 def _run_here(spec: dict, scratch: str, timeout_s: float, on_result) -> list[dict]:
-    """`_spawn` without the process: every shape of ``spec`` in this one (no memory cap, no timeout).
+    """`spawn_worker` without the process: every shape of ``spec`` in this one (no memory cap, no timeout).
 
     The objects alive now are frozen out of the garbage collector meanwhile (`gc.freeze`): the
     worker's full collections between steps would otherwise traverse everything this process has
@@ -116,7 +75,7 @@ def run(config: Config, progress: bool = True, *, in_process: bool = False) -> l
     what ran before it in the process, and ``mem_limit_gib`` and ``timeout_s`` are not applied)."""
     from tqdm import tqdm
 
-    spawn = _run_here if in_process else _spawn
+    spawn = _run_here if in_process else spawn_worker
 
     has_gpu = config.device.startswith("cuda")
     runnable = [c for c in config.cases if has_gpu or not c.needs_gpu]
