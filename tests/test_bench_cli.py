@@ -595,6 +595,23 @@ def test_max_tokens_refuses_what_it_cannot_use(capsys, argv, fragment):
     assert fragment in capsys.readouterr().err
 
 
+def test_max_tokens_parallel_plan(monkeypatch):
+    """``--jobs``: one case process per core on CPU (``cores // jobs`` torch threads each unless
+    given), never more than the cases; one on a GPU unless asked."""
+    import os
+
+    from prefloss.benchmark.max_tokens import parallel_plan
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)))
+    assert parallel_plan("cpu", 8, None, None) == (4, 1)
+    assert parallel_plan("cpu", 8, 2, None) == (2, 2)
+    assert parallel_plan("cpu", 8, 2, 3) == (2, 3)
+    assert parallel_plan("cpu", 3, None, None) == (3, 1)
+    assert parallel_plan("cpu", 8, 1, None) == (1, None)
+    assert parallel_plan("cuda", 8, None, None) == (1, None)
+    assert parallel_plan("cuda", 8, 2, None) == (2, None)
+
+
 def test_max_tokens_cli_tiny(tmp_path):
     """``--max-tokens`` end to end on a tiny head (authors-style ε-DPO and DPO, 10 MiB, two case
     processes at once): the largest T reported fits the budget in its own probe, the first T over
@@ -617,6 +634,8 @@ def test_max_tokens_cli_tiny(tmp_path):
     if cpu_id["family"]:
         assert f"(family {cpu_id['family']}, model {cpu_id['model']})" in doc["machine"]["cpu"]
     assert [r["case"] for r in doc["results"]] == ["authors/epsilon_dpo", "authors/dpo"]
+    assert (doc["config"]["jobs"], doc["config"]["threads"]) == (2, 1)
+    assert "2 case process(es) at once, 1 torch thread(s) each" in proc.stdout
     budget_mib = 0.01 * 1024
     for row in doc["results"]:
         peaks = {p["seq_len"]: p["peak_mib"] for p in row["probes"]}

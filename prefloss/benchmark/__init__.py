@@ -301,6 +301,7 @@ def _run_max_tokens(args: argparse.Namespace, device: str) -> int:
         dtype=args.dtype,
     )
     budget = args.mem_budget_gib or max_tokens.DEFAULT_BUDGET_GIB
+    jobs, threads = max_tokens.parallel_plan(device, len(cases), args.jobs, args.threads)
     t0 = time.perf_counter()
     results = max_tokens.run(
         cases,
@@ -310,8 +311,8 @@ def _run_max_tokens(args: argparse.Namespace, device: str) -> int:
         device=device,
         mem_limit_gib=args.mem_limit_gib,
         timeout_s=args.timeout,
-        threads=args.threads,
-        jobs=args.jobs,
+        threads=threads,
+        jobs=jobs,
         start=max_tokens.DEFAULT_START,
         cap=max_tokens.DEFAULT_CAP,
         resolution=max_tokens.DEFAULT_RESOLUTION,
@@ -331,7 +332,8 @@ def _run_max_tokens(args: argparse.Namespace, device: str) -> int:
             "resolution": max_tokens.DEFAULT_RESOLUTION,
             "seq_len_quantum": max_tokens.QUANTUM,
             "mem_limit_gib": args.mem_limit_gib,
-            **({"threads": args.threads} if args.threads else {}),
+            "jobs": jobs,
+            "threads": threads,
         },
         "memory_method": "the step's own peak as in the timed bench (second of two steps at each T)",
         "results": results,

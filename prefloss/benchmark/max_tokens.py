@@ -290,7 +290,6 @@ def run(
     figures do not depend on ``jobs``; each case's seconds do. The cases that reach the largest T
     start first (`_costliest_first`), so that the processes finish close together.
     """
-    import os
     import tempfile
     import threading
     from concurrent.futures import ThreadPoolExecutor
@@ -299,10 +298,7 @@ def run(
 
     from prefloss.benchmark.spawn import spawn_worker
 
-    cores = len(os.sched_getaffinity(0))
-    jobs = min(jobs or (cores if device == "cpu" else 1), len(cases))
-    if threads is None and device == "cpu" and jobs > 1:
-        threads = max(1, cores // jobs)
+    jobs, threads = parallel_plan(device, len(cases), jobs, threads)
     common = {
         "mode": "max_tokens",
         "shapes": [base.to_dict()],
@@ -334,6 +330,19 @@ def run(
             records = [futures[case.name].result() for case in cases]
     bar.close()
     return records
+
+
+def parallel_plan(device: str, n_cases: int, jobs: int | None, threads: int | None) -> tuple[int, int | None]:
+    """``(jobs, threads)`` for `run`: case processes at once (given, else one per available core on
+    CPU and 1 on a GPU; never more than the cases) and torch threads in each (given, else on CPU
+    ``cores // jobs`` when several run at once; ``None``: torch's default)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    jobs = min(jobs or (cores if device == "cpu" else 1), n_cases)
+    if threads is None and device == "cpu" and jobs > 1:
+        threads = max(1, cores // jobs)
+    return jobs, threads
 
 
 # Methods whose step memory grows by ~H bytes per token rather than ~V: their search reaches T of
@@ -491,6 +500,11 @@ def table(document: dict) -> str:
         f"B={s['batch']} pairs, H={s['hidden']}, V={s['vocab']}, {s['dtype']}; "
         f"T searched in multiples of {QUANTUM} to within {cfg['resolution']:.3g} of itself",
     ]
+    if cfg.get("jobs"):
+        lines.append(
+            f"{cfg['jobs']} case process(es) at once, {cfg.get('threads') or 'default'} torch "
+            "thread(s) each; a probe's peak is its own process's"
+        )
     rows = document["results"]
     ref = next((r for r in rows if r["case"] == "authors/dpo" and r["status"] == "ok"), None)
     width = 2 + max(len("case"), *(len(r["case"]) for r in rows))
