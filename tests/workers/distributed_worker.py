@@ -18,7 +18,7 @@ import sys
 
 import torch
 from transformers import TrainerCallback
-from worker_setup import distributed_env, launch
+from worker_setup import distributed_env, launch, merge_parts
 
 B = 2  # pairs per rank and micro-batch; one process: 2 * B
 EPS = {"epsilon": 0.3, "beta": 0.5, "loss_kwargs": {"compare_dtype": None}}
@@ -109,11 +109,7 @@ def main_single(part: int, parts: int, out_dir: str) -> None:
 
 def merge_single(out_dir: str, parts: int = 2) -> None:
     """``OUT_DIR/single.pt`` from the ``parts`` files `main_single` saved."""
-    results = {}
-    for part in range(parts):
-        results.update(torch.load(os.path.join(out_dir, f"single-{part}.pt"), weights_only=False))
-    assert results.keys() == LOSSES.keys(), results.keys()
-    torch.save(results, os.path.join(out_dir, "single.pt"))
+    merge_parts(out_dir, LOSSES, parts)
 
 
 def preload(engine: str) -> tuple[str, ...]:

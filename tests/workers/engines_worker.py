@@ -42,7 +42,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from worker_setup import distributed_env, launch  # noqa: E402
+from worker_setup import distributed_env, launch, merge_parts  # noqa: E402
 
 import prefloss  # noqa: E402
 from prefloss.hf import engines  # noqa: E402
@@ -388,11 +388,7 @@ def main_single(part: int, parts: int, out_dir: str) -> None:
 
 def merge_single(out_dir: str, parts: int = WORLD) -> None:
     """``OUT_DIR/single.pt`` from the ``parts`` files `main_single` saved."""
-    results = {}
-    for part in range(parts):
-        results.update(torch.load(os.path.join(out_dir, f"single-{part}.pt"), weights_only=False))
-    assert results.keys() == CONFIGS["single"].keys(), results.keys()
-    torch.save(results, os.path.join(out_dir, "single.pt"))
+    merge_parts(out_dir, CONFIGS["single"], parts)
 
 
 def preload(family: str) -> tuple[str, ...]:

@@ -38,7 +38,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import torch  # noqa: E402
-from worker_setup import distributed_env, engine_arguments, launch  # noqa: E402
+from worker_setup import distributed_env, engine_arguments, launch, merge_parts  # noqa: E402
 
 RUNS = {
     "sigmoid": {"loss_type": "sigmoid", "beta": 0.5},
@@ -164,11 +164,7 @@ def main_single(part: int, parts: int, out_dir: str) -> None:
 
 def merge_single(out_dir: str, parts: int = 2) -> None:
     """``OUT_DIR/single.pt`` from the ``parts`` files `main_single` saved."""
-    results = {}
-    for part in range(parts):
-        results.update(torch.load(os.path.join(out_dir, f"single-{part}.pt"), weights_only=False))
-    assert results.keys() == RUNS.keys(), results.keys()
-    torch.save(results, os.path.join(out_dir, "single.pt"))
+    merge_parts(out_dir, RUNS, parts)
 
 
 def preload(engine: str) -> tuple[str, ...]:

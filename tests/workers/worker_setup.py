@@ -11,6 +11,7 @@ files do not import it.
 from __future__ import annotations
 
 import importlib
+import os
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -85,3 +86,13 @@ def engine_arguments(
             },
         }
     return {}
+
+
+def merge_parts(out_dir: str, expected: Any, parts: int = 2) -> None:
+    """``OUT_DIR/single.pt``: the union of the dicts a worker's ``main_single`` saved as
+    ``OUT_DIR/single-<part>.pt``, which must hold exactly the keys ``expected``."""
+    results = {}
+    for part in range(parts):
+        results.update(torch.load(os.path.join(out_dir, f"single-{part}.pt"), weights_only=False))
+    assert results.keys() == set(expected), f"parts hold {sorted(results)}, expected {sorted(expected)}"
+    torch.save(results, os.path.join(out_dir, "single.pt"))
