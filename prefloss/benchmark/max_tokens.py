@@ -347,7 +347,7 @@ def parallel_plan(device: str, n_cases: int, jobs: int | None, threads: int | No
 
 # Methods whose step memory grows by ~H bytes per token rather than ~V: their search reaches T of
 # 10^4-10^5 and takes minutes; the full-logits methods' takes seconds.
-_CHUNKED_METHODS = ("torch-lce", "prefloss-torch", "prefloss-torch-frozen", "prefloss-triton")
+_CHUNKED_METHODS = ("torch-lce", "prefloss-torch", "prefloss-triton")  # frozen-head cases: prefloss-torch
 
 
 def _costliest_first(cases: list) -> list:
